@@ -1,0 +1,32 @@
+"""sam_mlx: Segment Anything (SAM v1) in MLX."""
+
+from ._blas import load_system_blas
+
+load_system_blas()  # must precede the first import of mlx
+
+from .checkpoint import CheckpointError, load_checkpoint, save_model  # noqa: E402
+from .config import PromptDecoderConfig, SamConfig, ViTConfig  # noqa: E402
+from .predictor import SamPredictor  # noqa: E402
+from .sam import Sam  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def load(path_or_name: str, dtype=None) -> Sam:
+    """Load a SAM model from a checkpoint path (.pth / .safetensors) or a model name / Hub repo id."""
+    from .hub import resolve_checkpoint
+
+    return load_checkpoint(resolve_checkpoint(path_or_name), dtype=dtype)
+
+
+__all__ = [
+    "CheckpointError",
+    "PromptDecoderConfig",
+    "Sam",
+    "SamConfig",
+    "SamPredictor",
+    "ViTConfig",
+    "load",
+    "load_checkpoint",
+    "save_model",
+]

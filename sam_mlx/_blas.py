@@ -1,0 +1,56 @@
+"""Load a system OpenBLAS into the process before MLX, on Linux.
+
+The Linux `mlx[cpu]` wheel bundles a reference BLAS that multiplies matrices
+about 60x slower than OpenBLAS. When a shared OpenBLAS is loaded with
+RTLD_GLOBAL *before* mlx is imported, MLX's BLAS calls bind to it instead.
+Set ``SAM_MLX_OPENBLAS=0`` to turn this off, or to a path to choose the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+#: Path of the BLAS library loaded by this module, or None (bundled/Accelerate).
+loaded_blas: str | None = None
+
+
+def load_system_blas() -> str | None:
+    """Load OpenBLAS globally if on Linux, present, and not disabled; return its path."""
+    global loaded_blas
+    if loaded_blas is not None or not sys.platform.startswith("linux"):
+        return loaded_blas
+    choice = os.environ.get("SAM_MLX_OPENBLAS", "1")
+    if choice.lower() in ("0", "false", "no", "off"):
+        return None
+    if "mlx.core" in sys.modules:  # too late: MLX has already bound its BLAS
+        return None
+    paths = _CANDIDATES if choice.lower() in ("1", "true", "yes", "on") else (choice,)
+    for path in paths:
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            except OSError:
+                continue
+            loaded_blas = path
+            break
+    return loaded_blas
+
+
+def blas_description() -> str:
+    """Human-readable name of the BLAS MLX uses on this machine."""
+    if sys.platform == "darwin":
+        return "Apple Accelerate"
+    if loaded_blas:
+        return f"OpenBLAS ({loaded_blas})"
+    return "bundled reference BLAS (slow; install libopenblas0-pthread)"

@@ -1,0 +1,295 @@
+"""Checkpoints: read Meta / Hugging Face / sam_mlx files, infer the config, convert, save.
+
+Every format is first brought to Meta's original key names (the lingua franca of SAM
+checkpoints), then mapped to sam_mlx's module names with conv kernels moved to MLX's
+channels-last layout. sam_mlx's own files are plain safetensors whose metadata holds
+the config (JSON) and the source they were converted from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .config import PromptDecoderConfig, SamConfig, ViTConfig
+from .torch_pickle import CheckpointError, read_torch_checkpoint
+
+FORMAT_VERSION = "1"
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+# Meta name pattern -> sam_mlx name (applied to the names of the prompt encoder and mask decoder,
+# and of the ViT encoder); the TinyViT encoder has its own converter.
+_RENAMES: list[tuple[str, str]] = [
+    (r"^image_encoder\.patch_embed\.proj\.", "image_encoder.patch_embed."),
+    (r"^image_encoder\.neck\.0\.", "image_encoder.neck.conv1."),
+    (r"^image_encoder\.neck\.1\.", "image_encoder.neck.norm1."),
+    (r"^image_encoder\.neck\.2\.", "image_encoder.neck.conv2."),
+    (r"^image_encoder\.neck\.3\.", "image_encoder.neck.norm2."),
+    (r"^prompt_encoder\.pe_layer\.", "prompt_encoder.coordinate_encoder."),
+    (r"^prompt_encoder\.not_a_point_embed\.weight$", "prompt_encoder.not_a_point_embed"),
+    (r"^prompt_encoder\.no_mask_embed\.weight$", "prompt_encoder.no_mask_embed"),
+    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_hint_encoder.conv1."),
+    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_hint_encoder.norm1."),
+    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_hint_encoder.conv2."),
+    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_hint_encoder.norm2."),
+    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_hint_encoder.conv3."),
+    (r"^mask_decoder\.iou_token\.weight$", "mask_decoder.iou_token"),
+    (r"^mask_decoder\.mask_tokens\.weight$", "mask_decoder.mask_tokens"),
+    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscaler.conv1."),
+    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscaler.norm."),
+    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscaler.conv2."),
+    (r"^mask_decoder\.output_hypernetworks_mlps\.", "mask_decoder.hypernetworks."),
+    (r"^mask_decoder\.iou_prediction_head\.", "mask_decoder.iou_head."),
+]
+_CONV = re.compile(
+    r"^(image_encoder\.patch_embed|image_encoder\.neck\.conv\d|prompt_encoder\.mask_hint_encoder\.conv\d)\.weight$"
+)
+_CONV_TRANSPOSE = re.compile(r"^mask_decoder\.upscaler\.conv\d\.weight$")
+_POINT_EMBEDDING = re.compile(r"^prompt_encoder\.point_embeddings\.(\d)\.weight$")
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read any supported checkpoint file into ``({name: array}, safetensors metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK":
+        return read_torch_checkpoint(path), {}
+    if len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
+        return _read_safetensors(path)
+    raise CheckpointError(f"{path}: not a PyTorch (.pth) or safetensors checkpoint")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("sam_mlx_config"):  # our own file: keep bf16 etc. exact, through MLX
+                return {k: v for k, v in mx.load(str(path)).items()}, metadata
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+
+
+def detect_format(state: Mapping[str, object]) -> str:
+    """'meta' (Meta's / MobileSAM's names), 'hf' (transformers SamModel) or raise."""
+    keys = set(state)
+    if "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in keys:
+        return "meta"
+    if "shared_image_embedding.positional_embedding" in keys:
+        return "hf"
+    if any(k.startswith(("sam_mask_decoder.", "memory_attention.", "memory_encoder.")) for k in keys):
+        raise CheckpointError("this is a SAM 2 checkpoint (sam_mask_decoder/memory_* keys); sam_mlx supports SAM v1")
+    raise CheckpointError(
+        "not a SAM v1 checkpoint: no prompt_encoder.pe_layer.positional_encoding_gaussian_matrix "
+        "(Meta format) or shared_image_embedding.positional_embedding (Hugging Face format) key"
+    )
+
+
+def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
+    """Infer a ViT encoder config from Meta-format ``image_encoder.*`` weights."""
+
+    def get(key: str) -> np.ndarray:
+        if key not in state:
+            raise CheckpointError(f"missing key {key!r}")
+        return state[key]
+
+    patch = get("image_encoder.patch_embed.proj.weight")
+    embed_dim, patch_size = patch.shape[0], patch.shape[2]
+    pos = get("image_encoder.pos_embed")
+    if pos.ndim != 4 or pos.shape[3] != embed_dim:
+        raise CheckpointError(f"image_encoder.pos_embed has shape {pos.shape}, expected 1 x g x g x {embed_dim}")
+    depth = len({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise CheckpointError("no image_encoder.blocks.* keys")
+    use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state
+    grid = pos.shape[1]
+    head_dim, global_blocks, window = None, [], 0
+    if use_rel_pos:
+        for i in range(depth):
+            rows, head_dim = get(f"image_encoder.blocks.{i}.attn.rel_pos_h").shape
+            size = (rows + 1) // 2
+            if size == grid:
+                global_blocks.append(i)
+            else:
+                window = size
+    else:
+        raise CheckpointError("image encoder without relative position tables is not a SAM v1 encoder")
+    return ViTConfig(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // head_dim,
+        global_attention_blocks=tuple(global_blocks),
+        window_size=window,
+        patch_size=patch_size,
+        pretrain_grid=grid,
+        mlp_dim=get("image_encoder.blocks.0.mlp.lin1.weight").shape[0],
+        out_chans=get("image_encoder.neck.0.weight").shape[0],
+        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
+        use_rel_pos=use_rel_pos,
+    )
+
+
+def infer_decoder_config(state: Mapping[str, np.ndarray]) -> PromptDecoderConfig:
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"missing key {key!r}")
+        return state[key].shape
+
+    # The head count is not visible in the weights; every SAM v1 decoder uses 8.
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
+    return PromptDecoderConfig(
+        embed_dim=shape("mask_decoder.iou_token.weight")[1],
+        mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0],
+        num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
+        transformer_depth=len(layers),
+        transformer_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        iou_head_depth=len({k for k in state if re.match(r"mask_decoder\.iou_prediction_head\.layers\.\d+\.weight$", k)}),
+        iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+    )
+
+
+def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
+    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config)."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    weights: dict[str, np.ndarray] = {}
+    if "image_encoder.patch_embed.proj.weight" in state:
+        encoder = infer_vit_config(state)
+        rest = state
+    elif any(k.startswith("image_encoder.layers.") for k in state):
+        from .tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
+
+        enc_state = {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        encoder = infer_tiny_vit_config(enc_state)
+        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(enc_state).items()})
+        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
+    else:
+        raise CheckpointError("no image encoder weights (image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
+    config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder))
+
+    points: dict[int, np.ndarray] = {}
+    for key, value in rest.items():
+        if m := _POINT_EMBEDDING.match(key):
+            points[int(m.group(1))] = value
+            continue
+        name = key
+        for pattern, replacement in _RENAMES:
+            name, n = re.subn(pattern, replacement, name)
+            if n:
+                break
+        if _CONV.match(name):
+            value = value.transpose(0, 2, 3, 1)
+        elif _CONV_TRANSPOSE.match(name):
+            value = value.transpose(1, 2, 3, 0)
+        weights[name] = value
+    if sorted(points) != [0, 1, 2, 3]:
+        raise CheckpointError(f"expected prompt_encoder.point_embeddings.0..3, found indices {sorted(points)}")
+    weights["prompt_encoder.point_embeddings"] = np.concatenate([points[i] for i in range(4)], axis=0)
+    return weights, config
+
+
+def _image_size(encoder) -> int:
+    return encoder.pretrain_grid * encoder.patch_size if encoder.kind == "vit" else 1024
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
+    """Any supported foreign state dict -> (sam_mlx weights, config)."""
+    if detect_format(state) == "hf":
+        from .hf_format import hf_to_meta
+
+        state = hf_to_meta(state)
+    return convert_meta(state)
+
+
+def check_weights(model, weights: Mapping[str, object], source: str) -> None:
+    """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing weights {_few(missing)}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected weights {_few(extra)}")
+    for key, shape in expected.items():
+        got = tuple(weights[key].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None):
+    """Instantiate Sam from converted weights, checking every name and shape first."""
+    from .sam import Sam
+
+    model = Sam(config)
+    check_weights(model, weights, source)
+    arrays = [(k, v if isinstance(v, mx.array) else mx.array(v)) for k, v in weights.items()]
+    if dtype is not None:
+        arrays = [(k, v.astype(dtype)) for k, v in arrays]
+    model.load_weights(arrays)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None):
+    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
+    path = Path(path)
+    state, metadata = read_state_dict(path)
+    try:
+        if "sam_mlx_config" in metadata:
+            config = SamConfig.from_dict(json.loads(metadata["sam_mlx_config"]))
+            weights = state
+        else:
+            weights, config = convert_state_dict(state)
+    except CheckpointError as exc:
+        raise CheckpointError(exc.args[0] if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: invalid sam_mlx metadata or weights ({exc})") from exc
+    return build_model(weights, config, str(path), dtype)
+
+
+def save_model(model, path: str | Path, dtype: str = "float32", source: str = "") -> Path:
+    """Write the model's weights as safetensors (config and source in the metadata), atomically."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in tree_flatten(model.parameters())}
+    metadata = {
+        "format": "sam_mlx",
+        "format_version": FORMAT_VERSION,
+        "sam_mlx_config": json.dumps(model.config.to_dict()),
+        "source": source,
+        "dtype": dtype,
+    }
+    return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=metadata), suffix=".safetensors")
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,41 @@
+"""SAM's coordinate encoder: random Fourier features of 2-D positions.
+
+A position (x, y) normalised to 0..1 becomes ``[sin(f), cos(f)]`` with
+``f = 2 pi (2 (x, y) - 1) @ G``, where G is a 2 x 128 Gaussian frequency matrix
+fixed at training time and loaded from the checkpoint. The same encoder gives the
+prompt points/box corners and the image-token grid their position encodings, so
+prompts and image tokens live in one positional space.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+class CoordinateEncoder(nn.Module):
+    def __init__(self, num_features: int = 128):
+        super().__init__()
+        # Filled from the checkpoint; zeros here so a model with unloaded weights is obviously wrong.
+        self.positional_encoding_gaussian_matrix = mx.zeros((2, num_features))
+
+    def encode(self, xy: mx.array) -> mx.array:
+        """xy: ... x 2 in 0..1 (x first) -> ... x 2*num_features."""
+        f = (2.0 * xy - 1.0) @ self.positional_encoding_gaussian_matrix
+        f = 2.0 * math.pi * f
+        return mx.concatenate([mx.sin(f), mx.cos(f)], axis=-1)
+
+    def encode_points(self, points: mx.array, image_size: tuple[int, int]) -> mx.array:
+        """points: ... x 2 pixel coordinates (x, y) of an image of ``image_size`` (H, W)."""
+        scale = mx.array([1.0 / image_size[1], 1.0 / image_size[0]], dtype=points.dtype)
+        return self.encode(points * scale)
+
+    def grid(self, h: int, w: int) -> mx.array:
+        """Position encoding of every cell centre of an h x w grid: h x w x 2*num_features."""
+        ys = (np.arange(h, dtype=np.float32) + 0.5) / h
+        xs = (np.arange(w, dtype=np.float32) + 0.5) / w
+        xy = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1)
+        return self.encode(mx.array(xy))

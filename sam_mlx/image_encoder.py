@@ -1,0 +1,184 @@
+"""The SAM ViT image encoder: a ViTDet backbone that turns an image into 256-channel tokens.
+
+Pipeline (channels-last throughout):
+  image B x H x W x 3  --patch embedding (16x16 conv, stride 16)-->  B x h x w x D
+  + learned position encoding (trained at 64 x 64, bilinearly resized to h x w)
+  --transformer blocks-->  windowed attention (14 x 14 windows) in most blocks and
+                            global attention in one block closing each of the 4 stages;
+                            every block adds SAM's decomposed relative position term
+  --channel projection (1x1 conv, LN, 3x3 conv, LN)-->  B x h x w x 256
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ViTConfig
+from .layers import gelu, layer_norm_2d
+from .resize import linear_resize_matrix
+
+
+def relative_position_table(table: mx.array, size: int) -> mx.array:
+    """Expand a learned relative-position table to ``size x size x head_dim``.
+
+    ``table`` holds one embedding per offset (2 * trained_size - 1 rows); it is
+    linearly resized when the attended grid differs from the one it was trained on,
+    then indexed by (query index - key index) so entry [i, j] is the embedding of
+    offset i - j.
+    """
+    rows = 2 * size - 1
+    if table.shape[0] != rows:
+        table = mx.array(linear_resize_matrix(table.shape[0], rows)) @ table.astype(mx.float32)
+    offsets = np.arange(size)[:, None] - np.arange(size)[None, :] + (size - 1)
+    return table[mx.array(offsets)]
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention over a 2-D token grid with decomposed relative position encoding.
+
+    The attention logit between query (y, x) and key (y', x') gets
+    ``q . Rh[y - y'] + q . Rw[x - x']``: two small per-axis terms instead of a
+    full 2-D table, added to the logits as an additive mask of the fused kernel.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool, rel_pos_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            self.rel_pos_h = mx.zeros((2 * rel_pos_size - 1, self.head_dim))
+            self.rel_pos_w = mx.zeros((2 * rel_pos_size - 1, self.head_dim))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x: B x H x W x C -> B x H x W x C."""
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each B x heads x HW x head_dim
+        mask = self._relative_position_bias(q, h, w) if self.use_rel_pos else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
+        return self.proj(out)
+
+    def _relative_position_bias(self, q: mx.array, h: int, w: int) -> mx.array:
+        """B x heads x HW x HW additive logits from the per-axis relative positions."""
+        b, n = q.shape[:2]
+        rh = relative_position_table(self.rel_pos_h, h).astype(q.dtype)  # H x H x d
+        rw = relative_position_table(self.rel_pos_w, w).astype(q.dtype)  # W x W x d
+        grid_q = q.reshape(b, n, h, w, self.head_dim)
+        bias_h = mx.einsum("bnhwc,hkc->bnhwk", grid_q, rh)  # over key rows
+        bias_w = mx.einsum("bnhwc,wkc->bnhwk", grid_q, rw)  # over key columns
+        bias = bias_h[..., :, None] + bias_w[..., None, :]  # B x n x H x W x H x W
+        return bias.reshape(b, n, h * w, h * w)
+
+
+class EncoderMLP(nn.Module):
+    """Per-token feed-forward: Linear, GELU, Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.lin2(gelu(self.lin1(x)))
+
+
+def window_partition(x: mx.array, window: int) -> tuple[mx.array, tuple[int, int]]:
+    """B x H x W x C -> (B * nWin) x window x window x C, zero-padding H and W up to multiples."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = -h % window, -w % window
+    if pad_h or pad_w:
+        x = mx.pad(x, [(0, 0), (0, pad_h), (0, pad_w), (0, 0)])
+    hp, wp = h + pad_h, w + pad_w
+    x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: mx.array, window: int, padded: tuple[int, int], size: tuple[int, int]) -> mx.array:
+    """Inverse of ``window_partition``: back to B x H x W x C with the padding cut off."""
+    hp, wp = padded
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, c)[:, : size[0], : size[1], :]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block; attention is windowed when ``window_size`` > 0, else global."""
+
+    def __init__(self, config: ViTConfig, window_size: int):
+        super().__init__()
+        self.window_size = window_size
+        rel_pos_size = window_size if window_size > 0 else config.pretrain_grid
+        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.attn = RelPosAttention(
+            config.embed_dim, config.num_heads, config.qkv_bias, config.use_rel_pos, rel_pos_size
+        )
+        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.mlp = EncoderMLP(config.embed_dim, config.mlp_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x: B x H x W x C -> B x H x W x C."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            size = (x.shape[1], x.shape[2])
+            x, padded = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded, size)
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class ChannelProjection(nn.Module):
+    """The encoder's neck: 1x1 conv, LayerNorm, 3x3 conv, LayerNorm, down to ``out_chans``."""
+
+    def __init__(self, dim: int, out_chans: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, out_chans, kernel_size=1, bias=False)
+        self.norm1 = layer_norm_2d(out_chans)
+        self.conv2 = nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False)
+        self.norm2 = layer_norm_2d(out_chans)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+
+
+class ImageEncoderViT(nn.Module):
+    """SAM's ViT image encoder: B x H x W x 3 normalized image -> B x H/16 x W/16 x 256 tokens."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        d, p = config.embed_dim, config.patch_size
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=p, stride=p)
+        self.pos_embed = mx.zeros((1, config.pretrain_grid, config.pretrain_grid, d))
+        self.blocks = [
+            EncoderBlock(config, 0 if i in config.global_attention_blocks else config.window_size)
+            for i in range(config.depth)
+        ]
+        self.neck = ChannelProjection(d, config.out_chans)
+
+    def position_encoding(self, h: int, w: int) -> mx.array:
+        """The learned 1 x h x w x D position encoding, bilinearly resized when the grid differs."""
+        pe = self.pos_embed
+        if pe.shape[1:3] == (h, w):
+            return pe
+        ry = mx.array(linear_resize_matrix(pe.shape[1], h))
+        rx = mx.array(linear_resize_matrix(pe.shape[2], w))
+        return mx.einsum("yh,hwc,xw->yxc", ry, pe[0].astype(mx.float32), rx)[None].astype(pe.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.patch_embed(x)
+        x = x + self.position_encoding(x.shape[1], x.shape[2])
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x)

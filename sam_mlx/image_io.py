@@ -1,0 +1,57 @@
+"""Turn what users pass as an image (path, PIL image, numpy array) into H x W x 3 uint8 RGB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as H x W x 3 uint8 RGB, in the orientation its EXIF tag says it is seen."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return pil_to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> H x W x 3 uint8 RGB, EXIF-rotated."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # High bit depth grayscale: scale the full range of the type to 0..255.
+        array = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if im.mode == "F":
+            top = max(float(array.max()), 1.0) if array.max() > 1.0 else 1.0
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def as_rgb_array(image: Any) -> np.ndarray:
+    """Accept a path, a PIL image or an H x W x 3 uint8 array; return H x W x 3 uint8 RGB."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image array must be H x W x 3 (RGB), got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image array must be uint8 (0..255), got dtype {image.dtype}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image array is empty: shape {image.shape}")
+        return np.ascontiguousarray(image)
+    raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")

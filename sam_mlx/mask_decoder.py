@@ -1,0 +1,81 @@
+"""SAM's mask decoder: image tokens + prompt embeddings -> 4 candidate masks and their IoU scores.
+
+Learned output tokens (one IoU token, four mask tokens) are prepended to the prompt
+tokens and run through the two-way transformer with the image tokens. The image
+tokens are then upscaled 4x by two transposed convolutions (the mask generator), and
+each mask token, passed through its own hypernetwork MLP, is dot-multiplied with every
+upscaled pixel to give that candidate's logits. An MLP on the IoU token predicts each
+candidate's mask quality.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import PromptDecoderConfig
+from .layers import MLP, gelu, layer_norm_2d
+from .two_way_transformer import TwoWayTransformer
+
+
+class MaskUpscaler(nn.Module):
+    """B x h x w x D -> B x 4h x 4w x D/8 (two stride-2 transposed convs)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2)
+        self.norm = layer_norm_2d(dim // 4)
+        self.conv2 = nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu(self.conv2(gelu(self.norm(self.conv1(x)))))
+
+
+class MaskDecoder(nn.Module):
+    def __init__(self, config: PromptDecoderConfig):
+        super().__init__()
+        d = config.embed_dim
+        self.num_mask_tokens = config.num_multimask_outputs + 1
+        self.iou_token = mx.zeros((1, d))
+        self.mask_tokens = mx.zeros((self.num_mask_tokens, d))
+        self.transformer = TwoWayTransformer(
+            config.transformer_depth, d, config.transformer_heads, config.transformer_mlp_dim
+        )
+        self.upscaler = MaskUpscaler(d)
+        self.hypernetworks = [MLP(d, d, d // 8, 3) for _ in range(self.num_mask_tokens)]
+        self.iou_head = MLP(d, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
+
+    def __call__(
+        self,
+        image_tokens: mx.array,
+        image_pe: mx.array,
+        sparse: mx.array,
+        dense: mx.array,
+        multimask_output: bool,
+    ) -> tuple[mx.array, mx.array]:
+        """Decode masks.
+
+        image_tokens: 1 x h x w x D (one image, shared by the B prompts) or B x h x w x D;
+        image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D.
+        Returns low-res logits B x C x 4h x 4w and IoU predictions B x C, where C is 3
+        (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
+        """
+        b = sparse.shape[0]
+        _, h, w, d = dense.shape
+        out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
+        tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
+        src = (image_tokens + dense).reshape(b, h * w, d)
+        pos = mx.broadcast_to(image_pe.reshape(1, h * w, d), (b, h * w, d))
+
+        tokens, src = self.transformer(src, pos, tokens)
+        iou_out = tokens[:, 0]
+        mask_out = tokens[:, 1 : 1 + self.num_mask_tokens]
+
+        upscaled = self.upscaler(src.reshape(b, h, w, d))  # B x 4h x 4w x d/8
+        hyper = mx.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.hypernetworks)], axis=1)
+        masks = hyper @ upscaled.reshape(b, -1, upscaled.shape[-1]).transpose(0, 2, 1)
+        masks = masks.reshape(b, self.num_mask_tokens, 4 * h, 4 * w)
+        iou = self.iou_head(iou_out)
+
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou[:, chosen]

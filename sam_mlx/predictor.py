@@ -1,0 +1,233 @@
+"""SamPredictor: the original predictor API (``set_image`` once, ``predict`` per prompt) on MLX.
+
+The image encoder runs once in ``set_image`` and its tokens are kept; each
+``predict`` then only runs the prompt encoder, the small mask decoder and the
+upscaling of the chosen masks to the image's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .image_io import as_rgb_array
+from .resize import upscale_mask_logits
+from .sam import Sam
+from .transforms import ImageGeometry, image_geometry, preprocess
+
+MASK_THRESHOLD = 0.0
+
+
+class SamPredictor:
+    """Segment one image with many prompts.
+
+    ``sizing``/``size``: ``"original"`` (default: longest side resized to 1024 and padded,
+    exactly as Meta's SAM) or ``"stretch"`` (resized to multiples of 16, no padding).
+    """
+
+    def __init__(self, model: Sam, sizing: str = "original", size: int | tuple[int, int] | None = None):
+        self.model = model
+        self.sizing = sizing
+        self.size = model.config.image_size if size is None else size
+        image_geometry((1, 1), sizing, self.size)  # validate the sizing early
+        self.reset_image()
+
+    # ---------------------------------------------------------------- image
+    def set_image(self, image: Any, image_format: str = "RGB") -> None:
+        """Encode an image (H x W x 3 uint8 array, PIL image or path) and keep its tokens."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        array = as_rgb_array(image)
+        if image_format == "BGR":
+            array = np.ascontiguousarray(array[..., ::-1])
+        geometry = image_geometry(array.shape[:2], self.sizing, self.size)
+        tokens = self.model.encode_image(preprocess(array, geometry))
+        mx.eval(tokens)
+        self.set_image_tokens(tokens, geometry)
+
+    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
+        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
+        expected = (1, *geometry.grid_size)
+        if tuple(tokens.shape[:3]) != expected:
+            raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
+        self.features = tokens
+        self.geometry = geometry
+        self.is_image_set = True
+
+    def reset_image(self) -> None:
+        self.features: mx.array | None = None
+        self.geometry: ImageGeometry | None = None
+        self.is_image_set = False
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self._require_image().original_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._require_image().input_size
+
+    def get_image_embedding(self) -> np.ndarray:
+        """The image tokens as the original returns them: 1 x C x h x w float32."""
+        self._require_image()
+        return np.array(self.features.astype(mx.float32)).transpose(0, 3, 1, 2)
+
+    def _require_image(self) -> ImageGeometry:
+        if not self.is_image_set:
+            raise RuntimeError("no image set: call set_image(...) before predict or get_image_embedding")
+        return self.geometry
+
+    # ---------------------------------------------------------------- prompts
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One prompt -> (masks C x H x W, iou_predictions C, low_res_logits C x h x w), numpy.
+
+        point_coords: N x 2 (x, y) pixels of the original image, point_labels: N (1 = foreground,
+        0 = background); box: 4 (x1, y1, x2, y2); mask_input: 1 x h x w low-res logits from a
+        previous prediction. C is 3 with ``multimask_output`` else 1.
+        """
+        if point_coords is not None or point_labels is not None:
+            coords, labels = _points(point_coords, point_labels)
+            point_coords, point_labels = coords[None], labels[None]
+        if box is not None:
+            box = np.asarray(box, dtype=np.float64)
+            if box.size != 4:
+                raise ValueError(f"box must have 4 numbers (x1, y1, x2, y2), got shape {box.shape}")
+            box = box.reshape(1, 4)
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input)
+            mask_input = mask_input.reshape(1, *mask_input.shape[-3:]) if mask_input.ndim == 3 else mask_input
+        masks, iou, low_res = self.predict_batch(
+            point_coords, point_labels, box, mask_input, multimask_output, return_logits
+        )
+        return masks[0], iou[0], low_res[0]
+
+    def predict_batch(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B prompts decoded together -> (masks B x C x H x W, iou B x C, low_res B x C x h x w).
+
+        point_coords: B x N x 2, point_labels: B x N, boxes: B x 4, mask_input: B x 1 x h x w,
+        all in the original image's pixels; whichever are given must agree on B.
+        """
+        low_res, iou = self.decode(*self.prepare_prompts(point_coords, point_labels, boxes, mask_input), multimask_output)
+        masks = self.upscale(low_res)
+        if not return_logits:
+            masks = masks > MASK_THRESHOLD
+        mx.eval(masks, iou, low_res)
+        return np.array(masks), np.array(iou), np.array(low_res)
+
+    def prepare_prompts(
+        self,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: np.ndarray | None,
+    ) -> tuple[tuple[mx.array, mx.array] | None, mx.array | None, mx.array | None]:
+        """Check batched prompts against the image and move them to encoder-input coordinates."""
+        geometry = self._require_image()
+        h, w = geometry.original_size
+        batch_sizes = {}
+        points = None
+        if point_coords is not None or point_labels is not None:
+            coords, labels = _points(point_coords, point_labels, batched=True)
+            outside = (coords[..., 0] < 0) | (coords[..., 0] > w) | (coords[..., 1] < 0) | (coords[..., 1] > h)
+            if outside.any():
+                x, y = coords[outside][0]
+                raise ValueError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
+            batch_sizes["point_coords"] = coords.shape[0]
+            points = (mx.array(geometry.to_input_coords(coords)), mx.array(labels))
+        box_array = None
+        if boxes is not None:
+            boxes = _boxes(boxes, w, h)
+            batch_sizes["boxes"] = boxes.shape[0]
+            box_array = mx.array(geometry.to_input_coords(boxes.reshape(-1, 2, 2)).reshape(-1, 4))
+        masks = None
+        if mask_input is not None:
+            masks = self._mask_input(mask_input)
+            batch_sizes["mask_input"] = masks.shape[0]
+        if not batch_sizes:
+            raise ValueError("no prompt: give point_coords with point_labels, a box, or a mask_input")
+        if len(set(batch_sizes.values())) > 1:
+            raise ValueError(f"prompt batch sizes differ: {batch_sizes}")
+        return points, box_array, masks
+
+    def _mask_input(self, mask_input: np.ndarray) -> mx.array:
+        grid_h, grid_w = self.geometry.grid_size
+        expected = (1, 4 * grid_h, 4 * grid_w)
+        mask_input = np.asarray(mask_input)
+        if mask_input.ndim != 4 or mask_input.shape[1:] != expected:
+            raise ValueError(f"mask_input must be B x {' x '.join(map(str, expected))} low-res logits, got {mask_input.shape}")
+        if not np.isfinite(mask_input).all():
+            raise ValueError("mask_input contains NaN or infinite values")
+        return mx.array(mask_input[:, 0].astype(np.float32))
+
+    def decode(
+        self,
+        points: tuple[mx.array, mx.array] | None,
+        boxes: mx.array | None,
+        masks: mx.array | None,
+        multimask_output: bool,
+    ) -> tuple[mx.array, mx.array]:
+        """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily."""
+        geometry = self._require_image()
+        return self.model.decode(self.features, geometry.padded_size, points, boxes, masks, multimask_output)
+
+    def upscale(self, low_res_logits: mx.array) -> mx.array:
+        """... x h x w low-res logits -> ... x H x W logits at the original image size."""
+        g = self._require_image()
+        return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
+
+
+def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Validate point prompts: N x 2 and N (or B x N x 2 and B x N when ``batched``)."""
+    if coords is None or labels is None:
+        raise ValueError("point_coords and point_labels must be given together")
+    coords = np.asarray(coords, dtype=np.float64)
+    labels = np.asarray(labels)
+    ndim = 3 if batched else 2
+    if coords.ndim != ndim or coords.shape[-1] != 2:
+        want = "B x N x 2" if batched else "N x 2"
+        raise ValueError(f"point_coords must be {want} (x, y) pixels, got shape {coords.shape}")
+    if labels.shape != coords.shape[:-1]:
+        raise ValueError(f"point_labels has shape {labels.shape} but point_coords has {coords.shape[:-1]} points")
+    if coords.shape[-2] == 0:
+        raise ValueError("point_coords is empty")
+    if not np.isfinite(coords).all():
+        raise ValueError("point_coords contains NaN or infinite values")
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels[bad][0]!r}")
+    return coords, labels.astype(np.int32)
+
+
+def _boxes(boxes: Any, w: int, h: int) -> np.ndarray:
+    """Validate B x 4 (x1, y1, x2, y2) boxes and clip them to the image."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim == 1:
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be B x 4 (x1, y1, x2, y2), got shape {boxes.shape}")
+    if not np.isfinite(boxes).all():
+        raise ValueError("box contains NaN or infinite values")
+    for x1, y1, x2, y2 in boxes:
+        if x2 < x1 or y2 < y1:
+            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
+        if x2 < 0 or y2 < 0 or x1 > w or y1 > h:
+            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {w}x{h} image")
+    return np.clip(boxes, 0, [w, h, w, h])

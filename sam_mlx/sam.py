@@ -1,0 +1,55 @@
+"""The whole SAM model: image encoder, prompt encoder and mask decoder."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import SamConfig
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """SAM v1. Images are channels-last; the heavy encoder runs once per image, the decoder per prompt."""
+
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        self.config = config
+        if config.encoder.kind == "vit":
+            self.image_encoder = ImageEncoderViT(config.encoder)
+        else:
+            from .tiny_vit import TinyViTImageEncoder
+
+            self.image_encoder = TinyViTImageEncoder(config.encoder)
+        self.prompt_encoder = PromptEncoder(config.decoder)
+        self.mask_decoder = MaskDecoder(config.decoder)
+
+    def encode_image(self, image: mx.array) -> mx.array:
+        """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens."""
+        return self.image_encoder(image)
+
+    def decode(
+        self,
+        image_tokens: mx.array,
+        input_size: tuple[int, int],
+        points: tuple[mx.array, mx.array] | None = None,
+        boxes: mx.array | None = None,
+        mask_input: mx.array | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[mx.array, mx.array]:
+        """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
+
+        image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the
+        prompt coordinates are expressed in; points: (B x N x 2 xy, B x N labels);
+        boxes: B x 4; mask_input: B x 4h x 4w logits.
+        """
+        grid = image_tokens.shape[1:3]
+        masks = None if mask_input is None else mask_input[..., None]
+        sparse, dense = self.prompt_encoder(points, boxes, masks, input_size, grid)
+        image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
+        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output)

@@ -1,0 +1,97 @@
+"""Image sizing, normalisation and coordinate transforms between the image and the encoder input.
+
+Two sizings:
+- ``original`` (default, as Meta's SAM): resize so the longest side is ``size`` (1024),
+  normalise, pad bottom/right with zeros to ``size x size``.
+- ``stretch``: resize to a grid whose sides are multiples of 16 and no padding, either
+  keeping the aspect ratio with the longest side at ``size`` or to an explicit (H, W).
+  Position encodings and relative-position tables are resized to the token grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .sam import PIXEL_MEAN, PIXEL_STD
+
+PATCH = 16
+SIZINGS = ("original", "stretch")
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where an image sits in the encoder input: sizes are (H, W)."""
+
+    original_size: tuple[int, int]  # the user's image
+    input_size: tuple[int, int]  # the resized image inside the encoder input
+    padded_size: tuple[int, int]  # the encoder input (multiple of 16)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.padded_size[0] // PATCH, self.padded_size[1] // PATCH
+
+    def to_input_coords(self, coords: np.ndarray) -> np.ndarray:
+        """... x 2 (x, y) pixels of the original image -> pixels of the resized image."""
+        (oh, ow), (h, w) = self.original_size, self.input_size
+        coords = np.asarray(coords, dtype=np.float64).copy()
+        coords[..., 0] *= w / ow
+        coords[..., 1] *= h / oh
+        return coords.astype(np.float32)
+
+    def to_original_coords(self, coords: np.ndarray) -> np.ndarray:
+        """Inverse of ``to_input_coords``."""
+        (oh, ow), (h, w) = self.original_size, self.input_size
+        coords = np.asarray(coords, dtype=np.float64).copy()
+        coords[..., 0] *= ow / w
+        coords[..., 1] *= oh / h
+        return coords.astype(np.float32)
+
+
+def longest_side_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """(H, W) after scaling the longest side to ``long_side``, rounded as the original."""
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def image_geometry(
+    original_size: tuple[int, int], sizing: str = "original", size: int | tuple[int, int] = 1024
+) -> ImageGeometry:
+    """Plan the resize of an (H, W) image for ``sizing`` at ``size``."""
+    h, w = original_size
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be at least 1x1, got {w}x{h}")
+    if sizing not in SIZINGS:
+        raise ValueError(f"sizing must be one of {SIZINGS}, got {sizing!r}")
+    if sizing == "original":
+        if not isinstance(size, int) or size % PATCH or size < PATCH:
+            raise ValueError(f"original sizing needs a square size that is a multiple of {PATCH}, got {size!r}")
+        return ImageGeometry((h, w), longest_side_shape(h, w, size), (size, size))
+    if isinstance(size, int):
+        if size < PATCH:
+            raise ValueError(f"stretch size must be at least {PATCH}, got {size}")
+        target = longest_side_shape(h, w, size)
+        target = tuple(max(PATCH, round(s / PATCH) * PATCH) for s in target)
+    else:
+        target = tuple(int(s) for s in size)
+        if len(target) != 2 or any(s < PATCH or s % PATCH for s in target):
+            raise ValueError(f"stretch size (H, W) must be multiples of {PATCH}, got {size!r}")
+    return ImageGeometry((h, w), target, target)
+
+
+def preprocess(image: np.ndarray, geometry: ImageGeometry) -> mx.array:
+    """H x W x 3 uint8 RGB -> 1 x H' x W' x 3 normalized float32 encoder input.
+
+    Resizes with PIL bilinear (as the original's torchvision resize of a PIL image),
+    normalises with the ImageNet mean/std and zero-pads bottom/right.
+    """
+    h, w = geometry.input_size
+    if image.shape[:2] != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    x = (image.astype(np.float32) - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
+    ph, pw = geometry.padded_size
+    x = np.pad(x, ((0, ph - h), (0, pw - w), (0, 0)))
+    return mx.array(x[None])

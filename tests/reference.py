@@ -1,0 +1,96 @@
+"""The original PyTorch SAM (Meta's segment-anything) as a test reference.
+
+segment-anything's package ``__init__`` imports torchvision, which has no build here,
+so its ``modeling`` subpackage is imported under a bare parent package instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import torch
+
+
+def segment_anything_modeling():
+    if "segment_anything" not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = package
+    return importlib.import_module("segment_anything.modeling")
+
+
+def build_reference_sam(
+    embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14,
+    image_size=1024, seed=0,
+):
+    """A Meta ``Sam`` with random weights; relative position tables and position encodings non-zero."""
+    m = segment_anything_modeling()
+    from functools import partial
+
+    torch.manual_seed(seed)
+    grid = image_size // 16
+    sam = m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            depth=depth, embed_dim=embed_dim, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=num_heads, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_attn_indexes,
+            window_size=window_size, out_chans=256,
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+    ).eval()
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+            if name.endswith("iou_token.weight") or name.endswith("mask_tokens.weight"):
+                p.normal_(0, 1.0)
+            # LayerNorm weights default to 1 and biases to 0: perturb so the test sees them.
+            if ("norm" in name or "neck.1" in name or "neck.3" in name) and p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return sam
+
+
+def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def _install_torchvision_shim() -> None:
+    """segment-anything's transforms import two torchvision functions; give it PIL-based ones.
+
+    For a PIL image, torchvision's ``resize(img, (h, w))`` is ``img.resize((w, h), BILINEAR)``
+    and ``to_pil_image`` of an H x W x 3 uint8 array is ``Image.fromarray``.
+    """
+    if "torchvision" in sys.modules:
+        return
+    from PIL import Image
+
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.to_pil_image = lambda array: Image.fromarray(array)
+    functional.resize = lambda image, size: image.resize((size[1], size[0]), Image.BILINEAR)
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.functional = functional
+    torchvision = types.ModuleType("torchvision")
+    torchvision.transforms = transforms
+    sys.modules.update(
+        {"torchvision": torchvision, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+    )
+
+
+def reference_predictor_class():
+    """segment-anything's original ``SamPredictor``."""
+    segment_anything_modeling()
+    _install_torchvision_shim()
+    return importlib.import_module("segment_anything.predictor").SamPredictor
