@@ -237,7 +237,10 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     """Instantiate Sam from converted weights, checking every name and shape first."""
     from .sam import Sam
 
-    model = Sam(config)
+    try:
+        model = Sam(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
     check_weights(model, weights, source)
     arrays = [(k, v if isinstance(v, mx.array) else mx.array(v)) for k, v in weights.items()]
     if dtype is not None:

@@ -18,25 +18,29 @@ def load_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             return pil_to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> H x W x 3 uint8 RGB, EXIF-rotated."""
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> H x W x 3 uint8 RGB, EXIF-rotated.
+
+    Transparent pixels are composited over white; 16-bit grayscale is scaled to 8 bits;
+    float images are taken as 0..1 when their maximum is at most 1, else as 0..255.
+    """
     im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit depth grayscale: scale the full range of the type to 0..255.
-        array = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or array.max() > 255 else 255.0
+    if im.mode.startswith("I") or im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
-            top = max(float(array.max()), 1.0) if array.max() > 1.0 else 1.0
-        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        else:  # I;16* and I (how some Pillow versions open 16-bit PNGs)
+            scale = 1.0 / 257.0 if im.mode.startswith("I;16") or values.max(initial=0.0) > 255 else 1.0
+        gray = np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 

@@ -212,7 +212,7 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
         raise ValueError("point_coords contains NaN or infinite values")
     bad = ~np.isin(labels, (0, 1))
     if bad.any():
-        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels[bad][0]!r}")
+        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels[bad][0].item()!r}")
     return coords, labels.astype(np.int32)
 
 
