@@ -13,9 +13,18 @@ __version__ = "0.1.0"
 
 
 def load(path_or_name: str, dtype=None) -> Sam:
-    """Load a SAM model from a checkpoint path (.pth / .safetensors) or a model name / Hub repo id."""
+    """Load a SAM model from a checkpoint path (.pth / .safetensors) or a model name / Hub repo id.
+
+    ``dtype`` ("float32", "float16", "bfloat16" or an mlx dtype) casts every weight; by default
+    the image encoder is bfloat16 on an Apple GPU and float32 on the CPU, the rest float32.
+    """
+    from .checkpoint import DTYPES
     from .hub import resolve_checkpoint
 
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     return load_checkpoint(resolve_checkpoint(path_or_name), dtype=dtype)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .config import SamConfig
 from .image_encoder import ImageEncoderViT
@@ -30,8 +31,13 @@ class Sam(nn.Module):
         self.mask_decoder = MaskDecoder(config.decoder)
 
     def encode_image(self, image: mx.array) -> mx.array:
-        """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens."""
-        return self.image_encoder(image)
+        """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens.
+
+        The image is cast to the encoder's weight dtype, so a half-precision encoder
+        computes in half precision; the tokens come back in that dtype.
+        """
+        _, weight = tree_flatten(self.image_encoder.parameters())[0]
+        return self.image_encoder(image.astype(weight.dtype))
 
     def decode(
         self,
