@@ -54,11 +54,14 @@ class SamPredictor:
             raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
         self.features = tokens
         self.geometry = geometry
+        self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
+        mx.eval(self.image_pe)
         self.is_image_set = True
 
     def reset_image(self) -> None:
         self.features: mx.array | None = None
         self.geometry: ImageGeometry | None = None
+        self.image_pe: mx.array | None = None
         self.is_image_set = False
 
     @property
@@ -186,7 +189,9 @@ class SamPredictor:
     ) -> tuple[mx.array, mx.array]:
         """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily."""
         geometry = self._require_image()
-        return self.model.decode(self.features, geometry.padded_size, points, boxes, masks, multimask_output)
+        return self.model.decode(
+            self.features, geometry.padded_size, points, boxes, masks, multimask_output, self.image_pe
+        )
 
     def upscale(self, low_res_logits: mx.array) -> mx.array:
         """... x h x w low-res logits -> ... x H x W logits at the original image size."""

@@ -61,42 +61,17 @@ def resize_2d(x: mx.array, out_hw: tuple[int, int]) -> mx.array:
     return y.reshape(out_hw[0], out_hw[1], *rest).astype(x.dtype)
 
 
-@lru_cache(maxsize=64)
-def _mask_resize_band(low_res: int, padded: int, valid: int, original: int) -> tuple[mx.array, mx.array]:
-    """The non-zero band of ``mask_resize_matrix``: (original x K) source indices and weights."""
-    matrix = mask_resize_matrix(low_res, padded, valid, original)
-    nonzero = matrix != 0
-    first = nonzero.argmax(axis=1)
-    last = low_res - 1 - nonzero[:, ::-1].argmax(axis=1)
-    width = int((last - first).max()) + 1
-    index = np.minimum(first[:, None] + np.arange(width)[None, :], low_res - 1)
-    weight = np.take_along_axis(matrix, index, axis=1)
-    weight[first[:, None] + np.arange(width)[None, :] > low_res - 1] = 0.0
-    return mx.array(index.astype(np.int32)), mx.array(weight.astype(np.float32))
-
-
-def _resize_axis(x: mx.array, axis: int, index: mx.array, weight: mx.array) -> mx.array:
-    """Apply a banded interpolation along ``axis``: sum_k weight[:, k] * x[index[:, k]]."""
-    shape = [1] * x.ndim
-    shape[axis] = weight.shape[0]
-    out = None
-    for k in range(weight.shape[1]):
-        term = mx.take(x, index[:, k], axis=axis) * weight[:, k].reshape(shape)
-        out = term if out is None else out + term
-    return out
-
-
 def upscale_mask_logits(
     logits: mx.array, padded_size: tuple[int, int], input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> mx.array:
     """SAM's mask post-processing on ... x h x w low-res logits -> ... x H x W at the original size.
 
     Equivalent to bilinearly upscaling to the padded encoder input, cropping the padding
-    and bilinearly resizing to the original image, done as two banded passes (a few
-    taps per output pixel) instead of two full-resolution interpolations.
+    and bilinearly resizing to the original image, done as ``Ry @ logits @ Rx.T`` with the
+    two composed interpolation matrices: dense BLAS work instead of gathers, which is
+    several times faster on MLX's CPU backend.
     """
     h, w = logits.shape[-2:]
-    rows = _mask_resize_band(h, padded_size[0], input_size[0], original_size[0])
-    cols = _mask_resize_band(w, padded_size[1], input_size[1], original_size[1])
-    out = _resize_axis(logits.astype(mx.float32), logits.ndim - 2, *rows)
-    return _resize_axis(out, logits.ndim - 1, *cols)
+    ry = mx.array(mask_resize_matrix(h, padded_size[0], input_size[0], original_size[0]))
+    rx = mx.array(mask_resize_matrix(w, padded_size[1], input_size[1], original_size[1]))
+    return ry @ logits.astype(mx.float32) @ rx.T

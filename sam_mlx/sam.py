@@ -47,15 +47,18 @@ class Sam(nn.Module):
         boxes: mx.array | None = None,
         mask_input: mx.array | None = None,
         multimask_output: bool = True,
+        image_pe: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
 
         image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the
         prompt coordinates are expressed in; points: (B x N x 2 xy, B x N labels);
-        boxes: B x 4; mask_input: B x 4h x 4w logits.
+        boxes: B x 4; mask_input: B x 4h x 4w logits; image_pe: the token grid's
+        position encoding (h x w x D) if the caller keeps it, else computed here.
         """
         grid = image_tokens.shape[1:3]
         masks = None if mask_input is None else mask_input[..., None]
         sparse, dense = self.prompt_encoder(points, boxes, masks, input_size, grid)
-        image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
+        if image_pe is None:
+            image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
         return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output)
