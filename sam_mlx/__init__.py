@@ -6,6 +6,7 @@ load_system_blas()  # must precede the first import of mlx
 
 from .checkpoint import CheckpointError, load_checkpoint, save_model  # noqa: E402
 from .config import PromptDecoderConfig, SamConfig, ViTConfig  # noqa: E402
+from .image_tokens import load_image_tokens, save_image_tokens  # noqa: E402
 from .predictor import SamPredictor  # noqa: E402
 from .sam import Sam  # noqa: E402
 
@@ -37,5 +38,7 @@ __all__ = [
     "ViTConfig",
     "load",
     "load_checkpoint",
+    "load_image_tokens",
+    "save_image_tokens",
     "save_model",
 ]

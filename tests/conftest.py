@@ -9,6 +9,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import sam_mlx  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_model_cache(tmp_path_factory):
+    """Converted checkpoints go to a throwaway cache, not the user's ~/.cache."""
+    os.environ["SAM_MLX_CACHE"] = str(tmp_path_factory.mktemp("sam_mlx_cache"))
+    yield
+
 SHARED = Path(os.environ.get("SAM_MLX_SHARED", ROOT.parent / "shared"))
 IMAGES = SHARED / "images"
 MOBILE_SAM = SHARED / "weights" / "mobile_sam.pt"

@@ -1,0 +1,180 @@
+"""Any-size inputs and batched prompts with the real MobileSAM weights on the shared photos.
+
+- ``stretch`` sizing (no padding; token grid 43 x 64 for these 3:2 photos at 1024) vs the
+  ``original`` padded square, for every shared prompt;
+- batched boxes (``predict_batch``) vs one ``predict`` call per box;
+- images far from the 1024 square (tiny, very elongated).
+
+Each photo is encoded once per sizing for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import IMAGES, MOBILE_SAM, REFERENCE
+
+import sam_mlx
+from sam_mlx.checkpoint import load_checkpoint
+from sam_mlx.transforms import image_geometry
+
+NAMES = ("dog", "groceries", "truck")
+SIZINGS = {"original": ("original", None), "stretch1024": ("stretch", 1024), "stretch512": ("stretch", 512)}
+CASES = [(name, p) for name in NAMES for p in json.loads((REFERENCE / f"{name}.json").read_text())["prompts"]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_checkpoint(MOBILE_SAM)
+
+
+@pytest.fixture(scope="module")
+def predictors(model):
+    """predictors[(photo, sizing)]: a SamPredictor with that photo encoded, made on first use."""
+    cache: dict[tuple[str, str], sam_mlx.SamPredictor] = {}
+
+    def get(name: str, sizing: str) -> sam_mlx.SamPredictor:
+        if (name, sizing) not in cache:
+            predictor = sam_mlx.SamPredictor(model, *SIZINGS[sizing])
+            predictor.set_image(IMAGES / f"{name}.jpg")
+            cache[name, sizing] = predictor
+        return cache[name, sizing]
+
+    return get
+
+
+def prompt_kwargs(prompt: dict) -> dict:
+    kwargs = {"box": np.array(prompt["box"], np.float64)} if "box" in prompt else {}
+    if "points" in prompt:
+        kwargs.update(point_coords=np.array(prompt["points"], np.float64), point_labels=np.array(prompt["labels"]))
+    return kwargs
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def matched(predictors):
+    """matched(photo, prompt, sizing): ``matched_iou`` of that sizing vs the original, computed once."""
+    cache: dict[tuple[str, str, str], float] = {}
+
+    def get(name: str, prompt: dict, sizing: str) -> float:
+        key = (name, prompt["name"], sizing)
+        if key not in cache:
+            cache[key] = matched_iou(predictors(name, "original"), predictors(name, sizing), prompt)
+        return cache[key]
+
+    return get
+
+
+def matched_iou(reference: sam_mlx.SamPredictor, other: sam_mlx.SamPredictor, prompt: dict) -> float:
+    """IoU of the reference's chosen mask with the closest of ``other``'s three candidates.
+
+    The fair comparison: the reference's chosen mask is its highest-scoring multimask
+    output (SAM's recommended use, what a user takes); it is matched against the best of
+    the other sizing's three candidates, because what must agree is the answer, not its
+    rank. The single-mask output is not compared: for the shared prompts (lone points and
+    boxes on floors, bag groups) it is SAM's least stable output, and the three candidates'
+    predicted IoUs are often within 0.03 of each other, so their order flips under any
+    change of input (groceries/left_point: 0.96 vs 0.93; dog/fg_bg_points: 0.94 vs 0.95).
+    """
+    masks, scores, _ = reference.predict(**prompt_kwargs(prompt), multimask_output=True)
+    others, _, _ = other.predict(**prompt_kwargs(prompt), multimask_output=True)
+    chosen = masks[np.argmax(scores)]
+    return max(iou(chosen, candidate) for candidate in others)
+
+
+# Stretch at 1024 stays >= 0.9 for 9 of the 12 shared prompts (measured 0.91-0.99). Three stay
+# below (measured 0.83, 0.87, 0.75): prompts the model is unsure of, whose masks move under any
+# small change of input. Even the original sizing itself, run at 1040 or 1008 instead of 1024
+# (a 1.5 % rescale), matches its own 1024 masks only to dog/center_box 0.89 / 0.86,
+# groceries/three_points 0.89 / 0.90 and groceries/item_box 0.78 / 0.77. They are xfailed
+# above a floor a little under the measured value, so a regression still fails.
+BELOW_09_AT_1024 = {"dog/center_box": 0.78, "groceries/three_points": 0.83, "groceries/item_box": 0.70}
+
+
+@pytest.mark.parametrize("name, prompt", CASES, ids=[f"{n}/{p['name']}" for n, p in CASES])
+def test_stretch_1024_matches_original(matched, name, prompt):
+    value = matched(name, prompt, "stretch1024")
+    key = f"{name}/{prompt['name']}"
+    if key in BELOW_09_AT_1024:
+        assert value >= BELOW_09_AT_1024[key], f"{key}: IoU {value:.3f}"
+        pytest.xfail(f"IoU {value:.3f} < 0.9: an unstable prompt (see BELOW_09_AT_1024)")
+    assert value >= 0.9, f"{key}: IoU {value:.3f}"
+
+
+def test_stretch_512_loses_small_and_thin_objects(matched):
+    """At 512 (token grid 21 x 32, a quarter of the tokens) big objects survive, small ones do not.
+
+    Measured (matched IoU vs original at 1024): truck/truck_box 0.98, truck/two_points 0.96,
+    truck/wheel_box 0.91, but truck/window_point 0.52 (one window pane), groceries/item_box 0.30,
+    groceries/left_point 0.73, dog/center_box 0.70; mean over the 12 prompts 0.76 vs 0.93 for
+    stretch at 1024. Stretch 512 encodes ~4x faster: fine for large objects, not for small ones.
+    """
+    values = {f"{name}/{prompt['name']}": matched(name, prompt, "stretch512") for name, prompt in CASES}
+    at_1024 = [matched(name, prompt, "stretch1024") for name, prompt in CASES]
+    assert values["truck/truck_box"] >= 0.95 and values["truck/two_points"] >= 0.93
+    assert values["truck/window_point"] < 0.8
+    assert np.mean(list(values.values())) < np.mean(at_1024) - 0.05
+
+
+def test_stretch_geometry(predictors):
+    """3:2 photos: stretch keeps the aspect ratio to within 16 px rounding and pads nothing."""
+    for name in NAMES:
+        for sizing, grid in (("stretch1024", (43, 64)), ("stretch512", (21, 32))):
+            g = predictors(name, sizing).geometry
+            assert g.input_size == g.padded_size and g.grid_size == grid
+            assert predictors(name, sizing).features.shape[1:3] == grid
+
+
+@pytest.mark.parametrize("sizing, multimask", [("original", True), ("stretch1024", False)])
+def test_batched_boxes_equal_one_at_a_time(predictors, sizing, multimask):
+    """Four truck boxes (one the whole image, one partly outside it) decoded together vs one by one."""
+    predictor = predictors("truck", sizing)
+    boxes = np.array([[425, 600, 700, 875], [75, 275, 1725, 850], [0, 0, 1800, 1200], [1500, 900, 2000, 1300]], float)
+    masks, scores, low_res = predictor.predict_batch(boxes=boxes, multimask_output=multimask)
+    assert masks.shape == (4, 3 if multimask else 1, 1200, 1800)
+    for i, box in enumerate(boxes):
+        one_masks, one_scores, one_low_res = predictor.predict(box=box, multimask_output=multimask)
+        np.testing.assert_allclose(low_res[i], one_low_res, atol=1e-4)
+        np.testing.assert_allclose(scores[i], one_scores, atol=1e-5)
+        # Logits agree to ~1e-5; a pixel whose logit is that close to 0 may flip.
+        assert (masks[i] != one_masks).mean() < 1e-5
+
+
+def test_batched_points_and_boxes_equal_one_at_a_time(predictors):
+    predictor = predictors("groceries", "original")
+    points = np.array([[[200, 300], [450, 400]], [[600, 250], [100, 100]], [[300, 200], [700, 500]]], float)
+    labels = np.array([[1, 0], [1, 0], [1, 1]])
+    boxes = np.array([[100, 150, 350, 480], [450, 100, 750, 450], [0, 0, 800, 534]], float)
+    masks, scores, low_res = predictor.predict_batch(points, labels, boxes, multimask_output=False)
+    for i in range(3):
+        one_masks, one_scores, one_low_res = predictor.predict(points[i], labels[i], boxes[i], multimask_output=False)
+        np.testing.assert_allclose(low_res[i], one_low_res, atol=1e-4)
+        np.testing.assert_allclose(scores[i], one_scores, atol=1e-5)
+        assert (masks[i] != one_masks).mean() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "shape, sizing, size, grid",
+    [((7, 500), "stretch", 256, (1, 16)), ((300, 20), "stretch", 320, (20, 1)), ((40, 30), "original", 256, (16, 16)),
+     ((48, 64), "stretch", (32, 48), (2, 3))],
+    ids=["strip", "column", "tiny-original", "explicit-hw"],
+)
+def test_odd_sized_images(model, shape, sizing, size, grid):
+    """Images far from the square: masks come back at the image's size, prompts map to its pixels."""
+    rng = np.random.default_rng(0)
+    h, w = shape
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    image[: h // 2, : w // 2] = 255  # a bright block for the prompt to land on
+    predictor = sam_mlx.SamPredictor(model, sizing=sizing, size=size)
+    predictor.set_image(image)
+    assert predictor.geometry.grid_size == grid == image_geometry(shape, sizing, size).grid_size
+    masks, scores, low_res = predictor.predict(np.array([[w / 4, h / 4]]), np.array([1]))
+    assert masks.shape == (3, h, w) and masks.dtype == bool and np.isfinite(scores).all()
+    assert low_res.shape == (3, 4 * grid[0], 4 * grid[1])
+    with pytest.raises(ValueError, match="outside"):
+        predictor.predict(np.array([[w + 1, 0]]), np.array([1]))
