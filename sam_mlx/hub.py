@@ -27,7 +27,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .checkpoint import DTYPES, load_checkpoint, save_model
+from .checkpoint import DTYPES, load_checkpoint, remove_abandoned_temporaries, save_model
 
 #: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights.
 MODEL_NAMES: dict[str, tuple[str, str]] = {
@@ -180,8 +180,9 @@ def _convert(path: Path, target: Path, source: str) -> Path:
         warnings.warn(f"could not cache the converted {path} in {target.parent} ({exc})", stacklevel=4)
         return path
     for stale in target.parent.glob("*.safetensors"):
-        if stale != target:
+        if stale != target and not stale.name.startswith("."):  # not another process's temporary
             stale.unlink(missing_ok=True)
+    remove_abandoned_temporaries(target.parent)  # those of killed conversions
     return target
 
 

@@ -52,9 +52,13 @@ class ImageGeometry:
 
 
 def longest_side_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """(H, W) after scaling the longest side to ``long_side``, rounded as the original."""
+    """(H, W) after scaling the longest side to ``long_side``, rounded as the original.
+
+    A side that would round to 0 (aspect ratio beyond 2 * long_side : 1) is kept at 1 pixel:
+    the original fails there, and a 0-pixel side has no pixels to resize or map back to.
+    """
     scale = long_side / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def image_geometry(

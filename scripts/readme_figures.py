@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Regenerate the pictures in docs/ that README.md shows, with the `sam-mlx` command itself.
+
+    python scripts/readme_figures.py [--model ../shared/weights/mobile_sam.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SAM_MLX_SHARED", ROOT.parent / "shared"))
+FIGURES = {
+    # docs file: sam-mlx arguments (the image comes first)
+    "truck_point.jpg": ["segment", "truck.jpg", "--point", "500,375"],
+    "truck_box_point.jpg": ["segment", "truck.jpg", "--box", "75,275,1725,850", "--point", "500,375"],
+    "groceries_boxes.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480", "--box", "450,80,780,500"],
+    "dog_everything.jpg": ["everything", "dog.jpg"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "weights" / "mobile_sam.pt"))
+    parser.add_argument("--width", type=int, default=900, help="width of the saved pictures")
+    args = parser.parse_args()
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    for name, (command, image, *options) in FIGURES.items():
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "sam_mlx.cli", command, str(SHARED / "images" / image),
+                   "--model", args.model, "--out-dir", out, *options]
+            print(" ".join(["sam-mlx", *cmd[3:]]), file=sys.stderr)
+            subprocess.run(cmd, check=True)
+            overlay = Image.open(next(Path(out).glob("*_overlay.png"))).convert("RGB")
+            overlay.thumbnail((args.width, args.width))
+            overlay.save(docs / name, quality=85)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
