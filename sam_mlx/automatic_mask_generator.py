@@ -19,7 +19,6 @@ import numpy as np
 from . import mask_utils as mu
 from .image_io import as_rgb_array
 from .predictor import MASK_THRESHOLD, SamPredictor
-from .resize import mask_resize_matrix
 from .sam import Sam
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -204,16 +203,10 @@ class SamAutomaticMaskGenerator:
     def _stability_and_masks(self, low_res: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """K low-res logits -> (stability scores K float32, binary masks K x H x W at the crop size).
 
-        The upscale is the predictor's (the original's two bilinear resizes and crop folded
-        into one matrix per axis), applied as two dense matmuls: on CPU that is several
-        times faster than the banded gathers for a batch of large masks. Thresholds and
-        pixel counts are exact, in numpy.
+        The logits are upscaled as the original (predictor.upscale); thresholds and pixel
+        counts are exact, in numpy.
         """
-        g = self.predictor.geometry
-        h, w = low_res.shape[-2:]
-        rows = mx.array(mask_resize_matrix(h, g.padded_size[0], g.input_size[0], g.original_size[0]))
-        cols = mx.array(mask_resize_matrix(w, g.padded_size[1], g.input_size[1], g.original_size[1]).T)
-        logits = np.array((rows @ low_res.astype(mx.float32)) @ cols)
+        logits = np.array(self.predictor.upscale(low_res))
         offset = self.stability_score_offset
         flat = logits.reshape(len(logits), -1)
         inter = np.array([np.count_nonzero(m > MASK_THRESHOLD + offset) for m in flat], np.float32)

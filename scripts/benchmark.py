@@ -53,28 +53,38 @@ def timed(fn, runs: int) -> list[float]:
 
 
 # ------------------------------------------------------------------ workers (one per subprocess)
-def worker_mlx(model_name: str, checkpoint: str, image_path: str, runs: int, everything: bool) -> dict:
+def measure(predictor, image, runs: int, time_encoding: bool = True) -> dict:
+    """Peak memory, encoding times (after a warm-up) and prompt-to-mask times of one predictor."""
     import numpy as np
 
+    result = {"load_rss_mb": peak_rss_mb()}
+    predictor.set_image(image)  # warm-up
+    if time_encoding:
+        result["encode_s"] = timed(lambda: predictor.set_image(image), runs)
+    result["peak_rss_mb"] = peak_rss_mb()
+    coords, labels = np.array(POINT[0]), np.array(POINT[1])
+    predictor.predict(coords, labels)
+    result["prompt_s"] = timed(lambda: predictor.predict(coords, labels), 20)
+    return result
+
+
+def time_everything(generator, image, result: dict) -> None:
+    start = time.perf_counter()
+    result["everything_masks"] = len(generator.generate(image))
+    result["everything_s"] = [time.perf_counter() - start]
+
+
+def worker_mlx(model_name: str, checkpoint: str, image_path: str, runs: int, everything: bool) -> dict:
     import sam_mlx
     from sam_mlx.image_io import load_image
 
     image = load_image(image_path)
     predictor = sam_mlx.SamPredictor(sam_mlx.load(checkpoint))
-    result = {"load_rss_mb": peak_rss_mb()}
-    predictor.set_image(image)  # warm-up
-    result["encode_s"] = timed(lambda: predictor.set_image(image), runs)
-    result["peak_rss_mb"] = peak_rss_mb()
-    coords, labels = np.array(POINT[0]), np.array(POINT[1])
-    predictor.predict(coords, labels)
-    result["prompt_s"] = timed(lambda: predictor.predict(coords, labels), 20)
+    result = measure(predictor, image, runs)
     if everything:
         from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
 
-        generator = SamAutomaticMaskGenerator(predictor.model)
-        start = time.perf_counter()
-        result["everything_masks"] = len(generator.generate(image))
-        result["everything_s"] = [time.perf_counter() - start]
+        time_everything(SamAutomaticMaskGenerator(predictor.model), image, result)
     return result
 
 
@@ -92,23 +102,11 @@ def worker_torch(model_name: str, checkpoint: str, image_path: str, runs: int, e
     else:
         sam = build_reference_sam(**RANDOM_MODELS[model_name])
         sam.load_state_dict(torch.load(checkpoint, map_location="cpu"))
-    predictor = reference_predictor_class()(sam)
-    result = {"load_rss_mb": peak_rss_mb()}
     with torch.no_grad():
-        if model_name == "mobile_sam":  # no TinyViT here: the encoder is a stand-in returning the embedding
-            predictor.set_image(image)
-        else:
-            predictor.set_image(image)
-            result["encode_s"] = timed(lambda: predictor.set_image(image), runs)
-        result["peak_rss_mb"] = peak_rss_mb()
-        coords, labels = np.array(POINT[0]), np.array(POINT[1])
-        predictor.predict(coords, labels)
-        result["prompt_s"] = timed(lambda: predictor.predict(coords, labels), 20)
+        # MobileSAM: no TinyViT in PyTorch here, its stand-in encoder is not timed.
+        result = measure(reference_predictor_class()(sam), image, runs, time_encoding=model_name != "mobile_sam")
         if everything:
-            generator = _reference_generator_class()(sam)
-            start = time.perf_counter()
-            result["everything_masks"] = len(generator.generate(image))
-            result["everything_s"] = [time.perf_counter() - start]
+            time_everything(_reference_generator_class()(sam), image, result)
     return result
 
 

@@ -78,8 +78,7 @@ def test_help(env):
 
 def test_console_script_is_installed(env):
     script = Path(sys.executable).with_name("sam-mlx")
-    if not script.exists():
-        pytest.skip("sam-mlx console script not installed next to this Python")
+    assert script.exists(), f"the sam-mlx console script is not installed next to {sys.executable}"
     result = subprocess.run([str(script), "info"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and f"sam_mlx {sam_mlx.__version__}" in result.stdout
 

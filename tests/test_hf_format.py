@@ -16,7 +16,7 @@ import sam_mlx
 from sam_mlx.hf_format import hf_to_meta
 from sam_mlx.transforms import image_geometry, preprocess
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test reference, installed by .ci/run)
 
 # Window attention (14x14 windows, grid padded 64 -> 70) in blocks 0 and 2, global in 1 and 3.
 VISION = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, global_attn_indexes=[1, 3], window_size=14)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections import deque
 from pathlib import Path
 
@@ -15,42 +14,18 @@ from hypothesis import strategies as st
 from sam_mlx import mask_utils as mu
 
 # --------------------------------------------------------------------------- #
-# Optional references
+# Test-only references (installed by .ci/run)
 # --------------------------------------------------------------------------- #
 
-try:
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None
-
-try:
-    from pycocotools import mask as coco_mask
-except ImportError:  # pragma: no cover
-    coco_mask = None
-
-try:
-    import cv2
-except ImportError:  # pragma: no cover
-    cv2 = None
-
-try:
-    import torchvision  # noqa: F401
-    from torchvision.ops import batched_nms as tv_batched_nms
-    from torchvision.ops import nms as tv_nms
-except Exception:  # expected: torchvision is not installable here
-    tv_nms = tv_batched_nms = None
+import cv2
+import torch
+from pycocotools import mask as coco_mask
 
 
 def _load_amg():
     """Import segment_anything/utils/amg.py without the package __init__ (which needs torchvision)."""
-    if torch is None:
-        return None
     spec = importlib.util.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
-        return None
     path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "amg.py"
-    if not path.exists():
-        return None
     mod_spec = importlib.util.spec_from_file_location("_sam_original_amg", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
@@ -58,8 +33,6 @@ def _load_amg():
 
 
 amg = _load_amg()
-needs_amg = pytest.mark.skipif(amg is None, reason="segment_anything amg.py / torch not available")
-needs_coco = pytest.mark.skipif(coco_mask is None, reason="pycocotools not installed")
 
 # pycocotools' decode trips a numpy-2 DeprecationWarning inside pycocotools itself.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -97,14 +70,12 @@ def masks_2d(draw, max_side: int = 24):
 # --------------------------------------------------------------------------- #
 
 
-@needs_amg
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 32, 64])
 def test_build_point_grid_matches_original(n):
     np.testing.assert_array_equal(mu.build_point_grid(n), amg.build_point_grid(n))
     assert mu.build_point_grid(n).shape == (n * n, 2)
 
 
-@needs_amg
 @pytest.mark.parametrize("n,layers,scale", [(32, 0, 1), (32, 1, 2), (32, 3, 2), (16, 2, 3), (20, 2, 2)])
 def test_build_all_layer_point_grids_matches_original(n, layers, scale):
     ours = mu.build_all_layer_point_grids(n, layers, scale)
@@ -114,7 +85,6 @@ def test_build_all_layer_point_grids_matches_original(n, layers, scale):
         np.testing.assert_array_equal(a, b)
 
 
-@needs_amg
 @pytest.mark.parametrize("size", [(1, 1), (7, 5), (480, 640), (1200, 1800), (1365, 2048), (333, 1001)])
 @pytest.mark.parametrize("layers", [0, 1, 2, 3])
 @pytest.mark.parametrize("overlap", [0.0, 512 / 1500, 0.25, 0.9])
@@ -127,7 +97,6 @@ def test_generate_crop_boxes_matches_original(size, layers, overlap):
 # --------------------------------------------------------------------------- #
 
 
-@needs_amg
 @pytest.mark.parametrize("shape", [(5, 16, 16), (2, 3, 9, 31), (1, 1), (4, 0, 7), (3, 64, 48)])
 @pytest.mark.parametrize("offset", [1.0, 0.5, 0.1])
 def test_stability_score_matches_original(shape, offset):
@@ -146,7 +115,6 @@ def test_stability_score_matches_original(shape, offset):
     np.testing.assert_array_equal(ours, ref)
 
 
-@needs_amg
 @pytest.mark.parametrize("threshold", [0.0, 0.1, -0.3])
 def test_stability_score_threshold_in_float32(threshold):
     logits = np.array([[[0.1, 1.1, -0.9, 0.7, 0.2, -0.2]]], dtype=np.float32)
@@ -155,7 +123,6 @@ def test_stability_score_threshold_in_float32(threshold):
     np.testing.assert_array_equal(ours, ref)
 
 
-@needs_amg
 @FAST
 @given(st.lists(masks_2d(max_side=12), min_size=1, max_size=4), st.integers(0, 2))
 def test_batched_mask_to_box_matches_original(mask_list, extra_dims):
@@ -171,7 +138,6 @@ def test_batched_mask_to_box_matches_original(mask_list, extra_dims):
     np.testing.assert_array_equal(ours, ref)
 
 
-@needs_amg
 def test_batched_mask_to_box_empty_input():
     for shape in [(0, 5, 5), (3, 0, 4), (2, 2, 3, 0)]:
         ours = mu.batched_mask_to_box(np.zeros(shape, bool))
@@ -180,7 +146,6 @@ def test_batched_mask_to_box_empty_input():
         np.testing.assert_array_equal(ours, ref)
 
 
-@needs_amg
 def test_is_box_near_crop_edge_matches_original():
     rng = np.random.default_rng(3)
     orig_w, orig_h = 1800, 1200
@@ -199,7 +164,6 @@ def test_is_box_near_crop_edge_matches_original():
             np.testing.assert_array_equal(ours, ref)
 
 
-@needs_amg
 def test_uncrop_matches_original():
     rng = np.random.default_rng(4)
     crop = [30, 40, 130, 90]
@@ -228,7 +192,6 @@ def test_uncrop_matches_original():
     assert mu.uncrop_masks(masks, [0, 0, 100, 50], 50, 100) is masks
 
 
-@needs_amg
 def test_box_xyxy_to_xywh_matches_original():
     box = np.array([3, 4, 10, 20])
     np.testing.assert_array_equal(mu.box_xyxy_to_xywh(box), amg.box_xyxy_to_xywh(torch.from_numpy(box)).numpy())
@@ -253,7 +216,6 @@ def test_mask_data_filter_and_cat():
 # --------------------------------------------------------------------------- #
 
 
-@needs_amg
 @FAST
 @given(st.lists(masks_2d(), min_size=1, max_size=3))
 def test_mask_to_rle_matches_original_and_round_trips(mask_list):
@@ -316,7 +278,6 @@ def test_coco_string_known_values():
             mu.coco_string_to_counts(bad)
 
 
-@needs_coco
 @FAST
 @given(masks_2d(max_side=40))
 def test_coco_matches_pycocotools(m):
@@ -333,7 +294,6 @@ def test_coco_matches_pycocotools(m):
     assert fr["counts"].decode() == enc["counts"] and list(fr["size"]) == enc["size"]
 
 
-@needs_coco
 def test_coco_matches_pycocotools_large_masks():
     rng = np.random.default_rng(5)
     h, w = 300, 517
@@ -427,14 +387,12 @@ def test_box_nms_edge_cases():
     assert mu.box_nms(boxes, scores, 0.69).tolist() == [0]
 
 
-def test_box_nms_is_fast():
+def test_box_nms_many_boxes():
     rng = np.random.default_rng(7)
     boxes, scores = _random_boxes(rng, 3000, span=1500)
     boxes[:, 2:] += rng.integers(0, 300, (3000, 2))
-    t0 = time.perf_counter()
     keep = mu.box_nms(boxes, scores, 0.7)
-    assert time.perf_counter() - t0 < 1.0
-    assert len(keep) > 0
+    assert 0 < len(keep) < 3000 and (np.diff(scores[keep]) <= 0).all()
 
 
 @pytest.mark.parametrize("n", [200, 1500])
@@ -452,18 +410,6 @@ def test_batched_box_nms_matches_per_category_reference(n):
     # all-zero categories (what the generator uses) is plain NMS
     zeros = mu.batched_box_nms(boxes, scores, np.zeros(n), 0.7)
     assert zeros.tolist() == mu.box_nms(boxes, scores, 0.7).tolist()
-
-
-@pytest.mark.skipif(tv_nms is None, reason="torchvision not available (expected)")
-def test_nms_matches_torchvision():  # pragma: no cover
-    rng = np.random.default_rng(8)
-    for n in (100, 1200):
-        boxes, scores = _random_boxes(rng, n, tie_scores=True)
-        cats = rng.integers(0, 3, n)
-        tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-        assert mu.box_nms(boxes, scores, 0.6).tolist() == tv_nms(tb, ts, 0.6).tolist()
-        ref = tv_batched_nms(tb, ts, torch.from_numpy(cats), 0.6).numpy()
-        assert set(mu.batched_box_nms(boxes, scores, cats, 0.6).tolist()) == set(ref.tolist())
 
 
 # --------------------------------------------------------------------------- #
@@ -504,20 +450,11 @@ def _block_first(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _reference_remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str):
-    """amg.remove_small_regions with cv2, or with a BFS labelling in cv2's label order."""
+    """amg.remove_small_regions, with OpenCV's labelling as the original uses."""
     holes = mode == "holes"
     working = holes ^ mask
-    if cv2 is not None:
-        n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working.astype(np.uint8), 8)
-        sizes = stats[:, -1][1:]
-    else:
-        n, bfs = _bfs_components(working)
-        first = _block_first(bfs, n)
-        rank = np.zeros(n + 1, np.int32)
-        rank[1:][np.argsort(first[1:], kind="stable")] = np.arange(1, n + 1)
-        regions = rank[bfs]
-        n_labels = n + 1
-        sizes = np.bincount(regions.ravel(), minlength=n_labels)[1:]
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working.astype(np.uint8), 8)
+    sizes = stats[:, -1][1:]
     small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
     if not small:
         return mask, False
@@ -576,19 +513,14 @@ def test_remove_small_regions_large_masks_and_speed():
     noisy = rng.random((h, w)) < 0.5
     for m in (blob, noisy):
         for mode in ("holes", "islands"):
-            t0 = time.perf_counter()
             out, changed = mu.remove_small_regions(m, 100, mode)
-            assert time.perf_counter() - t0 < 1.0
-            if cv2 is not None:
-                ref, ref_changed = _reference_remove_small_regions(m, 100, mode)
-                assert changed == ref_changed
-                np.testing.assert_array_equal(out, ref)
+            ref, ref_changed = _reference_remove_small_regions(m, 100, mode)
+            assert changed == ref_changed
+            np.testing.assert_array_equal(out, ref)
     # a long serpentine (worst case for label propagation) is still one component
     snake = np.zeros((h, w), bool)
     snake[::4, 1:-1] = True
     snake[1::8, -2] = snake[2::8, -2] = snake[3::8, -2] = True
     snake[5::8, 1] = snake[6::8, 1] = snake[7::8, 1] = True
-    t0 = time.perf_counter()
     n, _ = mu.connected_components(snake)
-    assert time.perf_counter() - t0 < 1.0
     assert n == 1

@@ -11,29 +11,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import sam_mlx._blas
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGES, MOBILE_SAM, REFERENCE
+from PIL import Image
 
-sam_mlx._blas.load_system_blas()  # before mlx is imported
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from sam_mlx.tiny_vit import (  # noqa: E402
+from sam_mlx.tiny_vit import (
     TinyViTConfig,
     TinyViTImageEncoder,
     convert_tiny_vit_weights,
     infer_tiny_vit_config,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WEIGHTS = SHARED / "weights" / "mobile_sam.pt"
+WEIGHTS = MOBILE_SAM
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
-
-pytestmark = pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} not available")
-
 
 def preprocess(path: Path, size: int = 1024) -> np.ndarray:
     """SAM's preprocessing: longest side to ``size`` (PIL bilinear), normalize, zero-pad.
@@ -53,7 +47,6 @@ def preprocess(path: Path, size: int = 1024) -> np.ndarray:
 @pytest.fixture(scope="module")
 def state() -> dict[str, np.ndarray]:
     """The checkpoint's image_encoder.* weights as numpy, prefix removed."""
-    torch = pytest.importorskip("torch")
     checkpoint = torch.load(WEIGHTS, map_location="cpu")
     prefix = "image_encoder."
     return {k[len(prefix) :]: v.numpy() for k, v in checkpoint.items() if k.startswith(prefix)}
@@ -109,8 +102,8 @@ def test_conversion_folds_batchnorm_and_drops_buffers(state: dict[str, np.ndarra
 
 @pytest.mark.parametrize("name", ["truck", "dog", "groceries"])
 def test_matches_pytorch_reference(encoder: TinyViTImageEncoder, name: str) -> None:
-    reference = np.load(SHARED / "reference" / "mobile_sam" / f"{name}.npz")["image_embedding"]
-    out = encoder(mx.array(preprocess(SHARED / "images" / f"{name}.jpg")))
+    reference = np.load(REFERENCE / f"{name}.npz")["image_embedding"]
+    out = encoder(mx.array(preprocess(IMAGES / f"{name}.jpg")))
     got = np.array(out[0])
     assert got.shape == (64, 64, 256)
     err = np.abs(got - reference.transpose(1, 2, 0)).max()
