@@ -48,19 +48,6 @@ def mask_resize_matrix(low_res: int, padded: int, valid: int, original: int) -> 
     return (down.astype(np.float64) @ up.astype(np.float64)).astype(np.float32)
 
 
-def resize_2d(x: mx.array, out_hw: tuple[int, int]) -> mx.array:
-    """Bilinearly resize the two leading spatial axes of ``x`` (H x W x ...) to ``out_hw``."""
-    in_h, in_w = x.shape[0], x.shape[1]
-    if (in_h, in_w) == tuple(out_hw):
-        return x
-    ry = mx.array(linear_resize_matrix(in_h, out_hw[0]))
-    rx = mx.array(linear_resize_matrix(in_w, out_hw[1]))
-    rest = x.shape[2:]
-    y = (ry @ x.reshape(in_h, -1).astype(mx.float32)).reshape(out_hw[0], in_w, -1)
-    y = mx.einsum("ow,hwc->hoc", rx, y)
-    return y.reshape(out_hw[0], out_hw[1], *rest).astype(x.dtype)
-
-
 def upscale_mask_logits(
     logits: mx.array, padded_size: tuple[int, int], input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> mx.array:

@@ -21,7 +21,7 @@ FIGURES = {
     # docs file: sam-mlx arguments (the image comes first)
     "truck_point.jpg": ["segment", "truck.jpg", "--point", "500,375"],
     "truck_box_point.jpg": ["segment", "truck.jpg", "--box", "75,275,1725,850", "--point", "500,375"],
-    "groceries_boxes.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480", "--box", "450,80,780,500"],
+    "groceries_boxes.jpg": ["segment", "groceries.jpg", "--box", "365,160,450,345", "--box", "440,85,645,345"],
     "dog_everything.jpg": ["everything", "dog.jpg"],
 }
 
