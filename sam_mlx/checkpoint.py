@@ -114,19 +114,17 @@ def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError("no image_encoder.blocks.* keys")
-    use_rel_pos = "image_encoder.blocks.0.attn.rel_pos_h" in state
-    grid = pos.shape[1]
-    head_dim, global_blocks, window = None, [], 0
-    if use_rel_pos:
-        for i in range(depth):
-            rows, head_dim = get(f"image_encoder.blocks.{i}.attn.rel_pos_h").shape
-            size = (rows + 1) // 2
-            if size == grid:
-                global_blocks.append(i)
-            else:
-                window = size
-    else:
+    if "image_encoder.blocks.0.attn.rel_pos_h" not in state:
         raise CheckpointError("image encoder without relative position tables is not a SAM v1 encoder")
+    grid = pos.shape[1]
+    global_blocks, window = [], 0
+    for i in range(depth):  # a table spanning the whole grid marks a global-attention block
+        rows, head_dim = get(f"image_encoder.blocks.{i}.attn.rel_pos_h").shape
+        size = (rows + 1) // 2
+        if size == grid:
+            global_blocks.append(i)
+        else:
+            window = size
     return ViTConfig(
         embed_dim=embed_dim,
         depth=depth,
@@ -138,7 +136,7 @@ def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
         mlp_dim=get("image_encoder.blocks.0.mlp.lin1.weight").shape[0],
         out_chans=get("image_encoder.neck.0.weight").shape[0],
         qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
-        use_rel_pos=use_rel_pos,
+        use_rel_pos=True,
     )
 
 
