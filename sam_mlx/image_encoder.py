@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .attention import attention
 from .config import ViTConfig
 from .layers import gelu, layer_norm_2d
 from .resize import linear_resize_matrix
@@ -40,7 +41,7 @@ class RelPosAttention(nn.Module):
 
     The attention logit between query (y, x) and key (y', x') gets
     ``q . Rh[y - y'] + q . Rw[x - x']``: two small per-axis terms instead of a
-    full 2-D table, added to the logits as an additive mask of the fused kernel.
+    full 2-D table, added to the logits per chunk by ``attention``.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, use_rel_pos: bool, rel_pos_size: int):
@@ -60,21 +61,20 @@ class RelPosAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each B x heads x HW x head_dim
-        mask = self._relative_position_bias(q, h, w) if self.use_rel_pos else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        rel_pos = self._relative_position_terms(q, h, w) if self.use_rel_pos else None
+        out = attention(q, k, v, self.scale, rel_pos=rel_pos)
         out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
         return self.proj(out)
 
-    def _relative_position_bias(self, q: mx.array, h: int, w: int) -> mx.array:
-        """B x heads x HW x HW additive logits from the per-axis relative positions."""
+    def _relative_position_terms(self, q: mx.array, h: int, w: int) -> tuple[mx.array, mx.array]:
+        """The per-axis relative-position logits: B x heads x HW x H (key rows), B x heads x HW x W (columns)."""
         b, n = q.shape[:2]
         rh = relative_position_table(self.rel_pos_h, h).astype(q.dtype)  # H x H x d
         rw = relative_position_table(self.rel_pos_w, w).astype(q.dtype)  # W x W x d
         grid_q = q.reshape(b, n, h, w, self.head_dim)
-        bias_h = mx.einsum("bnhwc,hkc->bnhwk", grid_q, rh)  # over key rows
-        bias_w = mx.einsum("bnhwc,wkc->bnhwk", grid_q, rw)  # over key columns
-        bias = bias_h[..., :, None] + bias_w[..., None, :]  # B x n x H x W x H x W
-        return bias.reshape(b, n, h * w, h * w)
+        bias_h = mx.einsum("bnhwc,hkc->bnhwk", grid_q, rh)
+        bias_w = mx.einsum("bnhwc,wkc->bnhwk", grid_q, rw)
+        return bias_h.reshape(b, n, h * w, h), bias_w.reshape(b, n, h * w, w)
 
 
 class EncoderMLP(nn.Module):

@@ -40,7 +40,7 @@ _ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -
           -1.45660718464996e-05)
 
 
-def _estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
+def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
     """sum_i coeffs[i] * t^i, evaluated pairwise (Estrin's scheme).
 
     The graph is shallower than Horner's chain, so mx.compile fuses it into fewer kernels
@@ -64,4 +64,4 @@ def gelu(x: mx.array) -> mx.array:
     x32 = x.astype(mx.float32)
     z = mx.clip(x32 * 0.7071067811865476, -4.0, 4.0)
     z2 = z * z
-    return (0.5 * x32 * (1.0 + z * _estrin(_ERF_P, z2) / _estrin(_ERF_Q, z2))).astype(x.dtype)
+    return (0.5 * x32 * (1.0 + z * estrin(_ERF_P, z2) / estrin(_ERF_Q, z2))).astype(x.dtype)

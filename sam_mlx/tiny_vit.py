@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .attention import attention
 from .config import _from_dict
 from .layers import gelu, layer_norm_2d
 
@@ -176,7 +177,7 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(n, length, self.num_heads, 3 * head_dim).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, 3, axis=-1)  # each nWindows x heads x window^2 x head_dim
         bias = self.attention_biases[:, mx.array(attention_bias_index(self.window))]  # heads x N x N
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=bias)
+        out = attention(q, k, v, head_dim**-0.5, mask=bias)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(n, length, c))
 
 

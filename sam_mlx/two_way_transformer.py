@@ -12,6 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
+
 
 class DownsampledAttention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
@@ -34,7 +36,7 @@ class DownsampledAttention(nn.Module):
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """q: B x Nq x D, k and v: B x Nk x D -> B x Nq x D."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+        out = attention(q, k, v, q.shape[-1] ** -0.5)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, h * c))
 

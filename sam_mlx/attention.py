@@ -1,0 +1,135 @@
+"""Softmax attention for every SAM component, fast on MLX's CPU backend too.
+
+On a GPU this is ``mx.fast.scaled_dot_product_attention`` (one fused kernel). On the
+CPU that kernel falls back to matmul, softmax, matmul over the whole logit tensor,
+and two things make it slow: MLX's CPU ``exp`` (about 75 M values/s on x86, where each
+of its polynomial terms is a library ``fma`` call) and logit tensors far larger than
+the caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
+
+- the logits are computed in chunks of ~2 MB (rows of queries, heads, batch entries),
+  and each chunk goes through bias, max, exp, sum and the value matmul while in cache;
+- exp is computed as 2^n * 2^f with a polynomial for 2^f in ops that ``mx.compile``
+  fuses into a vectorised loop (accurate to ~2e-7 relative, like MLX's own exp).
+
+SAM's decomposed relative-position term is added per chunk from its two per-axis
+parts, so the full Lq x Lk bias is never built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from .layers import estrin
+
+_LOG2E = 1.4426950408889634
+_ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds a float32 |t| < 2**22 to an integer
+_EXP2_TAYLOR = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))  # 2^f, |f| <= 1/2: error < 2e-7
+_CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
+
+
+@mx.compile
+def _exp_parts(z: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
+    """exp(z - shift) as (2^f, float32 bit pattern of 2^n) with n + f = (z - shift) * log2(e).
+
+    n is clamped to [-127, 128]: the bit pattern is then 0 (underflow to 0) or infinity.
+    """
+    t = mx.clip((z - shift) * _LOG2E, -127.0, 128.0)
+    n = (t + _ROUND) - _ROUND
+    return estrin(_EXP2_TAYLOR, t - n), (n.astype(mx.int32) + 127) << 23
+
+
+def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
+    """exp(z - shift) in float32, fused and vectorised on the CPU (see the module docstring)."""
+    fraction, exponent_bits = _exp_parts(z, shift)
+    return fraction * exponent_bits.view(mx.float32)
+
+
+@mx.compile
+def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.array:
+    """... x Kh x Kw logits plus bias_h (... x Kh) along rows and bias_w (... x Kw) along columns."""
+    return logits + bias_h[..., :, None] + bias_w[..., None, :]
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: mx.array | None = None,
+    rel_pos: tuple[mx.array, mx.array] | None = None,
+) -> mx.array:
+    """softmax(q k^T * scale + mask + relative-position term) v.
+
+    q: B x heads x Lq x d; k, v: B x heads x Lk x d -> B x heads x Lq x d.
+    mask: additive logits broadcastable to B x heads x Lq x Lk.
+    rel_pos: (bias_h, bias_w) of shapes B x heads x Lq x Kh and B x heads x Lq x Kw with
+    Kh * Kw = Lk (keys laid out row-major on a Kh x Kw grid): the logit of query i and key
+    (y, x) gets bias_h[i, y] + bias_w[i, x].
+    """
+    if not _on_cpu():
+        if rel_pos is not None:
+            bias_h, bias_w = rel_pos
+            full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)
+            mask = full if mask is None else mask + full
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # contiguous once, rather than inside each chunk's matmul
+    return _chunked_attention(mx.contiguous(q * scale), mx.contiguous(k.swapaxes(2, 3)), mx.contiguous(v), mask, rel_pos)
+
+
+def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:
+    """(batch entries, heads, query rows) per chunk so a chunk holds about _CHUNK_LOGITS logits."""
+    per_head = queries * keys
+    if per_head >= _CHUNK_LOGITS:
+        return 1, 1, max(1, _CHUNK_LOGITS // keys)
+    head_count = min(heads, _CHUNK_LOGITS // per_head)
+    if head_count < heads:
+        return 1, head_count, queries
+    return max(1, _CHUNK_LOGITS // (heads * per_head)), heads, queries
+
+
+def _part(x: mx.array, batch: slice, heads: slice, rows: slice) -> mx.array:
+    """Slice B x heads x L x ... arrays; size-1 (broadcast) batch or head axes are kept whole."""
+    return x[batch if x.shape[0] > 1 else slice(None), heads if x.shape[1] > 1 else slice(None), rows]
+
+
+def _chunked_attention(
+    q: mx.array, k_t: mx.array, v: mx.array, mask: mx.array | None, rel_pos: tuple[mx.array, mx.array] | None
+) -> mx.array:
+    """Attention of pre-scaled q (B x n x Lq x d) over k_t (B x n x d x Lk), chunk by chunk."""
+    batch, heads, queries, _ = q.shape
+    keys = k_t.shape[-1]
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    nb, nh, nr = _chunk_sizes(batch, heads, queries, keys)
+    per_batch = []
+    for b0 in range(0, batch, nb):
+        bs = slice(b0, b0 + nb)
+        per_head = []
+        for h0 in range(0, heads, nh):
+            hs = slice(h0, h0 + nh)
+            k_part, v_part = k_t[bs, hs], v[bs, hs]
+            per_rows = []
+            for r0 in range(0, queries, nr):
+                rs = slice(r0, r0 + nr)
+                logits = q[bs, hs, rs] @ k_part
+                if rel_pos is not None:
+                    bias_h, bias_w = (_part(t, bs, hs, rs) for t in rel_pos)
+                    grid = logits.reshape(*logits.shape[:3], bias_h.shape[-1], bias_w.shape[-1])
+                    logits = _add_decomposed(grid, bias_h, bias_w).reshape(logits.shape)
+                if mask is not None:
+                    logits = logits + _part(mask, bs, hs, rs)
+                weights = shifted_exp(logits, logits.max(axis=-1, keepdims=True))
+                per_rows.append((weights @ v_part) / weights.sum(axis=-1, keepdims=True))
+            per_head.append(_join(per_rows, axis=2))
+        per_batch.append(_join(per_head, axis=1))
+    return _join(per_batch, axis=0)
+
+
+def _join(parts: list[mx.array], axis: int) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
