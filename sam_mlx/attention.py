@@ -52,6 +52,14 @@ def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.
     return logits + bias_h[..., :, None] + bias_w[..., None, :]
 
 
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis, with the fused exp on the CPU."""
+    if not _on_cpu():
+        return mx.softmax(x, axis=-1, precise=True)
+    weights = shifted_exp(x, x.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
 def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
@@ -78,8 +86,8 @@ def attention(
             full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)
             mask = full if mask is None else mask + full
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    # contiguous once, rather than inside each chunk's matmul
-    return _chunked_attention(mx.contiguous(q * scale), mx.contiguous(k.swapaxes(2, 3)), mx.contiguous(v), mask, rel_pos)
+    # row-major once rather than inside each chunk's matmul (k^T is then a free transposed view)
+    return _chunked_attention(mx.contiguous(q * scale), mx.contiguous(k).swapaxes(2, 3), mx.contiguous(v), mask, rel_pos)
 
 
 def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:

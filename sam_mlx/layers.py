@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import mlx.core as mx
@@ -32,12 +33,18 @@ def layer_norm_2d(dims: int) -> nn.LayerNorm:
     return nn.LayerNorm(dims, eps=1e-6)
 
 
-# Rational minimax approximation of erf on [-4, 4] (as in Eigen's float erf): x * P(x^2) / Q(x^2),
+# Rational minimax approximation of erf on [-4, 4] (as in Eigen's float erf): z * P(z^2) / Q(z^2),
 # within 5e-7 of erf; outside the range erf is +-1 to float precision.
 _ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
           -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
 _ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
           -1.45660718464996e-05)
+# GELU evaluates them at y = |x + a| - |x - a| = 2 sqrt(2) * clip(x / sqrt(2), -4, 4), a = 4 sqrt(2):
+# the clamp in abs (MLX's float min/max test for NaN per element, which stops the fused loop from
+# vectorising) and z = y / (2 sqrt(2)) folded into the coefficients, z^2 = y^2 / 8.
+_GELU_A = 4 * math.sqrt(2)
+_GELU_P = tuple(c / 8**i for i, c in enumerate(_ERF_P))
+_GELU_Q = tuple(c / 8**i for i, c in enumerate(_ERF_Q))
 
 
 def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
@@ -56,12 +63,14 @@ def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
 
 @mx.compile
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU to ~2e-6, as ``torch.nn.GELU()``; about 4x faster than ``nn.gelu`` on CPU.
+    """Exact (erf) GELU to ~2e-6, as ``torch.nn.GELU()``; ~10x faster than ``nn.gelu`` on CPU.
 
-    MLX's CPU erf is a scalar library call (~30 ns per value); this is a fused rational function.
-    Evaluated in float32 (the powers of x^2 overflow float16), returned in x's dtype.
+    MLX's CPU erf is a scalar library call (~30 ns per value); this is one fused, vectorised
+    rational function. Evaluated in float32 (the powers of x^2 overflow float16), returned in
+    x's dtype. Infinite inputs give NaN.
     """
     x32 = x.astype(mx.float32)
-    z = mx.clip(x32 * 0.7071067811865476, -4.0, 4.0)
-    z2 = z * z
-    return (0.5 * x32 * (1.0 + z * estrin(_ERF_P, z2) / estrin(_ERF_Q, z2))).astype(x.dtype)
+    y = mx.abs(x32 + _GELU_A) - mx.abs(x32 - _GELU_A)
+    y2 = y * y
+    erf = (0.5 / math.sqrt(2)) * y * estrin(_GELU_P, y2) / estrin(_GELU_Q, y2)
+    return (0.5 * x32 * (1.0 + erf)).astype(x.dtype)

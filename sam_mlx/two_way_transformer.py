@@ -12,11 +12,24 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention
+from .attention import attention, softmax
 
 
 class DownsampledAttention(nn.Module):
-    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
+    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``.
+
+    Between a few prompt tokens and thousands of image tokens, projecting every image
+    token (4096 x 256 -> 128, twice per attention) is most of the decoder's work. When
+    heads x prompt tokens is below the projected width, the same result is computed
+    with the projections moved to the prompt side, by associativity:
+
+    - few queries (prompt -> image): logits_h = (q_h Wk_h) . k, the weighted sum is
+      taken over the raw image tokens and projected by Wv_h afterwards (k's bias shifts
+      every logit of a query equally, so softmax drops it; v's bias passes through
+      because the weights sum to 1);
+    - few keys (image -> prompt): logits_h = q . (Wq_h^T k_h) + bq_h . k_h, and the
+      values are taken through out_proj before weighting, (v_h Wo_h^T).
+    """
 
     def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1):
         super().__init__()
@@ -33,12 +46,47 @@ class DownsampledAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
 
+    def _per_head(self, weight: mx.array) -> mx.array:
+        """A projection weight (inner x D) as heads x head_dim x D."""
+        return weight.reshape(self.num_heads, -1, weight.shape[-1])
+
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """q: B x Nq x D, k and v: B x Nk x D -> B x Nq x D."""
+        nq, nk, inner = q.shape[1], k.shape[1], self.q_proj.weight.shape[0]
+        if nq > nk and self.num_heads * nk < inner:
+            return self._few_keys(q, k, v)
+        if nk > nq and self.num_heads * nq < inner:
+            return self._few_queries(q, k, v)
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        out = attention(q, k, v, q.shape[-1] ** -0.5)
-        b, h, n, c = out.shape
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, h * c))
+        return self._merge_heads(attention(q, k, v, q.shape[-1] ** -0.5))
+
+    def _merge_heads(self, x: mx.array) -> mx.array:
+        """B x heads x N x head_dim -> B x N x D through out_proj."""
+        b, h, n, c = x.shape
+        return self.out_proj(x.transpose(0, 2, 1, 3).reshape(b, n, h * c))
+
+    def _few_queries(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        b, nq, d = q.shape
+        q = self._heads(self.q_proj(q))  # B x h x Nq x c
+        scale = q.shape[-1] ** -0.5
+        q_in_key_space = (q @ self._per_head(self.k_proj.weight)).reshape(b, 1, -1, d)  # B x 1 x h*Nq x D
+        pooled = attention(q_in_key_space, k[:, None], v[:, None], scale)  # raw image tokens, weighted
+        value_weight = self._per_head(self.v_proj.weight)  # h x c x D
+        values = pooled.reshape(b, self.num_heads, nq, d) @ value_weight.swapaxes(1, 2)
+        return self._merge_heads(values + self.v_proj.bias.reshape(self.num_heads, 1, -1))
+
+    def _few_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        b, nq, d = q.shape
+        h, nk = self.num_heads, k.shape[1]
+        k, v = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x c
+        scale = k.shape[-1] ** -0.5
+        k_in_query_space = (k @ self._per_head(self.q_proj.weight)).reshape(b, h * nk, d)
+        query_bias = (k @ self.q_proj.bias.reshape(h, -1, 1)).reshape(b, 1, h * nk)
+        logits = (q @ k_in_query_space.swapaxes(1, 2) + query_bias) * scale  # B x Nq x h*Nk
+        weights = softmax(logits.reshape(b, nq, h, nk)).reshape(b, nq, h * nk)
+        out_weight = self.out_proj.weight.reshape(d, h, -1).transpose(1, 2, 0)  # h x c x D
+        values = (v @ out_weight).reshape(b, h * nk, d)
+        return weights @ values + self.out_proj.bias
 
 
 class FeedForward(nn.Module):
