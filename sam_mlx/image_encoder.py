@@ -17,7 +17,7 @@ import numpy as np
 
 from .attention import attention
 from .config import ViTConfig
-from .layers import gelu, layer_norm_2d
+from .layers import LayerNorm, gelu, layer_norm_2d
 from .resize import linear_resize_matrix
 
 
@@ -116,11 +116,11 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         rel_pos_size = window_size if window_size > 0 else config.pretrain_grid
-        self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm1 = LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = RelPosAttention(
             config.embed_dim, config.num_heads, config.qkv_bias, config.use_rel_pos, rel_pos_size
         )
-        self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        self.norm2 = LayerNorm(config.embed_dim, eps=1e-6)
         self.mlp = EncoderMLP(config.embed_dim, config.mlp_dim)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -28,9 +28,24 @@ class MLP(nn.Module):
         return x
 
 
-def layer_norm_2d(dims: int) -> nn.LayerNorm:
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (affine); on the CPU computed from mean and variance ops.
+
+    MLX's fused CPU layer norm is ~3x slower for the encoder's rows (4096 x 768: 28 ms
+    against 8 ms here); on a GPU the fused kernel is kept.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        centred = x - x.mean(axis=-1, keepdims=True)
+        variance = (centred * centred).mean(axis=-1, keepdims=True)
+        return centred * (mx.rsqrt(variance + self.eps) * self.weight) + self.bias
+
+
+def layer_norm_2d(dims: int) -> LayerNorm:
     """SAM's LayerNorm2d: a LayerNorm over channels, which channels-last makes a plain LayerNorm."""
-    return nn.LayerNorm(dims, eps=1e-6)
+    return LayerNorm(dims, eps=1e-6)
 
 
 # Rational minimax approximation of erf on [-4, 4] (as in Eigen's float erf): z * P(z^2) / Q(z^2),

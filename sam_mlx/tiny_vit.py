@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from .attention import attention
 from .config import _from_dict
-from .layers import gelu, layer_norm_2d
+from .layers import LayerNorm, gelu, layer_norm_2d
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, as in the original
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the attention and MLP norms
@@ -165,7 +165,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         self.num_heads, self.window = num_heads, window
-        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.norm = LayerNorm(dim, eps=_LN_EPS)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.attention_biases = mx.zeros((num_heads, window * window))
@@ -186,7 +186,7 @@ class TinyViTMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.norm = LayerNorm(dim, eps=_LN_EPS)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention, softmax
+from .layers import LayerNorm
 
 
 class DownsampledAttention(nn.Module):
@@ -105,12 +106,12 @@ class TwoWayAttentionBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip_first_layer_pe: bool):
         super().__init__()
         self.self_attn = DownsampledAttention(dim, num_heads)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.cross_attn_token_to_image = DownsampledAttention(dim, num_heads, downsample_rate=2)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.norm4 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
+        self.norm4 = LayerNorm(dim)
         self.cross_attn_image_to_token = DownsampledAttention(dim, num_heads, downsample_rate=2)
         self.skip_first_layer_pe = skip_first_layer_pe
 
@@ -137,7 +138,7 @@ class TwoWayTransformer(nn.Module):
         super().__init__()
         self.layers = [TwoWayAttentionBlock(dim, num_heads, mlp_dim, skip_first_layer_pe=i == 0) for i in range(depth)]
         self.final_attn_token_to_image = DownsampledAttention(dim, num_heads, downsample_rate=2)
-        self.norm_final_attn = nn.LayerNorm(dim)
+        self.norm_final_attn = LayerNorm(dim)
 
     def __call__(self, image: mx.array, image_pe: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """image, image_pe: B x HW x D; tokens: B x N x D -> (tokens B x N x D, image B x HW x D)."""
