@@ -21,7 +21,7 @@ import math
 
 import mlx.core as mx
 
-from .layers import estrin
+from .layers import estrin, fused
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds a float32 |t| < 2**22 to an integer
@@ -29,7 +29,7 @@ _EXP2_TAYLOR = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))  # 
 _CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
 
 
-@mx.compile
+@fused
 def _exp_parts(z: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
     """exp(z - shift) as (2^f, float32 bit pattern of 2^n) with n + f = (z - shift) * log2(e).
 
@@ -46,7 +46,7 @@ def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
     return fraction * exponent_bits.view(mx.float32)
 
 
-@mx.compile
+@fused
 def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.array:
     """... x Kh x Kw logits plus bias_h (... x Kh) along rows and bias_w (... x Kw) along columns."""
     return logits + bias_h[..., :, None] + bias_w[..., None, :]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -62,6 +64,26 @@ _GELU_P = tuple(c / 8**i for i, c in enumerate(_ERF_P))
 _GELU_Q = tuple(c / 8**i for i, c in enumerate(_ERF_Q))
 
 
+def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``mx.compile(fn)`` for elementwise chains, made to keep its inputs' buffers on the CPU.
+
+    MLX lets a fused kernel write its output over a temporary input ("donation"). On the
+    CPU the generated loop then reads and writes the same memory, its runtime alias check
+    fails and it runs unvectorised, ~2.5x slower (GELU on 2M values: 8.4 ms against 3.5 ms).
+    Making the output depend on the inputs keeps them alive until the kernel has run.
+    """
+    compiled = mx.compile(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        out = compiled(*args)
+        if mx.default_device() != mx.cpu:
+            return out
+        return mx.depends(out, [a for a in args if isinstance(a, mx.array)])
+
+    return call
+
+
 def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
     """sum_i coeffs[i] * t^i, evaluated pairwise (Estrin's scheme).
 
@@ -76,7 +98,7 @@ def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
     return terms[0]
 
 
-@mx.compile
+@fused
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU to ~2e-6, as ``torch.nn.GELU()``; ~10x faster than ``nn.gelu`` on CPU.
 

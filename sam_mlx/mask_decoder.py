@@ -19,11 +19,12 @@ from .two_way_transformer import TwoWayTransformer
 
 
 class PixelUpscale2x(nn.Module):
-    """A 2x2, stride-2 transposed convolution: B x h x w x I -> B x 2h x 2w x O.
+    """A 2x2, stride-2 transposed convolution, keeping each pixel's 2 x 2 output block apart.
 
-    Each input pixel independently paints a 2 x 2 output block, so the layer is one
-    matmul to I -> 4*O channels and a reshuffle; MLX's general transposed conv is
-    many times slower on the CPU. Weight layout as ``nn.ConvTranspose2d``: O x 2 x 2 x I.
+    ... x I -> ... x 2 x 2 x O: each input pixel independently paints a 2 x 2 block, so the
+    layer is one matmul to 4*O channels (MLX's general transposed conv is many times slower
+    on the CPU). The block axes are left in place; ``MaskUpscaler`` interleaves them into
+    rows and columns once, at the end. Weight layout as ``nn.ConvTranspose2d``: O x 2 x 2 x I.
     """
 
     def __init__(self, in_chans: int, out_chans: int):
@@ -32,15 +33,19 @@ class PixelUpscale2x(nn.Module):
         self.bias = mx.zeros((out_chans,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, i = x.shape
-        o = self.weight.shape[0]
-        y = x @ self.weight.transpose(3, 1, 2, 0).reshape(i, 4 * o)  # B x h x w x (2 * 2 * O)
-        y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
-        return y + self.bias
+        o, _, _, i = self.weight.shape
+        y = x @ self.weight.transpose(3, 1, 2, 0).reshape(i, 4 * o)
+        return y.reshape(*x.shape[:-1], 2, 2, o) + self.bias
 
 
 class MaskUpscaler(nn.Module):
-    """B x h x w x D -> B x 4h x 4w x D/8 (two stride-2 transposed convs)."""
+    """Image tokens B x h x w x D -> per-pixel features of the 4h x 4w mask grid (D/8 channels).
+
+    Two stride-2 transposed convs with LayerNorm and GELU, all pixel-local, so the
+    features stay in block layout B x h x w x 2 x 2 x 2 x 2 x D/8 (axes: coarse row and
+    column offset, then fine ones) and only the final masks are interleaved, by
+    ``interleave_blocks``; that skips reshuffling the 64- and 32-channel maps.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -50,6 +55,15 @@ class MaskUpscaler(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return gelu(self.conv2(gelu(self.norm(self.conv1(x)))))
+
+
+def interleave_blocks(blocks: mx.array) -> mx.array:
+    """B x h x w x 2 x 2 x 2 x 2 x C (from ``MaskUpscaler``) -> B x C x 4h x 4w.
+
+    Pixel (4i + 2a + c, 4j + 2b + d) is blocks[:, i, j, a, b, c, d].
+    """
+    b, h, w = blocks.shape[:3]
+    return blocks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, blocks.shape[-1], 4 * h, 4 * w)
 
 
 class MaskDecoder(nn.Module):
@@ -92,11 +106,9 @@ class MaskDecoder(nn.Module):
         iou_out = tokens[:, 0]
         mask_out = tokens[:, 1 : 1 + self.num_mask_tokens]
 
-        upscaled = self.upscaler(src.reshape(b, h, w, d))  # B x 4h x 4w x d/8
-        hyper = mx.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.hypernetworks)], axis=1)
-        masks = hyper @ upscaled.reshape(b, -1, upscaled.shape[-1]).transpose(0, 2, 1)
-        masks = masks.reshape(b, self.num_mask_tokens, 4 * h, 4 * w)
-        iou = self.iou_head(iou_out)
-
-        chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, chosen], iou[:, chosen]
+        chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        hyper = mx.stack([self.hypernetworks[i](mask_out[:, i]) for i in chosen], axis=2)  # B x d/8 x C
+        features = self.upscaler(src.reshape(b, h, w, d))  # B x h x w x 2 x 2 x 2 x 2 x d/8
+        masks = features.reshape(b, -1, features.shape[-1]) @ hyper
+        masks = interleave_blocks(masks.reshape(*features.shape[:-1], len(chosen)))
+        return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
