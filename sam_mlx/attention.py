@@ -52,12 +52,12 @@ def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.
     return logits + bias_h[..., :, None] + bias_w[..., None, :]
 
 
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis, with the fused exp on the CPU."""
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    """Softmax along ``axis``, with the fused exp on the CPU."""
     if not _on_cpu():
-        return mx.softmax(x, axis=-1, precise=True)
-    weights = shifted_exp(x, x.max(axis=-1, keepdims=True))
-    return weights / weights.sum(axis=-1, keepdims=True)
+        return mx.softmax(x, axis=axis, precise=True)
+    weights = shifted_exp(x, x.max(axis=axis, keepdims=True))
+    return weights / weights.sum(axis=axis, keepdims=True)
 
 
 def _on_cpu() -> bool:

@@ -82,12 +82,14 @@ class DownsampledAttention(nn.Module):
         k, v = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x c
         scale = k.shape[-1] ** -0.5
         k_in_query_space = (k @ self._per_head(self.q_proj.weight)).reshape(b, h * nk, d)
-        query_bias = (k @ self.q_proj.bias.reshape(h, -1, 1)).reshape(b, 1, h * nk)
-        logits = (q @ k_in_query_space.swapaxes(1, 2) + query_bias) * scale  # B x Nq x h*Nk
-        weights = softmax(logits.reshape(b, nq, h, nk)).reshape(b, nq, h * nk)
+        query_bias = (k @ self.q_proj.bias.reshape(h, -1, 1)).reshape(b, h * nk, 1)
+        # logits transposed, B x h*Nk x Nq: the softmax over each head's Nk rows then runs along
+        # the long contiguous axis, much faster on the CPU than over rows of Nk values
+        logits = (k_in_query_space @ q.swapaxes(1, 2) + query_bias) * scale
+        weights = softmax(logits.reshape(b, h, nk, nq), axis=2).reshape(b, h * nk, nq)
         out_weight = self.out_proj.weight.reshape(d, h, -1).transpose(1, 2, 0)  # h x c x D
         values = (v @ out_weight).reshape(b, h * nk, d)
-        return weights @ values + self.out_proj.bias
+        return weights.swapaxes(1, 2) @ values + self.out_proj.bias
 
 
 class FeedForward(nn.Module):
