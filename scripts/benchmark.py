@@ -40,7 +40,20 @@ POINT = ([[500, 375]], [1])  # the window of truck.jpg
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory.
+
+    On Linux from VmHWM: getrusage's ru_maxrss survives fork + exec, so a worker would
+    report at least the driver's own peak (the driver holds the random checkpoints).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 2**20 if sys.platform == "darwin" else usage / 1024.0  # bytes on macOS, KiB elsewhere
 
 
 def timed(fn, runs: int) -> list[float]:
@@ -94,7 +107,7 @@ def worker_torch(model_name: str, checkpoint: str, image_path: str, runs: int, e
 
     sys.path.insert(0, str(ROOT / "tests"))
     from PIL import Image
-    from reference import build_reference_sam, reference_predictor_class
+    from reference import build_reference_sam, reference_generator_class, reference_predictor_class
 
     image = np.asarray(Image.open(image_path).convert("RGB"))
     if model_name == "mobile_sam":
@@ -106,7 +119,7 @@ def worker_torch(model_name: str, checkpoint: str, image_path: str, runs: int, e
         # MobileSAM: no TinyViT in PyTorch here, its stand-in encoder is not timed.
         result = measure(reference_predictor_class()(sam), image, runs, time_encoding=model_name != "mobile_sam")
         if everything:
-            time_everything(_reference_generator_class()(sam), image, result)
+            time_everything(reference_generator_class()(sam), image, result)
     return result
 
 
@@ -134,42 +147,6 @@ def _torch_mobile_sam_decoder(checkpoint: str, image) -> "torch.nn.Module":
     state = torch.load(checkpoint, map_location="cpu")
     sam.load_state_dict({k: v for k, v in state.items() if not k.startswith("image_encoder.")}, strict=False)
     return sam.eval()
-
-
-def _reference_generator_class():
-    """Meta's SamAutomaticMaskGenerator; torchvision's batched_nms is given a plain torch NMS."""
-    import importlib
-    import types
-
-    import torch
-
-    from reference import reference_predictor_class
-
-    reference_predictor_class()  # installs the torchvision transforms shim
-
-    def batched_nms(boxes, scores, idxs, iou_threshold):
-        offsets = idxs.to(boxes) * (boxes.max() + 1)
-        b = boxes + offsets[:, None]
-        order = scores.argsort(descending=True)
-        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        keep = []
-        suppressed = torch.zeros(len(b), dtype=torch.bool)
-        for i in order.tolist():
-            if suppressed[i]:
-                continue
-            keep.append(i)
-            lt = torch.maximum(b[i, :2], b[:, :2])
-            rb = torch.minimum(b[i, 2:], b[:, 2:])
-            inter = (rb - lt).clamp(min=0).prod(dim=1)
-            suppressed |= inter / (area[i] + area - inter) > iou_threshold
-        return torch.tensor(keep, dtype=torch.int64)
-
-    ops = types.ModuleType("torchvision.ops")
-    boxes_mod = types.ModuleType("torchvision.ops.boxes")
-    boxes_mod.batched_nms = batched_nms
-    ops.boxes = boxes_mod
-    sys.modules.update({"torchvision.ops": ops, "torchvision.ops.boxes": boxes_mod})
-    return importlib.import_module("segment_anything.automatic_mask_generator").SamAutomaticMaskGenerator
 
 
 # ------------------------------------------------------------------ driver

@@ -17,11 +17,8 @@ defaults (32 x 32) on the three photos.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
-import sys
 import time
-import types
 
 import mlx.core as mx
 import numpy as np
@@ -30,7 +27,7 @@ import torch
 from conftest import IMAGES, MOBILE_SAM
 from PIL import Image
 from pycocotools import mask as coco_mask
-from reference import _install_torchvision_shim, segment_anything_modeling
+from reference import reference_generator_class, segment_anything_modeling
 
 import sam_mlx
 from sam_mlx import mask_utils
@@ -46,44 +43,6 @@ RECORD_KEYS = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", 
 
 
 # --------------------------------------------------------------------- reference
-def _torch_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy NMS as torchvision's CPU kernel: stable descending sort, drop IoU > threshold."""
-    x0, y0, x1, y1 = boxes.unbind(1)
-    areas = (x1 - x0) * (y1 - y0)
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
-    keep = []
-    for i in torch.sort(scores, descending=True, stable=True).indices.tolist():
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        w = (torch.minimum(x1[i], x1) - torch.maximum(x0[i], x0)).clamp(min=0)
-        h = (torch.minimum(y1[i], y1) - torch.maximum(y0[i], y0)).clamp(min=0)
-        inter = w * h
-        suppressed |= inter / (areas[i] + areas - inter) > iou_threshold
-    return torch.tensor(keep, dtype=torch.int64)
-
-
-def _torch_batched_nms(boxes, scores, idxs, iou_threshold):
-    """NMS per category, by shifting each category's boxes apart (torchvision's trick)."""
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64)
-    shifted = boxes + idxs.to(boxes)[:, None] * (boxes.max() + 1)
-    return _torch_nms(shifted, scores, iou_threshold)
-
-
-def _install_torchvision_ops() -> None:
-    _install_torchvision_shim()
-    if "torchvision.ops.boxes" in sys.modules:
-        return
-    boxes = types.ModuleType("torchvision.ops.boxes")
-    boxes.batched_nms = _torch_batched_nms
-    boxes.box_area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    ops = types.ModuleType("torchvision.ops")
-    ops.boxes = boxes
-    sys.modules["torchvision"].ops = ops
-    sys.modules.update({"torchvision.ops": ops, "torchvision.ops.boxes": boxes})
-
-
 class _TokenLookup(torch.nn.Module):
     """Stands in for the image encoder: returns the tokens sam_mlx computed for this input."""
 
@@ -124,9 +83,7 @@ class Setup:
         self.model.encode_image = recording_encode
 
         m = segment_anything_modeling()
-        _install_torchvision_ops()
-        module = importlib.import_module("segment_anything.automatic_mask_generator")
-        self.reference_class = module.SamAutomaticMaskGenerator
+        self.reference_class = reference_generator_class()
         self.reference_model = m.Sam(
             image_encoder=_TokenLookup(self.encoded),
             prompt_encoder=m.PromptEncoder(
