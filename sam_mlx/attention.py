@@ -8,8 +8,8 @@ the caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CP
 
 - the logits are computed in chunks of ~2 MB (rows of queries, heads, batch entries),
   and each chunk goes through bias, max, exp, sum and the value matmul while in cache;
-- exp is computed as 2^n * 2^f with a polynomial for 2^f in ops that ``mx.compile``
-  fuses into a vectorised loop (accurate to ~2e-7 relative, like MLX's own exp).
+- exp is computed as 2^n * e^r with a polynomial for e^r in ops that ``mx.compile``
+  fuses into a vectorised loop (accurate to ~2e-7 relative).
 
 SAM's decomposed relative-position term is added per chunk from its two per-axis
 parts, so the full Lq x Lk bias is never built.
@@ -24,25 +24,32 @@ import mlx.core as mx
 from .layers import estrin, fused
 
 _LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
 _ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds a float32 |t| < 2**22 to an integer
-_EXP2_TAYLOR = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))  # 2^f, |f| <= 1/2: error < 2e-7
+_EXP_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(8))  # e^r, |r| <= ln(2) / 2: error < 6e-9
 _CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
 
 
 @fused
-def _exp_parts(z: mx.array, shift: mx.array) -> tuple[mx.array, mx.array]:
-    """exp(z - shift) as (2^f, float32 bit pattern of 2^n) with n + f = (z - shift) * log2(e).
+def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
+    """exp(x) = e^r * 2^n for x in [-88, 89]: (e^r, float32 bit pattern of 2^n).
 
-    n is clamped to [-127, 128]: the bit pattern is then 0 (underflow to 0) or infinity.
+    n = round(x / ln 2), r = x - n ln 2 with ln 2 in two parts (Cody-Waite), so r keeps
+    full precision for every x; 2^n is built from its exponent bits (n = -127 gives 0,
+    n = 128 infinity).
     """
-    t = mx.clip((z - shift) * _LOG2E, -127.0, 128.0)
-    n = (t + _ROUND) - _ROUND
-    return estrin(_EXP2_TAYLOR, t - n), (n.astype(mx.int32) + 127) << 23
+    n = (x * _LOG2E + _ROUND) - _ROUND
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    return estrin(_EXP_TAYLOR, r), (n.astype(mx.int32) + 127) << 23
 
 
 def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
-    """exp(z - shift) in float32, fused and vectorised on the CPU (see the module docstring)."""
-    fraction, exponent_bits = _exp_parts(z, shift)
+    """exp(z - shift) in float32 (~2e-7 relative), fused and vectorised on the CPU.
+
+    The clip is a plain MLX op: MLX's float min/max inside a fused CPU kernel test each
+    element for NaN and keep the loop from vectorising.
+    """
+    fraction, exponent_bits = _exp_parts(mx.clip(z - shift, -88.0, 89.0))
     return fraction * exponent_bits.view(mx.float32)
 
 

@@ -1,0 +1,141 @@
+"""The CPU kernels (attention, exp, GELU, LayerNorm, prompt/image attention, prompt groups)
+against plain float64 references and against the straightforward MLX formulation."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from sam_mlx import attention as attention_module
+from sam_mlx.attention import attention, shifted_exp, softmax
+from sam_mlx.config import PromptDecoderConfig
+from sam_mlx.layers import LayerNorm, gelu
+from sam_mlx.mask_decoder import MaskDecoder
+from sam_mlx.two_way_transformer import DownsampledAttention
+
+RNG = np.random.default_rng(0)
+
+
+def _softmax64(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _attention64(q, k, v, scale, bias):
+    logits = q.astype(np.float64) @ np.swapaxes(k, -1, -2) * scale + bias
+    return _softmax64(logits) @ v
+
+
+@pytest.mark.parametrize("chunk_logits", [1 << 19, 5000, 300, 40])  # default, then batch / head / row chunks
+def test_chunked_attention_matches_float64(monkeypatch, chunk_logits):
+    monkeypatch.setattr(attention_module, "_CHUNK_LOGITS", chunk_logits)
+    b, n, gh, gw, d = 3, 2, 4, 5, 8
+    q, k, v = (RNG.normal(size=(b, n, gh * gw, d)).astype(np.float32) for _ in range(3))
+    bias_h = RNG.normal(size=(b, n, gh * gw, gh)).astype(np.float32)
+    bias_w = RNG.normal(size=(b, n, gh * gw, gw)).astype(np.float32)
+    mask = RNG.normal(size=(n, gh * gw, gh * gw)).astype(np.float32)
+    full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, n, gh * gw, -1) + mask
+    got = attention(mx.array(q), mx.array(k), mx.array(v), 0.3, mask=mx.array(mask),
+                    rel_pos=(mx.array(bias_h), mx.array(bias_w)))
+    np.testing.assert_allclose(np.array(got), _attention64(q, k, v, 0.3, full), atol=2e-6)
+
+
+def test_cpu_attention_equals_fused_kernel_path(monkeypatch):
+    """The GPU branch (mx.fast.scaled_dot_product_attention with the relative-position term
+    expanded to a mask) and the CPU chunks agree; both run here on the CPU."""
+    q, k, v = (mx.array(RNG.normal(size=(2, 3, 36, 16)).astype(np.float32)) for _ in range(3))
+    rel_pos = (mx.array(RNG.normal(size=(2, 3, 36, 6)).astype(np.float32)),
+               mx.array(RNG.normal(size=(2, 3, 36, 6)).astype(np.float32)))
+    chunked = attention(q, k, v, 0.25, rel_pos=rel_pos)
+    monkeypatch.setattr(attention_module, "_on_cpu", lambda: False)
+    fused = attention(q, k, v, 0.25, rel_pos=rel_pos)
+    np.testing.assert_allclose(np.array(chunked), np.array(fused), atol=2e-6)
+
+
+def test_shifted_exp():
+    x = np.concatenate([np.linspace(-110, 0, 200001), np.linspace(0, 80, 1001), [-1e4, -np.inf]]).astype(np.float32)
+    got = np.array(shifted_exp(mx.array(x), mx.array(0.0)))
+    expected = np.exp(x.astype(np.float64))
+    normal = expected > 1e-37
+    np.testing.assert_allclose(got[normal], expected[normal], rtol=3e-7)
+    assert np.all(np.abs(got[~normal]) <= 1e-37)
+    assert got[-1] == 0.0 and got[-2] == 0.0
+    assert np.isinf(np.array(shifted_exp(mx.array([100.0]), mx.array(0.0))))[0]
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax(axis):
+    x = (RNG.normal(size=(3, 7, 50)) * 20).astype(np.float32)
+    np.testing.assert_allclose(np.array(softmax(mx.array(x), axis=axis)), _softmax64(x, axis), atol=1e-6)
+
+
+def test_gelu_is_exact_gelu():
+    x = np.concatenate([np.linspace(-12, 12, 240001), [1e4, -1e4, 1e30, -1e30, 3e38, -3e38]]).astype(np.float32)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()
+    got = np.array(gelu(mx.array(x)))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-6)
+    assert np.all(got[x < -6] <= 0) and np.all(got[x < -1e3] == 0.0)
+    half = np.array(gelu(mx.array(x[:1000]).astype(mx.bfloat16)).astype(mx.float32))
+    np.testing.assert_allclose(half, expected[:1000], atol=0.05)
+
+
+@pytest.mark.parametrize("dims", [64, 256, 768])
+def test_layer_norm_matches_mlx(dims):
+    norm = LayerNorm(dims, eps=1e-6)
+    norm.weight = mx.array(RNG.normal(size=dims).astype(np.float32))
+    norm.bias = mx.array(RNG.normal(size=dims).astype(np.float32))
+    x = mx.array((RNG.normal(size=(2, 33, dims)) * 3 + 5).astype(np.float32))
+    expected = nn.LayerNorm.__call__(norm, x)  # MLX's fused kernel
+    np.testing.assert_allclose(np.array(norm(x)), np.array(expected), atol=2e-5)
+
+
+def _reference_attention(layer: DownsampledAttention, q, k, v) -> np.ndarray:
+    """Project, split heads, attend, merge, project: the textbook order, in float64."""
+    def linear(x, lin):
+        return x.astype(np.float64) @ np.array(lin.weight, np.float64).T + np.array(lin.bias, np.float64)
+
+    def heads(x):
+        return x.reshape(x.shape[0], x.shape[1], layer.num_heads, -1).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = heads(linear(q, layer.q_proj)), heads(linear(k, layer.k_proj)), heads(linear(v, layer.v_proj))
+    out = _attention64(qh, kh, vh, qh.shape[-1] ** -0.5, 0.0)
+    b, h, n, c = out.shape
+    return linear(out.transpose(0, 2, 1, 3).reshape(b, n, h * c), layer.out_proj)
+
+
+@pytest.mark.parametrize("nq,nk", [(7, 300), (300, 7), (12, 12), (20, 300)])  # few queries, few keys, neither
+def test_downsampled_attention_paths(nq, nk):
+    layer = DownsampledAttention(64, num_heads=4, downsample_rate=2)
+    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+        lin.bias = mx.array(RNG.normal(size=lin.bias.shape).astype(np.float32))
+    q = RNG.normal(size=(2, nq, 64)).astype(np.float32)
+    k = RNG.normal(size=(2, nk, 64)).astype(np.float32)
+    v = RNG.normal(size=(2, nk, 64)).astype(np.float32)
+    got = np.array(layer(mx.array(q), mx.array(k), mx.array(v)))
+    np.testing.assert_allclose(got, _reference_attention(layer, q, k, v), atol=2e-5)
+
+
+def test_prompt_groups_equal_one_at_a_time():
+    """9 prompts decoded together (in groups on the CPU) equal each decoded alone."""
+    config = PromptDecoderConfig()
+    decoder = MaskDecoder(config)
+    params = decoder.parameters()
+    mx.eval(params)
+    decoder.update(nn.utils.tree_map(lambda p: mx.array(RNG.normal(size=p.shape).astype(np.float32) * 0.05), params))
+    d = config.embed_dim
+    tokens = mx.array(RNG.normal(size=(1, 8, 8, d)).astype(np.float32))
+    pe = mx.array(RNG.normal(size=(8, 8, d)).astype(np.float32))
+    sparse = mx.array(RNG.normal(size=(9, 3, d)).astype(np.float32))
+    dense = mx.array(RNG.normal(size=(9, 8, 8, d)).astype(np.float32))
+    masks, iou = decoder(tokens, pe, sparse, dense, True)
+    assert masks.shape == (9, 3, 32, 32) and iou.shape == (9, 3)
+    for i in range(9):
+        one_masks, one_iou = decoder(tokens, pe, sparse[i : i + 1], dense[i : i + 1], True)
+        np.testing.assert_allclose(np.array(masks[i]), np.array(one_masks[0]), atol=1e-5)
+        np.testing.assert_allclose(np.array(iou[i]), np.array(one_iou[0]), atol=1e-5)
+    assert math.isfinite(float(masks.abs().max()))
