@@ -21,7 +21,7 @@ import math
 
 import mlx.core as mx
 
-from .layers import estrin, fused
+from .layers import estrin, fused, on_cpu
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
@@ -61,14 +61,10 @@ def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax along ``axis``, with the fused exp on the CPU."""
-    if not _on_cpu():
+    if not on_cpu():
         return mx.softmax(x, axis=axis, precise=True)
     weights = shifted_exp(x, x.max(axis=axis, keepdims=True))
     return weights / weights.sum(axis=axis, keepdims=True)
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def attention(
@@ -87,7 +83,7 @@ def attention(
     Kh * Kw = Lk (keys laid out row-major on a Kh x Kw grid): the logit of query i and key
     (y, x) gets bias_h[i, y] + bias_w[i, x].
     """
-    if not _on_cpu():
+    if not on_cpu():
         if rel_pos is not None:
             bias_h, bias_w = rel_pos
             full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)

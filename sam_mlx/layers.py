@@ -30,6 +30,11 @@ class MLP(nn.Module):
         return x
 
 
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU, where sam_mlx uses its own CPU-friendly kernels."""
+    return mx.default_device() == mx.cpu
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (affine); on the CPU computed from mean and variance ops.
 
@@ -38,7 +43,7 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu:
+        if not on_cpu():
             return super().__call__(x)
         centred = x - x.mean(axis=-1, keepdims=True)
         variance = (centred * centred).mean(axis=-1, keepdims=True)
@@ -73,7 +78,7 @@ def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
         out = compiled(*args)
-        if mx.default_device() != mx.cpu:
+        if not on_cpu():
             return out
         return mx.depends(out, [a for a in args if isinstance(a, mx.array)])
 

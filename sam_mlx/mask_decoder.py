@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import PromptDecoderConfig
-from .layers import MLP, gelu, layer_norm_2d
+from .layers import MLP, gelu, layer_norm_2d, on_cpu
 from .two_way_transformer import TwoWayTransformer
 
 
@@ -102,7 +102,7 @@ class MaskDecoder(nn.Module):
         (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
         b = sparse.shape[0]
-        if b <= _CPU_PROMPT_GROUP or mx.default_device() != mx.cpu:
+        if b <= _CPU_PROMPT_GROUP or not on_cpu():
             return self._decode(image_tokens, image_pe, sparse, dense, multimask_output)
         groups = [
             self._decode(

@@ -52,7 +52,7 @@ def test_cpu_attention_equals_fused_kernel_path(monkeypatch):
     rel_pos = (mx.array(RNG.normal(size=(2, 3, 36, 6)).astype(np.float32)),
                mx.array(RNG.normal(size=(2, 3, 36, 6)).astype(np.float32)))
     chunked = attention(q, k, v, 0.25, rel_pos=rel_pos)
-    monkeypatch.setattr(attention_module, "_on_cpu", lambda: False)
+    monkeypatch.setattr(attention_module, "on_cpu", lambda: False)
     fused = attention(q, k, v, 0.25, rel_pos=rel_pos)
     np.testing.assert_allclose(np.array(chunked), np.array(fused), atol=2e-6)
 
