@@ -61,8 +61,6 @@ _ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -
           -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
 _ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
           -1.45660718464996e-05)
-# GELU clips z = x / sqrt(2) to [-4, 4] with separate MLX ops: inside a fused CPU kernel, MLX's
-# float min/max test every element for NaN and keep the loop from vectorising (~3x slower).
 
 
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,5 +110,7 @@ def gelu(x: mx.array) -> mx.array:
     function. Evaluated in float32 (the powers of x^2 overflow float16), returned in x's dtype.
     """
     x32 = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    # z = x / sqrt(2) clipped to [-4, 4] by plain MLX ops: inside a fused CPU kernel, MLX's float
+    # min/max test every element for NaN and keep the loop from vectorising (~3x slower)
     out = _gelu_of_clipped(x32, mx.clip(x32 * math.sqrt(0.5), -4.0, 4.0))
     return out if x.dtype == mx.float32 else out.astype(x.dtype)

@@ -23,8 +23,8 @@ class PixelUpscale2x(nn.Module):
 
     ... x I -> ... x 2 x 2 x O: each input pixel independently paints a 2 x 2 block, so the
     layer is one matmul to 4*O channels (MLX's general transposed conv is many times slower
-    on the CPU). The block axes are left in place; ``MaskUpscaler`` interleaves them into
-    rows and columns once, at the end. Weight layout as ``nn.ConvTranspose2d``: O x 2 x 2 x I.
+    on the CPU). The block axes are left in place; ``interleave_blocks`` turns them into
+    rows and columns once, on the final masks. Weight layout as ``nn.ConvTranspose2d``: O x 2 x 2 x I.
     """
 
     def __init__(self, in_chans: int, out_chans: int):

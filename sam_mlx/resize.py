@@ -62,8 +62,9 @@ def banded_blocks(matrix_key: tuple[int, int, int, int], rows_per_block: int = 6
     padded[:out_size] = matrix
     padded = padded.reshape(blocks, rows_per_block, in_size)
     used = padded.any(axis=1)  # blocks x in_size: input rows each block reads
-    first = np.where(used.any(axis=1), used.argmax(axis=1), 0)
-    last = in_size - np.where(used.any(axis=1), used[:, ::-1].argmax(axis=1), in_size)
+    reads = used.any(axis=1)  # False only for all-zero padding blocks
+    first = np.where(reads, used.argmax(axis=1), 0)
+    last = in_size - np.where(reads, used[:, ::-1].argmax(axis=1), in_size)
     width = int((last - first).max())
     if 2 * width > in_size:  # dense costs out x in, banded out x width plus gathering the bands
         return None
