@@ -5,6 +5,11 @@ A position (x, y) normalised to 0..1 becomes ``[sin(f), cos(f)]`` with
 fixed at training time and loaded from the checkpoint. The same encoder gives the
 prompt points/box corners and the image-token grid their position encodings, so
 prompts and image tokens live in one positional space.
+
+That space is square, as in training, where every input was a padded square: positions
+are divided by the longest side in both axes, so a non-square input (stretch sizing)
+covers the top-left part of the unit square, at the original's scale, instead of
+being stretched over all of it.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ class CoordinateEncoder(nn.Module):
 
     def encode_points(self, points: mx.array, image_size: tuple[int, int]) -> mx.array:
         """points: ... x 2 pixel coordinates (x, y) of an image of ``image_size`` (H, W)."""
-        scale = mx.array([1.0 / image_size[1], 1.0 / image_size[0]], dtype=points.dtype)
-        return self.encode(points * scale)
+        return self.encode(points * (1.0 / max(image_size)))
 
     def grid(self, h: int, w: int) -> mx.array:
         """Position encoding of every cell centre of an h x w grid: h x w x 2*num_features."""
-        ys = (np.arange(h, dtype=np.float32) + 0.5) / h
-        xs = (np.arange(w, dtype=np.float32) + 0.5) / w
+        side = max(h, w)
+        ys = (np.arange(h, dtype=np.float32) + 0.5) / side
+        xs = (np.arange(w, dtype=np.float32) + 0.5) / side
         xy = np.stack(np.meshgrid(xs, ys, indexing="xy"), axis=-1)
         return self.encode(mx.array(xy))

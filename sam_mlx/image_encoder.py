@@ -2,7 +2,7 @@
 
 Pipeline (channels-last throughout):
   image B x H x W x 3  --patch embedding (16x16 conv, stride 16)-->  B x h x w x D
-  + learned position encoding (trained at 64 x 64, bilinearly resized to h x w)
+  + learned position encoding (trained at 64 x 64; resized to the grid's longest side, cropped to h x w)
   --transformer blocks-->  windowed attention (14 x 14 windows) in most blocks and
                             global attention in one block closing each of the 4 stages;
                             every block adds SAM's decomposed relative position term
@@ -21,18 +21,19 @@ from .layers import LayerNorm, gelu, layer_norm_2d
 from .resize import linear_resize_matrix
 
 
-def relative_position_table(table: mx.array, size: int) -> mx.array:
+def relative_position_table(table: mx.array, size: int, frame: int) -> mx.array:
     """Expand a learned relative-position table to ``size x size x head_dim``.
 
-    ``table`` holds one embedding per offset (2 * trained_size - 1 rows); it is
-    linearly resized when the attended grid differs from the one it was trained on,
-    then indexed by (query index - key index) so entry [i, j] is the embedding of
-    offset i - j.
+    ``table`` holds one embedding per offset (2 * trained_size - 1 rows). It is
+    linearly resized to the offsets of a ``frame``-long axis (the grid's longest side,
+    so both axes keep one scale), then indexed by (query index - key index): entry
+    [i, j] is the embedding of offset i - j. An axis shorter than the frame uses the
+    middle offsets, as in the original, where such an image fills part of a padded square.
     """
-    rows = 2 * size - 1
+    rows = 2 * frame - 1
     if table.shape[0] != rows:
         table = mx.array(linear_resize_matrix(table.shape[0], rows)) @ table.astype(mx.float32)
-    offsets = np.arange(size)[:, None] - np.arange(size)[None, :] + (size - 1)
+    offsets = np.arange(size)[:, None] - np.arange(size)[None, :] + (frame - 1)
     return table[mx.array(offsets)]
 
 
@@ -69,8 +70,9 @@ class RelPosAttention(nn.Module):
     def _relative_position_terms(self, q: mx.array, h: int, w: int) -> tuple[mx.array, mx.array]:
         """The per-axis relative-position logits: B x heads x HW x H (key rows), B x heads x HW x W (columns)."""
         b, n = q.shape[:2]
-        rh = relative_position_table(self.rel_pos_h, h).astype(q.dtype)  # H x H x d
-        rw = relative_position_table(self.rel_pos_w, w).astype(q.dtype)  # W x W x d
+        frame = max(h, w)
+        rh = relative_position_table(self.rel_pos_h, h, frame).astype(q.dtype)  # H x H x d
+        rw = relative_position_table(self.rel_pos_w, w, frame).astype(q.dtype)  # W x W x d
         grid_q = q.reshape(b, n, h, w, self.head_dim)
         bias_h = mx.einsum("bnhwc,hkc->bnhwk", grid_q, rh)
         bias_w = mx.einsum("bnhwc,wkc->bnhwk", grid_q, rw)
@@ -168,12 +170,19 @@ class ImageEncoderViT(nn.Module):
         self.neck = ChannelProjection(d, config.out_chans)
 
     def position_encoding(self, h: int, w: int) -> mx.array:
-        """The learned 1 x h x w x D position encoding, bilinearly resized when the grid differs."""
+        """The learned 1 x h x w x D position encoding for an h x w token grid.
+
+        The trained square encoding is bilinearly resized to the grid's longest side and
+        the grid takes its top-left h x w part: both axes keep one scale, and a grid with
+        the original's scale (stretch sizing at 1024) gets exactly the encodings its tokens
+        have in the original's padded square.
+        """
         pe = self.pos_embed
         if pe.shape[1:3] == (h, w):
             return pe
-        ry = mx.array(linear_resize_matrix(pe.shape[1], h))
-        rx = mx.array(linear_resize_matrix(pe.shape[2], w))
+        frame = max(h, w)
+        ry = mx.array(linear_resize_matrix(pe.shape[1], frame)[:h])
+        rx = mx.array(linear_resize_matrix(pe.shape[2], frame)[:w])
         return mx.einsum("yh,hwc,xw->yxc", ry, pe[0].astype(mx.float32), rx)[None].astype(pe.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:

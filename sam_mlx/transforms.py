@@ -5,7 +5,8 @@ Two sizings:
   normalise, pad bottom/right with zeros to ``size x size``.
 - ``stretch``: resize to a grid whose sides are multiples of 16 and no padding, either
   keeping the aspect ratio with the longest side at ``size`` or to an explicit (H, W).
-  Position encodings and relative-position tables are resized to the token grid.
+  Position encodings and relative-position tables are resized to the grid's longest side
+  and cropped to the grid (one scale for both axes; see ``image_encoder``).
 """
 
 from __future__ import annotations
