@@ -35,18 +35,36 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+# MLX keeps freed buffers for reuse only up to its cache limit, 32 MiB on the CPU. A prompt's
+# decode and mask upscaling free ~125 MB of temporaries, which past that limit go back to the
+# OS and come back as fresh pages on the next prompt: at 1800 x 1200, 25k page faults and
+# ~90 ms per prompt instead of ~55 ms with the buffers kept.
+_CPU_BUFFER_CACHE = 256 << 20
+
+
+def keep_prompt_buffers() -> None:
+    """Raise MLX's buffer cache on the CPU so every prompt reuses the last one's buffers (never lowers it)."""
+    if on_cpu():
+        previous = mx.set_cache_limit(_CPU_BUFFER_CACHE)
+        if previous > _CPU_BUFFER_CACHE:
+            mx.set_cache_limit(previous)
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (affine); on the CPU computed from mean and variance ops.
+    """``nn.LayerNorm`` (affine); on the CPU the mean and variance are matmuls with a 1/C column.
 
     MLX's fused CPU layer norm is ~3x slower for the encoder's rows (4096 x 768: 28 ms
-    against 8 ms here); on a GPU the fused kernel is kept.
+    against 6 ms here), and its CPU reductions run at ~1.4 G values/s against BLAS's
+    matrix-vector products (4096 x 256 rows: 2.5 ms with ``mean``, 1.8 ms with matmuls).
+    On a GPU the fused kernel is kept.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():
             return super().__call__(x)
-        centred = x - x.mean(axis=-1, keepdims=True)
-        variance = (centred * centred).mean(axis=-1, keepdims=True)
+        average = mx.full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=x.dtype)
+        centred = x - x @ average
+        variance = (centred * centred) @ average
         return centred * (mx.rsqrt(variance + self.eps) * self.weight) + self.bias
 
 

@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from .config import PromptDecoderConfig
 from .layers import MLP, gelu, layer_norm_2d, on_cpu
-from .two_way_transformer import TwoWayTransformer
+from .two_way_transformer import ImageSide, TwoWayTransformer
 
 
 class PixelUpscale2x(nn.Module):
@@ -93,37 +93,56 @@ class MaskDecoder(nn.Module):
         sparse: mx.array,
         dense: mx.array,
         multimask_output: bool,
+        image_side: ImageSide | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Decode masks.
 
         image_tokens: 1 x h x w x D (one image, shared by the B prompts) or B x h x w x D;
         image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D.
+        ``image_side``: ``project_image`` of these tokens, valid when ``dense`` is the "no mask"
+        embedding (no mask hint), if the caller keeps it.
         Returns low-res logits B x C x 4h x 4w and IoU predictions B x C, where C is 3
         (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
         b = sparse.shape[0]
         if b <= _CPU_PROMPT_GROUP or not on_cpu():
-            return self._decode(image_tokens, image_pe, sparse, dense, multimask_output)
+            return self._decode(image_tokens, image_pe, sparse, dense, multimask_output, image_side)
         groups = [
             self._decode(
                 image_tokens if image_tokens.shape[0] == 1 else image_tokens[i : i + _CPU_PROMPT_GROUP],
                 image_pe, sparse[i : i + _CPU_PROMPT_GROUP], dense[i : i + _CPU_PROMPT_GROUP], multimask_output,
+                image_side,
             )
             for i in range(0, b, _CPU_PROMPT_GROUP)
         ]
         return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
 
+    def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
+        """What the first transformer layer computes from the image alone, for prompts without a mask hint.
+
+        image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
+        """
+        _, h, w, d = image_tokens.shape
+        src = (image_tokens + no_mask).reshape(1, h * w, d)
+        return self.transformer.layers[0].project_image(src, image_pe.reshape(1, h * w, d))
+
     def _decode(
-        self, image_tokens: mx.array, image_pe: mx.array, sparse: mx.array, dense: mx.array, multimask_output: bool
+        self,
+        image_tokens: mx.array,
+        image_pe: mx.array,
+        sparse: mx.array,
+        dense: mx.array,
+        multimask_output: bool,
+        image_side: ImageSide | None,
     ) -> tuple[mx.array, mx.array]:
         b = sparse.shape[0]
         _, h, w, d = dense.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
-        src = (image_tokens + dense).reshape(b, h * w, d)
-        pos = mx.broadcast_to(image_pe.reshape(1, h * w, d), (b, h * w, d))
+        src = (image_tokens + dense).reshape(b, h * w, d) if image_side is None else image_side.image
+        pos = image_pe.reshape(1, h * w, d)
 
-        tokens, src = self.transformer(src, pos, tokens)
+        tokens, src = self.transformer(src, pos, tokens, image_side)
         iou_out = tokens[:, 0]
         mask_out = tokens[:, 1 : 1 + self.num_mask_tokens]
 

@@ -13,9 +13,11 @@ import mlx.core as mx
 import numpy as np
 
 from .image_io import as_rgb_array
+from .layers import keep_prompt_buffers
 from .resize import upscale_mask_logits
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
+from .two_way_transformer import ImageSide
 
 MASK_THRESHOLD = 0.0
 
@@ -32,6 +34,7 @@ class SamPredictor:
         self.sizing = sizing
         self.size = model.config.image_size if size is None else size
         image_geometry((1, 1), sizing, self.size)  # validate the sizing early
+        keep_prompt_buffers()
         self.reset_image()
 
     # ---------------------------------------------------------------- image
@@ -55,13 +58,15 @@ class SamPredictor:
         self.features = tokens
         self.geometry = geometry
         self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
-        mx.eval(self.image_pe)
+        self.image_side = self.model.project_image(tokens, self.image_pe)
+        mx.eval(self.image_pe, self.image_side)
         self.is_image_set = True
 
     def reset_image(self) -> None:
         self.features: mx.array | None = None
         self.geometry: ImageGeometry | None = None
         self.image_pe: mx.array | None = None
+        self.image_side: ImageSide | None = None
         self.is_image_set = False
 
     @property
@@ -190,7 +195,7 @@ class SamPredictor:
         """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily."""
         geometry = self._require_image()
         return self.model.decode(
-            self.features, geometry.padded_size, points, boxes, masks, multimask_output, self.image_pe
+            self.features, geometry.padded_size, points, boxes, masks, multimask_output, self.image_pe, self.image_side
         )
 
     def upscale(self, low_res_logits: mx.array) -> mx.array:

@@ -10,6 +10,7 @@ from .config import SamConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .two_way_transformer import ImageSide
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -48,17 +49,25 @@ class Sam(nn.Module):
         mask_input: mx.array | None = None,
         multimask_output: bool = True,
         image_pe: mx.array | None = None,
+        image_side: ImageSide | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
 
         image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the
         prompt coordinates are expressed in; points: (B x N x 2 xy, B x N labels);
-        boxes: B x 4; mask_input: B x 4h x 4w logits; image_pe: the token grid's
-        position encoding (h x w x D) if the caller keeps it, else computed here.
+        boxes: B x 4; mask_input: B x 4h x 4w logits. ``image_pe`` (the token grid's
+        position encoding, h x w x D) and ``image_side`` (``project_image``, used for prompts
+        without a mask hint) are per-image results the caller may keep.
         """
         grid = image_tokens.shape[1:3]
         masks = None if mask_input is None else mask_input[..., None]
         sparse, dense = self.prompt_encoder(points, boxes, masks, input_size, grid)
         if image_pe is None:
             image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
-        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output)
+        if mask_input is not None:
+            image_side = None  # a mask hint changes the image side of every prompt
+        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side)
+
+    def project_image(self, image_tokens: mx.array, image_pe: mx.array) -> ImageSide:
+        """The mask decoder's per-image work for prompts without a mask hint (1 x h x w x D tokens)."""
+        return self.mask_decoder.project_image(image_tokens, image_pe, self.prompt_encoder.no_mask_embed)

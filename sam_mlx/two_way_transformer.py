@@ -9,11 +9,27 @@ attention closes the stack.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention, softmax
 from .layers import LayerNorm
+
+
+class ImageSide(NamedTuple):
+    """The first layer's projections of the image tokens, one per image for all its prompts.
+
+    Before the first layer the image side is the image tokens plus the "no mask" embedding,
+    the same for every prompt without a mask hint, so its projections are computed once per
+    image (three 4096 x 256 -> 128 products) instead of once per prompt. Each is 1 x heads x HW x c.
+    """
+
+    image: mx.array  # 1 x HW x D: the image tokens plus the "no mask" embedding
+    keys: mx.array  # prompt -> image keys: k_proj(image + pe)
+    values: mx.array  # prompt -> image values: v_proj(image)
+    queries: mx.array  # image -> prompt queries: q_proj(image + pe)
 
 
 class DownsampledAttention(nn.Module):
@@ -47,6 +63,10 @@ class DownsampledAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
 
+    def project(self, projection: nn.Linear, x: mx.array) -> mx.array:
+        """B x N x D through one of the q/k/v projections -> B x heads x N x c."""
+        return self._heads(projection(x))
+
     def _per_head(self, weight: mx.array) -> mx.array:
         """A projection weight (inner x D) as heads x head_dim x D."""
         return weight.reshape(self.num_heads, -1, weight.shape[-1])
@@ -58,8 +78,19 @@ class DownsampledAttention(nn.Module):
             return self._few_keys(q, k, v)
         if nk > nq and self.num_heads * nq < inner:
             return self._few_queries(q, k, v)
-        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        return self.attend_projected_keys(q, self.project(self.k_proj, k), self.project(self.v_proj, v))
+
+    def attend_projected_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """q: B x Nq x D; k, v: already projected, (1 or B) x heads x Nk x c -> B x Nq x D."""
+        q = self.project(self.q_proj, q)
+        if k.shape[0] != q.shape[0]:
+            k, v = (mx.broadcast_to(t, (q.shape[0], *t.shape[1:])) for t in (k, v))
         return self._merge_heads(attention(q, k, v, q.shape[-1] ** -0.5))
+
+    def attend_projected_queries(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """q: already projected, (1 or B) x heads x Nq x c, many; k, v: B x Nk x D, few -> B x Nq x D."""
+        k = self.project(self.k_proj, k)
+        return self._weighted_values((k @ q.swapaxes(-1, -2)) * k.shape[-1] ** -0.5, v)
 
     def _merge_heads(self, x: mx.array) -> mx.array:
         """B x heads x N x head_dim -> B x N x D through out_proj."""
@@ -79,16 +110,24 @@ class DownsampledAttention(nn.Module):
     def _few_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         b, nq, d = q.shape
         h, nk = self.num_heads, k.shape[1]
-        k, v = self._heads(self.k_proj(k)), self._heads(self.v_proj(v))  # B x h x Nk x c
-        scale = k.shape[-1] ** -0.5
+        k = self.project(self.k_proj, k)  # B x h x Nk x c
         k_in_query_space = (k @ self._per_head(self.q_proj.weight)).reshape(b, h * nk, d)
         query_bias = (k @ self.q_proj.bias.reshape(h, -1, 1)).reshape(b, h * nk, 1)
-        # logits transposed, B x h*Nk x Nq: the softmax over each head's Nk rows then runs along
-        # the long contiguous axis, much faster on the CPU than over rows of Nk values
-        logits = (k_in_query_space @ q.swapaxes(1, 2) + query_bias) * scale
-        weights = softmax(logits.reshape(b, h, nk, nq), axis=2).reshape(b, h * nk, nq)
+        logits = (k_in_query_space @ q.swapaxes(1, 2) + query_bias) * k.shape[-1] ** -0.5
+        return self._weighted_values(logits.reshape(b, h, nk, nq), v)
+
+    def _weighted_values(self, logits: mx.array, v: mx.array) -> mx.array:
+        """Logits B x heads x Nk x Nq of many queries over a few keys, values v: B x Nk x D -> B x Nq x D.
+
+        The logits are transposed (keys first): the softmax over each head's Nk rows then runs
+        along the long contiguous axis, much faster on the CPU than over rows of Nk values.
+        The values go through out_proj before weighting, (v_h Wo_h^T), as Nk is small.
+        """
+        b, h, nk, nq = logits.shape
+        d = v.shape[-1]
+        weights = softmax(logits, axis=2).reshape(b, h * nk, nq)
         out_weight = self.out_proj.weight.reshape(d, h, -1).transpose(1, 2, 0)  # h x c x D
-        values = (v @ out_weight).reshape(b, h * nk, d)
+        values = (self.project(self.v_proj, v) @ out_weight).reshape(b, h * nk, d)
         return weights.swapaxes(1, 2) @ values + self.out_proj.bias
 
 
@@ -118,9 +157,12 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(
-        self, queries: mx.array, keys: mx.array, query_pe: mx.array, key_pe: mx.array
+        self, queries: mx.array, keys: mx.array, query_pe: mx.array, key_pe: mx.array, image_side: ImageSide | None = None
     ) -> tuple[mx.array, mx.array]:
-        """queries: B x Nq x D prompt tokens, keys: B x HW x D image tokens; both updated."""
+        """queries: B x Nq x D prompt tokens, keys: (1 or B) x HW x D image tokens; both updated.
+
+        ``image_side``: the projections of these ``keys`` (``project_image``), if already computed.
+        """
         if self.skip_first_layer_pe:  # the first layer's queries are the raw prompt embeddings
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -128,11 +170,26 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        if image_side is None:
+            k = keys + key_pe
+            attn = self.cross_attn_token_to_image(queries + query_pe, k, keys)
+        else:
+            attn = self.cross_attn_token_to_image.attend_projected_keys(queries + query_pe, image_side.keys, image_side.values)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        if image_side is None:
+            attn = self.cross_attn_image_to_token(k, queries + query_pe, queries)
+        else:
+            attn = self.cross_attn_image_to_token.attend_projected_queries(image_side.queries, queries + query_pe, queries)
+        keys = self.norm4(keys + attn)
         return queries, keys
+
+    def project_image(self, keys: mx.array, key_pe: mx.array) -> ImageSide:
+        """``keys`` (1 x HW x D) with their projections in this block's two cross-attentions."""
+        k = keys + key_pe
+        to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        return ImageSide(keys, to_image.project(to_image.k_proj, k), to_image.project(to_image.v_proj, keys),
+                         to_tokens.project(to_tokens.q_proj, k))
 
 
 class TwoWayTransformer(nn.Module):
@@ -142,10 +199,15 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = DownsampledAttention(dim, num_heads, downsample_rate=2)
         self.norm_final_attn = LayerNorm(dim)
 
-    def __call__(self, image: mx.array, image_pe: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        """image, image_pe: B x HW x D; tokens: B x N x D -> (tokens B x N x D, image B x HW x D)."""
+    def __call__(
+        self, image: mx.array, image_pe: mx.array, tokens: mx.array, image_side: ImageSide | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """image: (1 or B) x HW x D, image_pe: 1 x HW x D; tokens: B x N x D -> (tokens B x N x D, image B x HW x D).
+
+        ``image_side``: ``self.layers[0].project_image(image, image_pe)`` if the caller keeps it.
+        """
         queries, keys = tokens, image
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, image_pe)
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(queries, keys, tokens, image_pe, image_side if i == 0 else None)
         attn = self.final_attn_token_to_image(queries + tokens, keys + image_pe, keys)
         return self.norm_final_attn(queries + attn), keys

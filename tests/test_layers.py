@@ -14,7 +14,7 @@ import torch
 from sam_mlx import attention as attention_module
 from sam_mlx.attention import attention, shifted_exp, softmax
 from sam_mlx.config import PromptDecoderConfig
-from sam_mlx.layers import LayerNorm, gelu
+from sam_mlx.layers import LayerNorm, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
 from sam_mlx.two_way_transformer import DownsampledAttention
 
@@ -120,14 +120,61 @@ def test_downsampled_attention_paths(nq, nk):
     np.testing.assert_allclose(got, _reference_attention(layer, q, k, v), atol=2e-5)
 
 
-def test_prompt_groups_equal_one_at_a_time():
-    """9 prompts decoded together (in groups on the CPU) equal each decoded alone."""
-    config = PromptDecoderConfig()
-    decoder = MaskDecoder(config)
+def test_attention_with_one_side_projected():
+    """The per-image shortcuts: image-side projections made once (batch 1) serve a batch of prompts."""
+    layer = DownsampledAttention(64, num_heads=4, downsample_rate=2)
+    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
+        lin.bias = mx.array(RNG.normal(size=lin.bias.shape).astype(np.float32))
+    image = RNG.normal(size=(1, 300, 64)).astype(np.float32)
+    prompts = RNG.normal(size=(3, 7, 64)).astype(np.float32)
+    images = np.broadcast_to(image, (3, 300, 64))
+    x, p = mx.array(image), mx.array(prompts)
+    got = layer.attend_projected_keys(p, layer.project(layer.k_proj, x), layer.project(layer.v_proj, x))
+    np.testing.assert_allclose(np.array(got), _reference_attention(layer, prompts, images, images), atol=2e-5)
+    got = layer.attend_projected_queries(layer.project(layer.q_proj, x), p, p)
+    np.testing.assert_allclose(np.array(got), _reference_attention(layer, images, prompts, prompts), atol=2e-5)
+
+
+def _random_decoder() -> MaskDecoder:
+    decoder = MaskDecoder(PromptDecoderConfig())
     params = decoder.parameters()
     mx.eval(params)
     decoder.update(nn.utils.tree_map(lambda p: mx.array(RNG.normal(size=p.shape).astype(np.float32) * 0.05), params))
-    d = config.embed_dim
+    return decoder
+
+
+def test_image_side_kept_per_image_equals_full_decode():
+    """Prompts without a mask hint, decoded with the image side projected once, equal a full decode."""
+    decoder = _random_decoder()
+    d = decoder.iou_token.shape[-1]
+    tokens = mx.array(RNG.normal(size=(1, 8, 8, d)).astype(np.float32))
+    pe = mx.array(RNG.normal(size=(8, 8, d)).astype(np.float32))
+    no_mask = mx.array(RNG.normal(size=(1, d)).astype(np.float32))
+    sparse = mx.array(RNG.normal(size=(6, 3, d)).astype(np.float32))
+    dense = mx.broadcast_to(no_mask.reshape(1, 1, 1, d), (6, 8, 8, d))
+    image_side = decoder.project_image(tokens, pe, no_mask)
+    for multimask in (True, False):
+        masks, iou = decoder(tokens, pe, sparse, dense, multimask)
+        kept_masks, kept_iou = decoder(tokens, pe, sparse, dense, multimask, image_side)
+        np.testing.assert_allclose(np.array(kept_masks), np.array(masks), atol=1e-5)
+        np.testing.assert_allclose(np.array(kept_iou), np.array(iou), atol=1e-5)
+
+
+def test_keep_prompt_buffers_raises_the_cpu_cache_never_lowers_it():
+    before = mx.set_cache_limit(32 << 20)  # MLX's CPU default
+    try:
+        keep_prompt_buffers()
+        assert mx.set_cache_limit(1 << 30) == (256 << 20 if on_cpu() else 32 << 20)
+        keep_prompt_buffers()
+        assert mx.set_cache_limit(before) == 1 << 30
+    finally:
+        mx.set_cache_limit(before)
+
+
+def test_prompt_groups_equal_one_at_a_time():
+    """9 prompts decoded together (in groups on the CPU) equal each decoded alone."""
+    decoder = _random_decoder()
+    d = decoder.iou_token.shape[-1]
     tokens = mx.array(RNG.normal(size=(1, 8, 8, d)).astype(np.float32))
     pe = mx.array(RNG.normal(size=(8, 8, d)).astype(np.float32))
     sparse = mx.array(RNG.normal(size=(9, 3, d)).astype(np.float32))
