@@ -23,7 +23,8 @@ class ImageSide(NamedTuple):
 
     Before the first layer the image side is the image tokens plus the "no mask" embedding,
     the same for every prompt without a mask hint, so its projections are computed once per
-    image (three 4096 x 256 -> 128 products) instead of once per prompt. Each is 1 x heads x HW x c.
+    image (three 4096 x 256 -> 128 products) instead of once per prompt. The projections are
+    1 x heads x HW x c.
     """
 
     image: mx.array  # 1 x HW x D: the image tokens plus the "no mask" embedding
