@@ -2,7 +2,7 @@
 
 On a GPU this is ``mx.fast.scaled_dot_product_attention`` (one fused kernel). On the
 CPU that kernel falls back to matmul, softmax, matmul over the whole logit tensor,
-and two things make it slow: MLX's CPU ``exp`` (about 75 M values/s on x86, where each
+and two things make it slow: MLX's CPU ``exp`` (about 80 M values/s on x86, where each
 of its polynomial terms is a library ``fma`` call) and logit tensors far larger than
 the caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
 

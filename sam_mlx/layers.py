@@ -54,7 +54,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (affine); on the CPU the mean and variance are matmuls with a 1/C column.
 
     MLX's fused CPU layer norm is ~3x slower for the encoder's rows (4096 x 768: 28 ms
-    against 6 ms here), and its CPU reductions run at ~1.4 G values/s against BLAS's
+    against 6 ms here), and its CPU reductions run at ~1.2 G values/s against BLAS's
     matrix-vector products (4096 x 256 rows: 2.5 ms with ``mean``, 1.8 ms with matmuls).
     On a GPU the fused kernel is kept.
     """
