@@ -22,7 +22,9 @@ from .checkpoint import atomic_write
 from .transforms import ImageGeometry
 
 FORMAT = "sam_mlx_image_tokens"
-FORMAT_VERSION = "1"
+# 2: stretch sizing encodes at one scale for both axes (version 1's stretch tokens were made with
+# squashed ViT position encodings, and are refused rather than decoded in the wrong frame).
+FORMAT_VERSION = "2"
 _SAMPLED_WEIGHTS = 8  # weights whose values enter the fingerprint (all names, shapes and dtypes do)
 
 

@@ -160,6 +160,15 @@ def test_not_a_tokens_file(model, tmp_path):
         save_image_tokens(predictor, tmp_path / "none.safetensors")
 
 
+def test_other_format_version_refused(model, encoded, tmp_path):
+    _, path, _ = encoded["original"]
+    arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+    old = tmp_path / "old.safetensors"
+    mx.save_safetensors(str(old), arrays, metadata={**metadata, "format_version": "1"})
+    with pytest.raises(ImageTokensError, match=r"old.safetensors: image tokens format version '1', expected '2'"):
+        load_image_tokens(sam_mlx.SamPredictor(model), old)
+
+
 def test_write_is_atomic(encoded, monkeypatch, tmp_path):
     predictor, _, _ = encoded["stretch"]
 
