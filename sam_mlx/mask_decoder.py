@@ -105,37 +105,16 @@ class MaskDecoder(nn.Module):
         (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
         b = sparse.shape[0]
-        if b <= _CPU_PROMPT_GROUP or not on_cpu():
-            return self._decode(image_tokens, image_pe, sparse, dense, multimask_output, image_side)
-        groups = [
-            self._decode(
-                image_tokens if image_tokens.shape[0] == 1 else image_tokens[i : i + _CPU_PROMPT_GROUP],
-                image_pe, sparse[i : i + _CPU_PROMPT_GROUP], dense[i : i + _CPU_PROMPT_GROUP], multimask_output,
-                image_side,
-            )
-            for i in range(0, b, _CPU_PROMPT_GROUP)
-        ]
-        return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
-
-    def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
-        """What the first transformer layer computes from the image alone, for prompts without a mask hint.
-
-        image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
-        """
-        _, h, w, d = image_tokens.shape
-        src = (image_tokens + no_mask).reshape(1, h * w, d)
-        return self.transformer.layers[0].project_image(src, image_pe.reshape(1, h * w, d))
-
-    def _decode(
-        self,
-        image_tokens: mx.array,
-        image_pe: mx.array,
-        sparse: mx.array,
-        dense: mx.array,
-        multimask_output: bool,
-        image_side: ImageSide | None,
-    ) -> tuple[mx.array, mx.array]:
-        b = sparse.shape[0]
+        if b > _CPU_PROMPT_GROUP and on_cpu():
+            groups = [
+                self(
+                    image_tokens if image_tokens.shape[0] == 1 else image_tokens[i : i + _CPU_PROMPT_GROUP],
+                    image_pe, sparse[i : i + _CPU_PROMPT_GROUP], dense[i : i + _CPU_PROMPT_GROUP], multimask_output,
+                    image_side,
+                )
+                for i in range(0, b, _CPU_PROMPT_GROUP)
+            ]
+            return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
         _, h, w, d = dense.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
@@ -152,3 +131,12 @@ class MaskDecoder(nn.Module):
         masks = features.reshape(b, -1, features.shape[-1]) @ hyper
         masks = interleave_blocks(masks.reshape(*features.shape[:-1], len(chosen)))
         return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
+
+    def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
+        """What the first transformer layer computes from the image alone, for prompts without a mask hint.
+
+        image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
+        """
+        _, h, w, d = image_tokens.shape
+        src = (image_tokens + no_mask).reshape(1, h * w, d)
+        return self.transformer.layers[0].project_image(src, image_pe.reshape(1, h * w, d))
