@@ -189,8 +189,10 @@ class TwoWayAttentionBlock(nn.Module):
         """``keys`` (1 x HW x D) with their projections in this block's two cross-attentions."""
         k = keys + key_pe
         to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        return ImageSide(keys, to_image.project(to_image.k_proj, k), to_image.project(to_image.v_proj, keys),
-                         to_tokens.project(to_tokens.q_proj, k))
+        projections = (to_image.project(to_image.k_proj, k), to_image.project(to_image.v_proj, keys),
+                       to_tokens.project(to_tokens.q_proj, k))
+        # kept row-major: as head-split views, every prompt's attention would copy them again
+        return ImageSide(keys, *(mx.contiguous(p) for p in projections))
 
 
 class TwoWayTransformer(nn.Module):

@@ -134,3 +134,13 @@ def test_mask_resize_matrix_is_torch_upscale_crop_resize(rows, cols, seed):
     np.testing.assert_allclose(ry @ x @ rx.T, expected, atol=1e-5)
     got = np.array(upscale_mask_logits(mx.array(x.astype(np.float32)), (ph, pw), (vh, vw), (oh, ow)))
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_upscale_mask_logits_keeps_batch_axes():
+    """B x C x h x w logits (also B = 0 and a plain h x w) upscale mask by mask, as Ry @ x @ Rx.T."""
+    ry, rx = mask_resize_matrix(256, 1024, 683, 1200), mask_resize_matrix(256, 1024, 1024, 1800)
+    for shape in [(2, 3, 256, 256), (0, 3, 256, 256), (256, 256)]:
+        x = np.random.default_rng(1).normal(size=shape).astype(np.float32) * 10
+        got = np.array(upscale_mask_logits(mx.array(x), (1024, 1024), (683, 1024), (1200, 1800)))
+        assert got.shape == (*shape[:-2], 1200, 1800)
+        np.testing.assert_allclose(got, ry @ x @ rx.T, atol=1e-4)
