@@ -115,8 +115,14 @@ def estrin(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
     return terms[0]
 
 
+# the float32 x (4 sqrt(2) rounded up) for which x * sqrt(0.5) is exactly 4.0 in float32, where the
+# approximation reaches +-1 exactly, so GELU(x) is exactly 0 for every x far below zero
+_ERF_RANGE_X = 5.6568546
+
+
 @fused
-def _gelu_of_clipped(x: mx.array, z: mx.array) -> mx.array:
+def _gelu_of_clipped(x: mx.array, clipped: mx.array) -> mx.array:
+    z = clipped * math.sqrt(0.5)
     z2 = z * z
     return 0.5 * x * (1.0 + z * estrin(_ERF_P, z2) / estrin(_ERF_Q, z2))
 
@@ -128,7 +134,7 @@ def gelu(x: mx.array) -> mx.array:
     function. Evaluated in float32 (the powers of x^2 overflow float16), returned in x's dtype.
     """
     x32 = x if x.dtype == mx.float32 else x.astype(mx.float32)
-    # z = x / sqrt(2) clipped to [-4, 4] by plain MLX ops: inside a fused CPU kernel, MLX's float
-    # min/max test every element for NaN and keep the loop from vectorising (~3x slower)
-    out = _gelu_of_clipped(x32, mx.clip(x32 * math.sqrt(0.5), -4.0, 4.0))
+    # x clipped to where erf(x / sqrt(2)) is approximated, by a plain MLX op: inside a fused CPU kernel,
+    # MLX's float min/max test every element for NaN and keep the loop from vectorising (~3x slower)
+    out = _gelu_of_clipped(x32, mx.clip(x32, -_ERF_RANGE_X, _ERF_RANGE_X))
     return out if x.dtype == mx.float32 else out.astype(x.dtype)
