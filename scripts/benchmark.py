@@ -3,14 +3,18 @@
 
 Rows, per model (random ViT-B, random ViT-L, the shared MobileSAM):
   encode      image encoding at 1024 (set_image), median of --runs after a warm-up
-  prompt      one point -> 3 masks at the original size (decoder + post-processing), median of 20
+  prompt      one point -> 3 masks at the original size (decoder + post-processing), and -> 1 mask
+              (multimask_output=False); median of 36 (3 rounds of 12, see below). Also sam_mlx alone
+              at a 512 stretch encoding, median of 20
   everything  automatic mask generation on the photo, default settings (MobileSAM only: random
               weights give meaningless mask sets), one run after a warm-up decode
   peak RSS    the process's peak resident memory after loading and encoding
 
 Each (framework, model) pair runs in its own fresh subprocess so peak memory is its own.
-Meta's segment-anything has no TinyViT, so MobileSAM's encoding is timed for sam_mlx only;
-PyTorch's MobileSAM rows run its prompt encoder / mask decoder on sam_mlx's embedding.
+Meta's segment-anything has no TinyViT, so MobileSAM's encoding is timed for sam_mlx only.
+Prompts are timed in further subprocesses that decode sam_mlx's saved embedding of the photo
+(PyTorch: Meta's prompt encoder and mask decoder with the same weights), sam_mlx's and
+PyTorch's alternating for 3 rounds, so the slow spells of a shared machine fall on both alike.
 
     python scripts/benchmark.py --models vit_b,mobile_sam --runs 3 --json bench.json
 """
@@ -18,6 +22,7 @@ PyTorch's MobileSAM rows run its prompt encoder / mask decoder on sam_mlx's embe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +33,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,18 +76,12 @@ def timed(fn, runs: int) -> list[float]:
 
 # ------------------------------------------------------------------ workers (one per subprocess)
 def measure(predictor, image, runs: int, time_encoding: bool = True) -> dict:
-    """Peak memory, encoding times (after a warm-up) and prompt-to-mask times of one predictor."""
-    import numpy as np
-
+    """Peak memory and encoding times (after a warm-up) of one predictor."""
     result = {"load_rss_mb": peak_rss_mb()}
     predictor.set_image(image)  # warm-up
     if time_encoding:
         result["encode_s"] = timed(lambda: predictor.set_image(image), runs)
     result["peak_rss_mb"] = peak_rss_mb()
-    coords, labels = np.array(POINT[0]), np.array(POINT[1])
-    predictor.predict(coords, labels)
-    result["prompt_s"] = timed(lambda: predictor.predict(coords, labels), 20)
-    result["prompt_single_s"] = timed(lambda: predictor.predict(coords, labels, multimask_output=False), 20)
     return result
 
 
@@ -88,86 +91,141 @@ def time_everything(generator, image, result: dict) -> None:
     result["everything_s"] = [time.perf_counter() - start]
 
 
-def worker_mlx(model_name: str, checkpoint: str, image_path: str, runs: int, everything: bool) -> dict:
+def worker_mlx(args) -> dict:
+    """Encoding and memory; saves the photo's embedding for the prompt workers; times prompts at stretch 512."""
     import numpy as np
+
     import sam_mlx
     from sam_mlx.image_io import load_image
 
-    image = load_image(image_path)
-    predictor = sam_mlx.SamPredictor(sam_mlx.load(checkpoint))
-    result = measure(predictor, image, runs)
-    # interactive trade-off (sam_mlx only): a 512 stretch encoding, 4x fewer tokens for the decoder
+    image = load_image(args.image)
+    predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
+    result = measure(predictor, image, args.runs)
+    np.save(args.embedding, predictor.get_image_embedding())
+    # the interactive trade-off (sam_mlx only, so not interleaved): a 512 stretch encoding, 4x fewer tokens
     stretch = sam_mlx.SamPredictor(predictor.model, sizing="stretch", size=512)
     stretch.set_image(image)
     coords, labels = np.array(POINT[0]), np.array(POINT[1])
     stretch.predict(coords, labels)
     result["prompt_stretch512_s"] = timed(lambda: stretch.predict(coords, labels), 20)
-    if everything:
+    if args.worker_everything:
         from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
 
         time_everything(SamAutomaticMaskGenerator(predictor.model), image, result)
     return result
 
 
-def worker_torch(model_name: str, checkpoint: str, image_path: str, runs: int, everything: bool) -> dict:
-    import numpy as np
+def worker_torch(args) -> dict:
+    """Encoding and memory (MobileSAM: no TinyViT in PyTorch, its stand-in encoder is not timed)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from PIL import Image
-    from reference import build_reference_sam, reference_generator_class, reference_predictor_class
+    from reference import reference_generator_class, reference_predictor_class
 
-    image = np.asarray(Image.open(image_path).convert("RGB"))
-    if model_name == "mobile_sam":
-        sam = _torch_mobile_sam_decoder(checkpoint, image)
-    else:
-        sam = build_reference_sam(**RANDOM_MODELS[model_name])
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+    image = _rgb(args.image)
+    sam = _torch_sam(args)
     with torch.no_grad():
-        # MobileSAM: no TinyViT in PyTorch here, its stand-in encoder is not timed.
-        result = measure(reference_predictor_class()(sam), image, runs, time_encoding=model_name != "mobile_sam")
-        if everything:
+        result = measure(reference_predictor_class()(sam), image, args.runs, time_encoding=args.model != "mobile_sam")
+        if args.worker_everything:
             time_everything(reference_generator_class()(sam), image, result)
+    if args.model == "mobile_sam":  # a decoder alone: its memory is not comparable
+        del result["load_rss_mb"], result["peak_rss_mb"]
     return result
 
 
-def _torch_mobile_sam_decoder(checkpoint: str, image) -> "torch.nn.Module":
-    """Meta's Sam with MobileSAM's real prompt encoder/decoder; its encoder returns sam_mlx's embedding."""
+def worker_prompts(args) -> dict:
+    """One point -> 3 masks and -> 1 mask, decoded from the saved embedding of the photo, 12 calls each."""
+    import numpy as np
+
+    image = _rgb(args.image)
+    coords, labels = np.array(POINT[0]), np.array(POINT[1])
+    if args.worker == "prompts-mlx":
+        import sam_mlx  # first: it loads OpenBLAS before mlx
+
+        import mlx.core as mx
+        from sam_mlx.transforms import image_geometry
+
+        predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
+        tokens = mx.array(np.load(args.embedding).transpose(0, 2, 3, 1))
+        predictor.set_image_tokens(tokens, image_geometry(image.shape[:2]))
+        no_grad = contextlib.nullcontext()
+    else:
+        import torch
+
+        from reference import reference_predictor_class
+
+        predictor = reference_predictor_class()(_torch_sam(args, decoder_only=True))
+        predictor.set_image(image)
+        no_grad = torch.no_grad()
+    result: dict[str, list[float]] = {}
+    with no_grad:
+        for key, multimask in (("prompt_s", True), ("prompt_single_s", False)):
+            predictor.predict(coords, labels, multimask_output=multimask)  # warm-up
+            result[key] = timed(lambda: predictor.predict(coords, labels, multimask_output=multimask), 12)
+    return result
+
+
+def _rgb(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _torch_sam(args, decoder_only: bool = False) -> "torch.nn.Module":
+    """Meta's Sam with the checkpoint's weights. With ``decoder_only`` (always for MobileSAM) only its prompt
+    encoder and mask decoder are loaded, and its image encoder returns sam_mlx's saved embedding."""
     import numpy as np
     import torch
 
     from reference import build_reference_sam
 
-    import sam_mlx
+    state = torch.load(args.checkpoint, map_location="cpu")
+    if not decoder_only and args.model != "mobile_sam":
+        sam = build_reference_sam(**RANDOM_MODELS[args.model])
+        sam.load_state_dict(state)
+        return sam.eval()
+    embedding = torch.from_numpy(np.load(args.embedding))
 
-    ours = sam_mlx.SamPredictor(sam_mlx.load(checkpoint))
-    ours.set_image(image)
-    embedding = torch.from_numpy(np.ascontiguousarray(ours.get_image_embedding()))
-
-    class FixedEmbedding(torch.nn.Module):
+    class SavedEmbedding(torch.nn.Module):
         img_size = 1024
 
         def forward(self, x):
             return embedding.expand(x.shape[0], -1, -1, -1)
 
     sam = build_reference_sam(embed_dim=32, depth=1, num_heads=1, global_attn_indexes=(0,))
-    sam.image_encoder = FixedEmbedding()
-    state = torch.load(checkpoint, map_location="cpu")
+    sam.image_encoder = SavedEmbedding()
     sam.load_state_dict({k: v for k, v in state.items() if not k.startswith("image_encoder.")}, strict=False)
     return sam.eval()
 
 
 # ------------------------------------------------------------------ driver
-def run_worker(framework: str, model: str, checkpoint: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", framework, "--model", model, "--checkpoint", checkpoint,
-           "--image", str(args.image), "--runs", str(args.runs)]
-    if args.everything and model == "mobile_sam":
+WORKERS = {"mlx": worker_mlx, "torch": worker_torch, "prompts-mlx": worker_prompts, "prompts-torch": worker_prompts}
+PROMPT_ROUNDS = 3  # the prompt workers of the two frameworks alternate, so slow spells fall on both
+
+
+def run_worker(worker: str, model: str, checkpoint: str, embedding: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--model", model, "--checkpoint", checkpoint,
+           "--image", str(args.image), "--runs", str(args.runs), "--embedding", str(embedding)]
+    if args.everything and model == "mobile_sam" and worker in ("mlx", "torch"):
         cmd.append("--worker-everything")
-    print(f"  {framework:5s} {model} ...", file=sys.stderr, flush=True)
+    print(f"  {worker:13s} {model} ...", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
-        raise SystemExit(f"{framework} worker for {model} failed:\n{out.stderr}")
+        raise SystemExit(f"{worker} worker for {model} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_model(model: str, checkpoint: str, folder: Path, args) -> dict:
+    """All workers of one model: encoding and memory per framework, then alternating prompt rounds."""
+    embedding = folder / f"{model}_embedding.npy"
+    result = {"mlx": run_worker("mlx", model, checkpoint, embedding, args), "torch": {}}
+    if model != "mobile_sam" or args.everything:  # PyTorch has no TinyViT: nothing else to measure
+        result["torch"] = run_worker("torch", model, checkpoint, embedding, args)
+    for _ in range(PROMPT_ROUNDS):
+        for fw in ("mlx", "torch"):
+            for key, times in run_worker(f"prompts-{fw}", model, checkpoint, embedding, args).items():
+                result[fw].setdefault(key, []).extend(times)
+    return result
 
 
 def make_checkpoints(models: list[str], folder: Path) -> dict[str, str]:
@@ -253,15 +311,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed encodings after one warm-up")
     parser.add_argument("--no-everything", dest="everything", action="store_false")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--embedding", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--worker-everything", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        fn = worker_mlx if args.worker == "mlx" else worker_torch
-        print(json.dumps(fn(args.model, args.checkpoint, str(args.image), args.runs, args.worker_everything)))
+        sys.path.insert(0, str(ROOT / "tests"))
+        print(json.dumps(WORKERS[args.worker](args)))
         return 0
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -270,7 +329,7 @@ def main() -> int:
         checkpoints = make_checkpoints(models, Path(tmp))
         for model in models:
             print(f"{model}:", file=sys.stderr)
-            results[model] = {fw: run_worker(fw, model, checkpoints[model], args) for fw in ("mlx", "torch")}
+            results[model] = run_model(model, checkpoints[model], Path(tmp), args)
     rows = summarise(results)
     info = machine()
     print(f"\nMachine: {info['processor']}, {info['cpus']} CPUs, {info['platform']}; MLX {info['mlx']} "
