@@ -104,7 +104,8 @@ def upscale_mask_logits(
     col_blocks, block_cols, col_width = col_weights.shape
     columns = mx.contiguous(logits.astype(mx.float32).reshape(count, w).T)  # w x (N h)
     bands = mx.take(columns, mx.array(_band_rows(col_first, col_width).reshape(-1)), axis=0)
-    by_column_block = bands.reshape(col_blocks, col_width, count).swapaxes(1, 2) @ mx.array(col_weights.transpose(0, 2, 1))
+    bands = bands.reshape(col_blocks, col_width, count).swapaxes(1, 2)
+    by_column_block = bands @ mx.array(col_weights.transpose(0, 2, 1))  # nCol x (N h) x 64
     # rows (mask n, row block i, band row t) of every column block j: n x i x t x (j, 64)
     row_blocks, block_rows, row_width = row_weights.shape
     masks = count // h
