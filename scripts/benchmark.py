@@ -165,10 +165,12 @@ def worker_prompts(args) -> dict:
 
 
 def _rgb(path: Path):
+    """The photo as H x W x 3 RGB, turned as its EXIF tag says (as sam_mlx's loader, without importing mlx)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    return np.asarray(Image.open(path).convert("RGB"))
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def _torch_sam(args, decoder_only: bool = False) -> "torch.nn.Module":
