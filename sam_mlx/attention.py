@@ -44,8 +44,9 @@ def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
-    """exp(z - shift) in float32 (~2e-7 relative), fused and vectorised on the CPU.
+    """exp(z - shift) for float32 z and shift (~2e-7 relative), fused and vectorised on the CPU.
 
+    Only for float32: the rounding constant overflows float16 and is too coarse for bfloat16.
     The clip is a plain MLX op: MLX's float min/max inside a fused CPU kernel test each
     element for NaN and keep the loop from vectorising.
     """
@@ -60,11 +61,12 @@ def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
-    """Softmax along ``axis``, with the fused exp on the CPU."""
+    """Softmax along ``axis``, with the fused exp on the CPU (computed in float32, returned in x's dtype)."""
     if not on_cpu():
         return mx.softmax(x, axis=axis, precise=True)
-    weights = shifted_exp(x, x.max(axis=axis, keepdims=True))
-    return weights / weights.sum(axis=axis, keepdims=True)
+    x32 = x.astype(mx.float32)
+    weights = shifted_exp(x32, x32.max(axis=axis, keepdims=True))
+    return (weights / weights.sum(axis=axis, keepdims=True)).astype(x.dtype)
 
 
 def attention(
@@ -89,8 +91,11 @@ def attention(
             full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)
             mask = full if mask is None else mask + full
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    # row-major once rather than inside each chunk's matmul (k^T is then a free transposed view)
-    return _chunked_attention(mx.contiguous(q * scale), mx.contiguous(k).swapaxes(2, 3), mx.contiguous(v), mask, rel_pos)
+    # float32 (half precision is slower on the CPU and ``shifted_exp`` needs it), row-major once rather
+    # than inside each chunk's matmul (k^T is then a free transposed view)
+    q32, k32, v32 = (t.astype(mx.float32) for t in (q, k, v))
+    out = _chunked_attention(mx.contiguous(q32 * scale), mx.contiguous(k32).swapaxes(2, 3), mx.contiguous(v32), mask, rel_pos)
+    return out.astype(q.dtype)
 
 
 def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:

@@ -56,16 +56,18 @@ class LayerNorm(nn.LayerNorm):
     MLX's fused CPU layer norm is ~3x slower for the encoder's rows (4096 x 768: 28 ms
     against 6 ms here), and its CPU reductions run at ~1.2 G values/s against BLAS's
     matrix-vector products (4096 x 256 rows: 2.5 ms with ``mean``, 1.8 ms with matmuls).
-    On a GPU the fused kernel is kept.
+    On a GPU the fused kernel is kept. On the CPU the statistics and result are float32
+    (returned in x's dtype): squares of float16 activations overflow.
     """
 
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():
             return super().__call__(x)
-        average = mx.full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=x.dtype)
-        centred = x - x @ average
+        x32 = x.astype(mx.float32)
+        average = mx.full((x.shape[-1], 1), 1.0 / x.shape[-1])
+        centred = x32 - x32 @ average
         variance = (centred * centred) @ average
-        return centred * (mx.rsqrt(variance + self.eps) * self.weight) + self.bias
+        return (centred * (mx.rsqrt(variance + self.eps) * self.weight) + self.bias).astype(x.dtype)
 
 
 def layer_norm_2d(dims: int) -> LayerNorm:

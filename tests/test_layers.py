@@ -94,6 +94,28 @@ def test_layer_norm_matches_mlx(dims):
     np.testing.assert_allclose(np.array(norm(x)), np.array(expected), atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_inputs_computed_in_float32(dtype):
+    """Softmax, attention and LayerNorm take and return half precision; inside they compute in float32."""
+    tol = 2e-3 if dtype == mx.float16 else 1.6e-2  # about one rounding to the half type, relative
+    x = (RNG.normal(size=(2, 3, 40, 16)) * 4).astype(np.float32)
+    half = mx.array(x).astype(dtype)
+    exact = half.astype(mx.float32)
+    got = softmax(half)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(softmax(exact)), rtol=tol, atol=1e-6)
+    got = attention(half, half, half, 0.25)
+    assert got.dtype == dtype
+    expected = attention(exact, exact, exact, 0.25)
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(expected), rtol=tol, atol=tol)
+    norm = LayerNorm(16)
+    big = (half * 300).astype(dtype)  # squares beyond float16's range
+    got = norm(big)
+    assert got.dtype == dtype
+    expected = norm(big.astype(mx.float32))
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(expected), rtol=tol, atol=tol)
+
+
 def _reference_attention(layer: DownsampledAttention, q, k, v) -> np.ndarray:
     """Project, split heads, attend, merge, project: the textbook order, in float64."""
     def linear(x, lin):
