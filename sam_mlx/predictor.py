@@ -14,6 +14,7 @@ import numpy as np
 
 from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
+from .prompt_encoder import PADDING_LABEL
 from .resize import upscale_mask_logits
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
@@ -32,7 +33,7 @@ class SamPredictor:
     def __init__(self, model: Sam, sizing: str = "original", size: int | tuple[int, int] | None = None):
         self.model = model
         self.sizing = sizing
-        self.size = model.config.image_size if size is None else size
+        self.size = _size(model.config.image_size if size is None else size)
         image_geometry((1, 1), sizing, self.size)  # validate the sizing early
         keep_prompt_buffers()
         self.reset_image()
@@ -100,8 +101,8 @@ class SamPredictor:
         """One prompt -> (masks C x H x W, iou_predictions C, low_res_logits C x h x w), numpy.
 
         point_coords: N x 2 (x, y) pixels of the original image, point_labels: N (1 = foreground,
-        0 = background); box: 4 (x1, y1, x2, y2); mask_input: 1 x h x w low-res logits from a
-        previous prediction. C is 3 with ``multimask_output`` else 1.
+        0 = background, -1 = padding, ignored); box: 4 (x1, y1, x2, y2); mask_input: 1 x h x w
+        low-res logits from a previous prediction. C is 3 with ``multimask_output`` else 1.
         """
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels)
@@ -113,7 +114,12 @@ class SamPredictor:
             box = box.reshape(1, 4)
         if mask_input is not None:
             mask_input = np.asarray(mask_input)
-            mask_input = mask_input.reshape(1, *mask_input.shape[-3:]) if mask_input.ndim == 3 else mask_input
+            if mask_input.ndim != 3 or mask_input.shape[0] != 1:
+                raise ValueError(
+                    f"mask_input must be 1 x h x w: one low-res mask of a previous prediction (e.g. low_res[[i]]), "
+                    f"got shape {mask_input.shape}"
+                )
+            mask_input = mask_input[None]
         masks, iou, low_res = self.predict_batch(
             point_coords, point_labels, box, mask_input, multimask_output, return_logits
         )
@@ -131,14 +137,25 @@ class SamPredictor:
         """B prompts decoded together -> (masks B x C x H x W, iou B x C, low_res B x C x h x w).
 
         point_coords: B x N x 2, point_labels: B x N, boxes: B x 4, mask_input: B x 1 x h x w,
-        all in the original image's pixels; whichever are given must agree on B.
+        all in the original image's pixels; whichever are given must agree on B. Prompts with
+        fewer points are padded with label -1. B = 0 gives empty arrays.
         """
-        low_res, iou = self.decode(*self.prepare_prompts(point_coords, point_labels, boxes, mask_input), multimask_output)
+        prompts = self.prepare_prompts(point_coords, point_labels, boxes, mask_input)
+        if _batch_size(*prompts) == 0:
+            return self._no_masks(multimask_output, return_logits)
+        low_res, iou = self.decode(*prompts, multimask_output)
         masks = self.upscale(low_res)
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         mx.eval(masks, iou, low_res)
         return np.array(masks), np.array(iou), np.array(low_res)
+
+    def _no_masks(self, multimask_output: bool, return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The empty result of a batch of 0 prompts, shaped like a non-empty one."""
+        count = 3 if multimask_output else 1
+        grid_h, grid_w = self.geometry.grid_size
+        masks = np.zeros((0, count, *self.geometry.original_size), np.float32 if return_logits else bool)
+        return masks, np.zeros((0, count), np.float32), np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32)
 
     def prepare_prompts(
         self,
@@ -154,7 +171,9 @@ class SamPredictor:
         points = None
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels, batched=True)
-            outside = (coords[..., 0] < 0) | (coords[..., 0] > w) | (coords[..., 1] < 0) | (coords[..., 1] > h)
+            outside = (labels != PADDING_LABEL) & (
+                (coords[..., 0] < 0) | (coords[..., 0] > w) | (coords[..., 1] < 0) | (coords[..., 1] > h)
+            )
             if outside.any():
                 x, y = coords[outside][0]
                 raise ValueError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
@@ -173,6 +192,10 @@ class SamPredictor:
             raise ValueError("no prompt: give point_coords with point_labels, a box, or a mask_input")
         if len(set(batch_sizes.values())) > 1:
             raise ValueError(f"prompt batch sizes differ: {batch_sizes}")
+        if points is not None and box_array is None and masks is None:
+            only_padding = np.flatnonzero((labels == PADDING_LABEL).all(axis=1))
+            if only_padding.size:
+                raise ValueError(f"prompt {only_padding[0]} has only padding points (label -1), no box and no mask")
         return points, box_array, masks
 
     def _mask_input(self, mask_input: np.ndarray) -> mx.array:
@@ -220,10 +243,29 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
         raise ValueError("point_coords is empty")
     if not np.isfinite(coords).all():
         raise ValueError("point_coords contains NaN or infinite values")
-    bad = ~np.isin(labels, (0, 1))
+    bad = ~np.isin(labels, (0, 1, PADDING_LABEL))
     if bad.any():
-        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {labels[bad][0].item()!r}")
+        raise ValueError(
+            f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {labels[bad][0].item()!r}"
+        )
     return coords, labels.astype(np.int32)
+
+
+def _batch_size(points: tuple[mx.array, mx.array] | None, boxes: mx.array | None, masks: mx.array | None) -> int:
+    """B of prepared prompts (``prepare_prompts`` has checked that they agree)."""
+    given = [x for x in (boxes, masks) if x is not None] + ([points[0]] if points is not None else [])
+    return given[0].shape[0]
+
+
+def _size(size: Any) -> int | tuple[int, int]:
+    """A size as given (an integer or a pair, numpy types too) -> int or tuple of two ints."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size)
+    if isinstance(size, (tuple, list, np.ndarray)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    ):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"size must be an integer or a (height, width) pair of integers, got {size!r}")
 
 
 def _boxes(boxes: Any, w: int, h: int) -> np.ndarray:

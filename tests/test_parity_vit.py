@@ -25,6 +25,8 @@ PROMPTS = {
     "points_fg_bg": dict(point_coords=[[500, 375], [1125, 625], [1500, 800]], point_labels=[1, 1, 0]),
     "box": dict(box=[425, 600, 700, 875]),
     "box_and_points": dict(box=[425, 600, 700, 875], point_coords=[[575, 750], [560, 700]], point_labels=[0, 1]),
+    # label -1: a padding point (its position is ignored), as in prompts padded to a common point count
+    "points_padded": dict(point_coords=[[500, 375], [0, 0], [0, 0]], point_labels=[1, -1, -1]),
 }
 
 
