@@ -27,16 +27,17 @@ def load_image(path: str | Path) -> np.ndarray:
 def pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) -> H x W x 3 uint8 RGB, EXIF-rotated.
 
-    Transparent pixels are composited over white; 16-bit grayscale is scaled to 8 bits;
-    float images are taken as 0..1 when their maximum is at most 1, else as 0..255.
+    Transparent pixels are composited over white; integer grayscale (I;16* and I, how some
+    Pillow versions open 16-bit PNGs) is taken as 16-bit and scaled to 8 bits, clipped to
+    0..65535; float images are taken as 0..1 when their maximum is at most 1, else as 0..255.
     """
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         values = np.asarray(im, dtype=np.float64)
         if im.mode == "F":
             scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
-        else:  # I;16* and I (how some Pillow versions open 16-bit PNGs)
-            scale = 1.0 / 257.0 if im.mode.startswith("I;16") or values.max(initial=0.0) > 255 else 1.0
+        else:  # the same scale whatever the values, so one pixel value always gives one gray
+            scale = 1.0 / 257.0
         gray = np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
