@@ -207,12 +207,8 @@ class SamAutomaticMaskGenerator:
         counts are exact, in numpy.
         """
         logits = np.array(self.predictor.upscale(low_res))
-        offset = self.stability_score_offset
-        flat = logits.reshape(len(logits), -1)
-        inter = np.array([np.count_nonzero(m > MASK_THRESHOLD + offset) for m in flat], np.float32)
-        union = np.array([np.count_nonzero(m > MASK_THRESHOLD - offset) for m in flat], np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as in the original
-            return inter / union, logits > MASK_THRESHOLD
+        score = mu.calculate_stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
+        return score, logits > MASK_THRESHOLD
 
     @staticmethod
     def _remove_small_regions(data: mu.MaskData, min_area: int, nms_thresh: float) -> mu.MaskData:
