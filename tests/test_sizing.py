@@ -110,19 +110,19 @@ def test_stretch_1024_matches_original(matched, name, prompt):
     assert value >= 0.9, f"{key}: IoU {value:.3f}"
 
 
-def test_stretch_512_loses_small_and_thin_objects(matched):
-    """At 512 (token grid 21 x 32, a quarter of the tokens) big objects survive, small ones do not.
+def test_stretch_512_keeps_large_objects(matched):
+    """At 512 (token grid 21 x 32, a quarter of stretch 1024's tokens) big objects survive.
 
     Measured (matched IoU vs original at 1024): truck/truck_box 0.98, truck/two_points 0.97,
-    truck/wheel_box 0.92, but truck/window_point 0.76 (one window pane), groceries/item_box 0.57,
-    dog/center_box 0.74; mean over the 12 prompts 0.85 vs 0.94 for stretch at 1024. Stretch
-    512 encodes ~4x faster: fine for large objects, not for small ones.
+    truck/wheel_box 0.92, but small and thin objects suffer: truck/window_point 0.76 (one window
+    pane), groceries/item_box 0.57, dog/center_box 0.74; mean over the 12 prompts 0.85 against
+    0.94 for stretch at 1024. Stretch 512 encodes ~4x faster: fine for large objects, not small ones.
+    The bounds sit a little under those figures, so a regression fails and an improvement passes.
     """
     values = {f"{name}/{prompt['name']}": matched(name, prompt, "stretch512") for name, prompt in CASES}
-    at_1024 = [matched(name, prompt, "stretch1024") for name, prompt in CASES]
     assert values["truck/truck_box"] >= 0.95 and values["truck/two_points"] >= 0.93
-    assert values["truck/window_point"] < 0.8
-    assert np.mean(list(values.values())) < np.mean(at_1024) - 0.05
+    assert values["truck/wheel_box"] >= 0.88 and values["truck/window_point"] >= 0.7
+    assert np.mean(list(values.values())) >= 0.8
 
 
 def test_square_frame_of_coordinates():
