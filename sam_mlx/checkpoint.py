@@ -98,28 +98,33 @@ def detect_format(state: Mapping[str, object]) -> str:
     )
 
 
+def checked_shape(state: Mapping[str, np.ndarray], key: str, ndim: int, expected: str) -> tuple[int, ...]:
+    """The shape of ``state[key]``: it must exist and have ``ndim`` non-zero dimensions, described by ``expected``."""
+    if key not in state:
+        raise CheckpointError(f"missing key {key!r}")
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim or not all(shape):
+        raise CheckpointError(f"{key} has shape {shape}, expected {expected}")
+    return shape
+
+
 def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
     """Infer a ViT encoder config from Meta-format ``image_encoder.*`` weights."""
-
-    def get(key: str) -> np.ndarray:
-        if key not in state:
-            raise CheckpointError(f"missing key {key!r}")
-        return state[key]
-
-    patch = get("image_encoder.patch_embed.proj.weight")
-    embed_dim, patch_size = patch.shape[0], patch.shape[2]
-    pos = get("image_encoder.pos_embed")
-    if pos.ndim != 4 or pos.shape[3] != embed_dim:
-        raise CheckpointError(f"image_encoder.pos_embed has shape {pos.shape}, expected 1 x g x g x {embed_dim}")
+    embed_dim, _, patch_size, _ = checked_shape(state, "image_encoder.patch_embed.proj.weight", 4,
+                                                "embed_dim x 3 x patch x patch")
+    pos = checked_shape(state, "image_encoder.pos_embed", 4, f"1 x g x g x {embed_dim}")
+    if pos[3] != embed_dim:
+        raise CheckpointError(f"image_encoder.pos_embed has shape {pos}, expected 1 x g x g x {embed_dim}")
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError("no image_encoder.blocks.* keys")
     if "image_encoder.blocks.0.attn.rel_pos_h" not in state:
         raise CheckpointError("image encoder without relative position tables is not a SAM v1 encoder")
-    grid = pos.shape[1]
+    grid = pos[1]
     global_blocks, window = [], 0
     for i in range(depth):  # a table spanning the whole grid marks a global-attention block
-        rows, head_dim = get(f"image_encoder.blocks.{i}.attn.rel_pos_h").shape
+        rows, head_dim = checked_shape(state, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2,
+                                       "(2 x window - 1) x head_dim")
         size = (rows + 1) // 2
         if size == grid:
             global_blocks.append(i)
@@ -133,29 +138,29 @@ def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
         window_size=window,
         patch_size=patch_size,
         pretrain_grid=grid,
-        mlp_dim=get("image_encoder.blocks.0.mlp.lin1.weight").shape[0],
-        out_chans=get("image_encoder.neck.0.weight").shape[0],
+        mlp_dim=checked_shape(state, "image_encoder.blocks.0.mlp.lin1.weight", 2, "mlp_dim x embed_dim")[0],
+        out_chans=checked_shape(state, "image_encoder.neck.0.weight", 4, "out_chans x embed_dim x 1 x 1")[0],
         qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
         use_rel_pos=True,
     )
 
 
 def infer_decoder_config(state: Mapping[str, np.ndarray]) -> PromptDecoderConfig:
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state:
-            raise CheckpointError(f"missing key {key!r}")
-        return state[key].shape
-
+    """Infer the prompt encoder / mask decoder config from Meta-format weights."""
     # The head count is not visible in the weights; every SAM v1 decoder uses 8.
     layers = {int(m.group(1)) for k in state if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
     return PromptDecoderConfig(
-        embed_dim=shape("mask_decoder.iou_token.weight")[1],
-        mask_in_chans=shape("prompt_encoder.mask_downscaling.3.weight")[0],
-        num_multimask_outputs=shape("mask_decoder.mask_tokens.weight")[0] - 1,
+        embed_dim=checked_shape(state, "mask_decoder.iou_token.weight", 2, "1 x embed_dim")[1],
+        mask_in_chans=checked_shape(state, "prompt_encoder.mask_downscaling.3.weight", 4,
+                                    "mask_in_chans x mask_in_chans/4 x 2 x 2")[0],
+        num_multimask_outputs=checked_shape(state, "mask_decoder.mask_tokens.weight", 2,
+                                            "(multimask outputs + 1) x embed_dim")[0] - 1,
         transformer_depth=len(layers),
-        transformer_mlp_dim=shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        transformer_mlp_dim=checked_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight", 2,
+                                          "mlp_dim x embed_dim")[0],
         iou_head_depth=len({k for k in state if re.match(r"mask_decoder\.iou_prediction_head\.layers\.\d+\.weight$", k)}),
-        iou_head_hidden_dim=shape("mask_decoder.iou_prediction_head.layers.0.weight")[0],
+        iou_head_hidden_dim=checked_shape(state, "mask_decoder.iou_prediction_head.layers.0.weight", 2,
+                                          "hidden_dim x embed_dim")[0],
     )
 
 
@@ -169,9 +174,8 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     elif any(k.startswith("image_encoder.layers.") for k in state):
         from .tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
 
-        enc_state = {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
-        encoder = infer_tiny_vit_config(enc_state)
-        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(enc_state).items()})
+        encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
+        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
         rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     else:
         raise CheckpointError("no image encoder weights (image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
@@ -271,17 +275,29 @@ def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None):
     """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
     path = Path(path)
     state, metadata = read_state_dict(path)
+    if "sam_mlx_config" in metadata:
+        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype)
     try:
-        if "sam_mlx_config" in metadata:
-            config = SamConfig.from_dict(json.loads(metadata["sam_mlx_config"]))
-            weights = state
-        else:
-            weights, config = convert_state_dict(state)
+        weights, config = convert_state_dict(state)
     except CheckpointError as exc:
-        raise CheckpointError(exc.args[0] if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: invalid sam_mlx metadata or weights ({exc})") from exc
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (ValueError, KeyError) as exc:  # e.g. a config the model refuses (TinyViTConfig's stage count)
+        raise CheckpointError(f"{path}: invalid weights ({exc})") from exc
     return build_model(weights, config, str(path), dtype)
+
+
+def _sam_mlx_config(metadata: Mapping[str, str], path: Path) -> SamConfig:
+    """The config in a sam_mlx file's metadata, after checking the file's format version."""
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: sam_mlx model format version {version!r}, expected {FORMAT_VERSION!r} "
+            "(convert the original checkpoint again with this sam_mlx)"
+        )
+    try:
+        return SamConfig.from_dict(json.loads(metadata["sam_mlx_config"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON or fields of the wrong kind
+        raise CheckpointError(f"{path}: invalid sam_mlx metadata ({exc})") from exc
 
 
 def save_model(model, path: str | Path, dtype: str = "float32", source: str = "") -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import sam_mlx  # before mlx: loads OpenBLAS first
 
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint import load_checkpoint, save_model  # noqa: E402
+from .checkpoint import atomic_write, load_checkpoint, save_model  # noqa: E402
 from .hub import HubError, default_cache_dir  # noqa: E402
 from .image_io import load_image  # noqa: E402
 from .image_tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
@@ -73,8 +75,12 @@ def _positive_int(text: str) -> int:
 
 
 # ---------------------------------------------------------------- helpers
+def _model_name(args: argparse.Namespace) -> str | None:
+    return args.model or os.environ.get(MODEL_ENV)
+
+
 def _load_model(args: argparse.Namespace):
-    name = args.model or os.environ.get(MODEL_ENV)
+    name = _model_name(args)
     if not name:
         raise CliError(f"no model: pass --model NAME|PATH (e.g. sam-vit-base or a .pth file) or set {MODEL_ENV}")
     return sam_mlx.load(name)
@@ -130,16 +136,28 @@ def _check_prompts(points: np.ndarray, boxes: np.ndarray, width: int, height: in
 
 
 def _mask_record(mask: np.ndarray) -> dict:
-    """Area and COCO XYWH bbox of an H x W bool mask, as the automatic mask generator reports them."""
+    """Area and bbox of an H x W bool mask, as the automatic mask generator reports them.
+
+    The bbox is x, y, x2 - x1, y2 - y1 of the inclusive corner pixels: Meta's convention,
+    one less than COCO's width and height.
+    """
     return {"area": int(mask.sum()), "bbox": box_xyxy_to_xywh(batched_mask_to_box(mask)).tolist()}
 
 
-def _save_mask(mask: np.ndarray, path: Path) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+def _save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), suffix=".json")
+
+
+def _remove_old_masks(out_dir: Path, stem: str) -> None:
+    """Delete ``{stem}_mask<n>.png`` of an earlier run, so none outlives the JSON that lists them."""
+    pattern = re.compile(rf"{re.escape(stem)}_mask\d+\.png")
+    for path in out_dir.iterdir():
+        if pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 def _log(message: str) -> None:
@@ -203,17 +221,19 @@ def _segment(
         boxes if len(boxes) else None,
         multimask_output=multimask,
     )  # masks: n_prompts x C x H x W
+    _remove_old_masks(out_dir, stem)
     records = []
     for b in range(n_prompts):
         box = boxes[b].tolist() if len(boxes) else None
         prompt = {"points": points.tolist(), "labels": labels.tolist(), "box": box}
         for c in range(masks.shape[1]):
             name = f"{stem}_mask{len(records)}.png"
-            _save_mask(masks[b, c], out_dir / name)
+            _save_png(Image.fromarray(masks[b, c].astype(np.uint8) * 255), out_dir / name)
             records.append({"file": name, "prompt_index": b, "mask_index": c, "score": float(scores[b, c]),
                             **_mask_record(masks[b, c]), "prompt": prompt})
     overlay = f"{stem}_overlay.png"
-    draw_overlay(image, list(masks.reshape(-1, *masks.shape[2:])), points, labels, boxes).save(out_dir / overlay)
+    drawn = draw_overlay(image, list(masks.reshape(-1, *masks.shape[2:])), points, labels, boxes)
+    _save_png(drawn, out_dir / overlay)
     height, width = image.shape[:2]
     return {"width": width, "height": height, "model": model_identity(predictor.model), "sizing": predictor.sizing,
             "size": predictor.size, "multimask": multimask, "overlay": overlay, "masks": records}
@@ -232,7 +252,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     source = Path(args.checkpoint).expanduser()
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
-    model = load_checkpoint(source) if source.is_file() else sam_mlx.load(args.checkpoint)
+    # float32, not the device's default (bfloat16 encoder on a GPU): --dtype alone decides the precision.
+    model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
     path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
 
@@ -273,7 +294,7 @@ def cmd_everything(args: argparse.Namespace) -> None:
         progress = _ProgressBar(f"[{i}/{len(images)}] {path}")
         records = generator.generate(image, progress=progress)
         overlay = f"{stem}_overlay.png"
-        draw_overlay(image, [rle_to_mask(r["segmentation"]) for r in records]).save(out_dir / overlay)
+        _save_png(draw_overlay(image, [rle_to_mask(r["segmentation"]) for r in records]), out_dir / overlay)
         annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
         height, width = image.shape[:2]
         _write_json(
@@ -286,7 +307,6 @@ def cmd_everything(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from ._blas import blas_description
@@ -295,10 +315,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"mlx {mx.__version__} (default device: {mx.default_device()})")
     print(f"BLAS: {blas_description()}")
     print(f"model cache: {default_cache_dir()}")
-    if args.model:
-        model = sam_mlx.load(args.model)
+    name = _model_name(args)
+    if name:
+        model = sam_mlx.load(name)
         count = sum(v.size for _, v in tree_flatten(model.parameters()))
-        print(f"model: {args.model}: {model_identity(model)}, {count / 1e6:.1f} M parameters")
+        print(f"model: {name}: {model_identity(model)}, {count / 1e6:.1f} M parameters")
         print(json.dumps(model.config.to_dict(), indent=1))
 
 
@@ -323,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser("segment", parents=[debug, model], help="masks for point and box prompts",
                               description="Segment images with point and box prompts (pixel coordinates; "
                               "write negative numbers as --box=-5,0,90,80). Writes per image: one PNG per mask, "
-                              "an overlay PNG and a JSON of scores, areas, bboxes (x, y, w, h) and prompts.")
+                              "an overlay PNG and a JSON of scores, areas, bboxes and prompts. A bbox is x, y, w, h "
+                              "with w = x2 - x1, h = y2 - y1 of the mask's first and last pixel columns and rows "
+                              "(as Meta's SAM: one less than COCO's).")
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     seg.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y", help="foreground point")
     seg.add_argument("--bg-point", type=_point, action="append", default=[], metavar="X,Y", help="background point")
@@ -355,9 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     every = commands.add_parser("everything", parents=[debug, model], help="masks for everything in images",
                                 description="Segment everything with SAM's automatic mask generator (a grid of "
-                                "point prompts, filtered and de-duplicated). Writes per image a COCO-style JSON "
-                                "(RLE segmentation, area, bbox x,y,w,h, predicted_iou, stability_score, "
-                                "point_coords, crop_box) and an overlay PNG of all masks.")
+                                "point prompts, filtered and de-duplicated). Writes per image an overlay PNG of all "
+                                "masks and a JSON of annotations as Meta's generator makes them: COCO RLE "
+                                "segmentation, area, bbox, predicted_iou, stability_score, point_coords, crop_box. "
+                                "The bbox is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and last "
+                                "pixel columns and rows: one less than COCO's w, h.")
     every.add_argument("images", metavar="IMAGE|DIR", help="an image file or a folder of images")
     every.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
     every.add_argument("--points-per-side", type=_positive_int, default=32, metavar="N",
@@ -376,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", parents=[debug], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "
-                               "in use, the model cache and, with --model, the model's config.")
-    info.add_argument("--model", metavar="NAME|PATH")
+                               f"in use, the model cache and, with --model or ${MODEL_ENV}, the model's config.")
+    info.add_argument("--model", metavar="NAME|PATH", help=f"a model to load and describe (default: ${MODEL_ENV})")
     info.set_defaults(func=cmd_info)
     return parser
 

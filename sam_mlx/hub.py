@@ -235,7 +235,8 @@ def _download(repo: str, filename: str | None, cache: Path) -> Path:
         raise HubError(f"{repo} is not cached and {reason}. {_manual_hint(repo, filename, cache)}") from None
     except RepositoryNotFoundError:
         raise HubError(
-            f"no Hub repo {repo} (or it is private or gated: log in with `hf auth login`)"
+            f"no Hub repo {repo} (or it is private or gated: log in with `hf auth login`, "
+            "or `huggingface-cli login` with huggingface_hub older than 0.34)"
         ) from None
     except HubError:
         raise
@@ -249,6 +250,7 @@ def _manual_hint(repo: str, filename: str | None, cache: Path) -> str:
     if filename is None:
         return f"Download the repo's checkpoint file from https://huggingface.co/{repo}/tree/main and {where}"
     return (
-        f"Download https://huggingface.co/{repo}/resolve/main/{filename} (or run "
-        f"`hf download {repo} {filename}` where the Hub is reachable) and {where}"
+        f"Download https://huggingface.co/{repo}/resolve/main/{filename} (or, where the Hub is reachable, run "
+        f"`hf download {repo} {filename}`; `huggingface-cli download {repo} {filename}` with huggingface_hub "
+        f"older than 0.34) and {where}"
     )

@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .attention import attention
+from .checkpoint import CheckpointError, checked_shape
 from .config import _from_dict
 from .layers import LayerNorm, gelu, layer_norm_2d
 
@@ -277,12 +278,6 @@ class TinyViTImageEncoder(nn.Module):
         return x
 
 
-def _get(state: Mapping[str, np.ndarray], key: str) -> np.ndarray:
-    if key not in state:
-        raise ValueError(f"TinyViT weights: missing key {key!r}")
-    return np.asarray(state[key])
-
-
 def _count(state: Mapping[str, np.ndarray], pattern: str) -> int:
     """Number of consecutive indices n (from 0) for which some key starts with ``pattern.format(n)``."""
     n = 0
@@ -291,37 +286,46 @@ def _count(state: Mapping[str, np.ndarray], pattern: str) -> int:
     return n
 
 
-def infer_tiny_vit_config(state: Mapping[str, np.ndarray]) -> TinyViTConfig:
-    """Read a TinyViTConfig off torch-format encoder weights (keys without 'image_encoder.')."""
-    stages = _count(state, "layers.{}.")
-    depths = tuple(_count(state, f"layers.{i}.blocks.{{}}.") for i in range(stages))
-    conv1 = _get(state, "layers.0.blocks.0.conv1.c.weight")
-    dims, heads, windows = [conv1.shape[1]], [TinyViTConfig.num_heads[0]], [TinyViTConfig.window_sizes[0]]
+def infer_tiny_vit_config(state: Mapping[str, np.ndarray], prefix: str = "") -> TinyViTConfig:
+    """Read a TinyViTConfig off torch-format encoder weights, whose keys start with ``prefix``.
+
+    Raises CheckpointError naming a missing or mis-shaped key.
+    """
+
+    def shape(key: str, ndim: int, expected: str) -> tuple[int, ...]:
+        return checked_shape(state, prefix + key, ndim, expected)
+
+    stages = _count(state, prefix + "layers.{}.")
+    depths = tuple(_count(state, f"{prefix}layers.{i}.blocks.{{}}.") for i in range(stages))
+    conv1 = shape("layers.0.blocks.0.conv1.c.weight", 4, "hidden x dim x 1 x 1")
+    dims, heads, windows = [conv1[1]], [TinyViTConfig.num_heads[0]], [TinyViTConfig.window_sizes[0]]
     for i in range(1, stages):
-        dims.append(_get(state, f"layers.{i}.blocks.0.attn.norm.weight").shape[0])
+        dims.append(shape(f"layers.{i}.blocks.0.attn.norm.weight", 1, "dim")[0])
         key = f"layers.{i}.blocks.0.attn.attention_biases"
-        table = _get(state, key)
-        window = math.isqrt(table.shape[-1])
-        if table.ndim != 2 or window * window != table.shape[1]:
-            raise ValueError(f"TinyViT weights: {key!r} has shape {table.shape}, expected heads x window^2")
-        heads.append(table.shape[0])
+        table = shape(key, 2, "heads x window^2")
+        window = math.isqrt(table[1])
+        if window * window != table[1]:
+            raise CheckpointError(f"{prefix}{key} has shape {table}, expected heads x window^2")
+        heads.append(table[0])
         windows.append(window)
     return TinyViTConfig(
         embed_dims=tuple(dims),
         depths=depths,
         num_heads=tuple(heads),
         window_sizes=tuple(windows),
-        mlp_ratio=_get(state, "layers.1.blocks.0.mlp.fc1.weight").shape[0] / dims[1],
-        out_chans=_get(state, "neck.0.weight").shape[0],
-        mbconv_expand_ratio=conv1.shape[0] / dims[0],
-        local_conv_size=_get(state, "layers.1.blocks.0.local_conv.c.weight").shape[-1],
+        mlp_ratio=shape("layers.1.blocks.0.mlp.fc1.weight", 2, "hidden x dim")[0] / dims[1],
+        out_chans=shape("neck.0.weight", 4, "out_chans x dim x 1 x 1")[0],
+        mbconv_expand_ratio=conv1[0] / dims[0],
+        local_conv_size=shape("layers.1.blocks.0.local_conv.c.weight", 4, "dim x 1 x k x k")[-1],
     )
 
 
 def _checked(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    value = _get(state, key).astype(np.float64)
+    if key not in state:
+        raise CheckpointError(f"missing key {key!r}")
+    value = np.asarray(state[key], dtype=np.float64)
     if value.shape != tuple(shape):
-        raise ValueError(f"TinyViT weights: {key!r} has shape {value.shape}, expected {tuple(shape)}")
+        raise CheckpointError(f"{key} has shape {value.shape}, expected {tuple(shape)}")
     return value
 
 
@@ -329,20 +333,20 @@ def _checked(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) 
 _TORCH_CONV_PATHS = {"patch_embed.conv1": "patch_embed.seq.0", "patch_embed.conv2": "patch_embed.seq.2"}
 
 
-def convert_tiny_vit_weights(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Torch-format encoder weights (no prefix) -> float32 parameters of TinyViTImageEncoder.
+def convert_tiny_vit_weights(state: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+    """Torch-format encoder weights (keys starting with ``prefix``) -> float32 parameters of TinyViTImageEncoder.
 
     Conv weights go from O x I x kh x kw to O x kh x kw x I. Each eval-mode BatchNorm
     (``X.bn.*``) is folded into its conv ``X.c.weight``: w * g / sqrt(var + eps) and bias
     b - mean * g / sqrt(var + eps). The classification head, ``num_batches_tracked`` and
-    ``attention_bias_idxs`` are not used. Raises ValueError naming a missing or mis-shaped key.
+    ``attention_bias_idxs`` are not used. Raises CheckpointError naming a missing or mis-shaped key.
     """
-    model = TinyViTImageEncoder(infer_tiny_vit_config(state))
+    model = TinyViTImageEncoder(infer_tiny_vit_config(state, prefix))
     out: dict[str, np.ndarray] = {}
     for path, module in model.named_modules():
         if not isinstance(module, ConvBN):
             continue
-        torch_path = _TORCH_CONV_PATHS.get(path, path)
+        torch_path = prefix + _TORCH_CONV_PATHS.get(path, path)
         o, kh, kw, i = module.weight.shape
         weight = _checked(state, f"{torch_path}.c.weight", (o, i, kh, kw)).transpose(0, 2, 3, 1)
         bn = ("weight", "bias", "running_mean", "running_var")
@@ -354,6 +358,6 @@ def convert_tiny_vit_weights(state: Mapping[str, np.ndarray]) -> dict[str, np.nd
         if name in out:
             continue
         torch_shape = (param.shape[0], param.shape[3], *param.shape[1:3]) if param.ndim == 4 else param.shape
-        value = _checked(state, name, torch_shape)
+        value = _checked(state, prefix + name, torch_shape)
         out[name] = (value.transpose(0, 2, 3, 1) if value.ndim == 4 else value).astype(np.float32)
     return out

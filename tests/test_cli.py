@@ -22,11 +22,13 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import sam_mlx
+from sam_mlx import checkpoint, cli
 from sam_mlx.checkpoint import load_checkpoint
 from sam_mlx.image_tokens import read_image_tokens
 from sam_mlx.mask_utils import coco_decode_rle
 
 MODEL = str(MOBILE_SAM)
+DOG = str(IMAGES / "dog.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,11 @@ def test_info(env):
     assert "tiny_vit float32 [" in out and '"encoder_kind": "tiny_vit"' in out
 
 
+def test_info_model_defaults_to_the_environment(env):
+    out = ok(run(env, "info", SAM_MLX_MODEL=MODEL)).stdout
+    assert f"model: {MODEL}: tiny_vit float32 [" in out and '"encoder_kind": "tiny_vit"' in out
+
+
 def test_encode_writes_the_same_tokens_as_set_image(dog, dog_tokens):
     saved = read_image_tokens(dog_tokens)
     assert saved.geometry == dog.geometry and (saved.sizing, saved.size) == ("original", 1024)
@@ -141,6 +148,38 @@ def test_segment_folder_with_batched_boxes(env, dog, tmp_path):
         assert record["score"] == pytest.approx(float(score), abs=1e-4)
 
 
+def test_segment_rerun_leaves_no_stale_masks(env, dog_tokens, tmp_path):
+    """Three masks, then one: the second run's JSON lists every mask PNG of the image, and no other is left."""
+    other = tmp_path / "dog_mask1_mask0.png"  # an output of an image named dog_mask1.jpg: not the dog's
+    other.write_bytes(b"another image's mask")
+    args = ["segment", DOG, "--point", "250,400", "--tokens", str(dog_tokens), "--out-dir", str(tmp_path),
+            "--model", MODEL]
+    ok(run(env, *args))
+    assert sorted(p.name for p in tmp_path.glob("dog_mask?.png")) == [f"dog_mask{i}.png" for i in range(3)]
+    ok(run(env, *args, "--single"))
+    report = json.loads((tmp_path / "dog.json").read_text())
+    assert [m["file"] for m in report["masks"]] == ["dog_mask0.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dog.json", "dog_mask0.png", "dog_mask1_mask0.png", "dog_overlay.png"]
+    assert other.read_bytes() == b"another image's mask"
+
+
+def test_outputs_are_written_atomically(dog_tokens, tmp_path, monkeypatch, capsys):
+    """A PNG write failing half-way (disk full) leaves no partial file that passes for a result."""
+    real_save = Image.Image.save
+
+    def fail_half_way(image, fp, *args, **kwargs):
+        real_save(image, fp, *args, **kwargs)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:50])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", fail_half_way)
+    code = cli.main(["segment", DOG, "--point", "250,400", "--tokens", str(dog_tokens), "--out-dir", str(tmp_path),
+                     "--model", MODEL])
+    assert code == 1 and "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_everything(env, tmp_path):
     result = ok(run(env, "everything", str(IMAGES / "dog.jpg"), "--points-per-side", "4", "--points-per-batch", "16",
                     "--out-dir", str(tmp_path), "--model", MODEL))
@@ -167,6 +206,24 @@ def test_convert(env, tmp_path):
         assert value.dtype == mx.float16 and mx.array_equal(value, theirs[name].astype(mx.float16)).item(), name
 
 
+def test_convert_keeps_float32_when_the_device_default_is_bfloat16(tmp_path, monkeypatch):
+    """On an Apple GPU the encoder loads as bfloat16 by default; convert must not save those rounded weights."""
+    theirs = dict(tree_flatten(load_checkpoint(MOBILE_SAM, dtype=mx.float32).parameters()))
+    monkeypatch.setattr(checkpoint, "default_encoder_dtype", lambda: mx.bfloat16)
+    rounded = tree_flatten(load_checkpoint(MOBILE_SAM).image_encoder.parameters())
+    assert {v.dtype for _, v in rounded} == {mx.bfloat16}  # the patch bites
+    folder = tmp_path / "weights"  # a folder goes through sam_mlx.load, a file straight to load_checkpoint
+    folder.mkdir()
+    (folder / MOBILE_SAM.name).symlink_to(MOBILE_SAM)
+    for i, source in enumerate((MODEL, str(folder))):
+        out = tmp_path / f"converted{i}.safetensors"
+        assert cli.main(["convert", source, "--out", str(out)]) == 0
+        ours = mx.load(str(out))
+        assert ours.keys() == theirs.keys()
+        for name, value in ours.items():
+            assert value.dtype == mx.float32 and mx.array_equal(value, theirs[name]).item(), (source, name)
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bad")
@@ -176,7 +233,6 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     return {"image": folder / "broken.jpg", "checkpoint": folder / "broken.pth", "empty": folder / "empty"}
 
 
-DOG = str(IMAGES / "dog.jpg")
 ERRORS = [
     ("missing image", ["segment", "missing.jpg", "--point", "1,1", "--model", MODEL], 1,
      "image not found: missing.jpg"),

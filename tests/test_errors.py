@@ -1,15 +1,19 @@
 """Bad input gives a clear error naming the problem: checkpoints, images, prompts."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import MOBILE_SAM
 from PIL import Image
 from reference import build_reference_sam
+from safetensors.numpy import save_file
 
 import sam_mlx
 from sam_mlx import CheckpointError
+from sam_mlx.torch_pickle import read_torch_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +103,77 @@ def test_missing_extra_and_misshaped_keys(tiny_checkpoint, tmp_path):
         sam_mlx.load(_save_state(inconsistent, tmp_path / "inconsistent.pth"))
 
 
+def test_weights_with_the_wrong_number_of_dimensions(tiny_checkpoint, tmp_path):
+    """Config inference names the file, the key, its shape and the expected layout (no bare IndexError)."""
+    state = {k: v.numpy() for k, v in torch.load(tiny_checkpoint).items()}
+    cases = [
+        ("image_encoder.patch_embed.proj.weight", np.zeros((32, 3), np.float32), "embed_dim x 3 x patch x patch"),
+        ("image_encoder.blocks.0.attn.rel_pos_h", np.zeros(27, np.float32), "(2 x window - 1) x head_dim"),
+        ("mask_decoder.iou_token.weight", np.zeros(256, np.float32), "1 x embed_dim"),
+        ("mask_decoder.mask_tokens.weight", np.zeros((0, 256), np.float32), "(multimask outputs + 1) x embed_dim"),
+    ]
+    for i, (key, value, expected) in enumerate(cases):
+        path = _save_state(dict(state, **{key: value}), tmp_path / f"flat{i}.pth")
+        message = f"flat{i}.pth: {key} has shape {value.shape}, expected {expected}"
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            sam_mlx.load(path)
+
+
+@pytest.fixture(scope="module")
+def mobile_sam_state() -> dict[str, np.ndarray]:
+    return read_torch_checkpoint(MOBILE_SAM)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("image_encoder.layers.1.blocks.0.attn.norm.weight", None,
+         "missing key 'image_encoder.layers.1.blocks.0.attn.norm.weight'"),
+        ("image_encoder.layers.2.blocks.3.mlp.fc2.bias", None,
+         "missing key 'image_encoder.layers.2.blocks.3.mlp.fc2.bias'"),
+        ("image_encoder.layers.0.blocks.0.conv1.c.weight", np.zeros(256, np.float32),
+         "image_encoder.layers.0.blocks.0.conv1.c.weight has shape (256,), expected hidden x dim x 1 x 1"),
+        ("image_encoder.layers.1.blocks.0.attn.attention_biases", np.zeros((4, 50), np.float32),
+         "image_encoder.layers.1.blocks.0.attn.attention_biases has shape (4, 50), expected heads x window^2"),
+    ],
+    ids=["missing-norm", "missing-bias", "flat-conv", "bad-bias-table"],
+)
+def test_bad_mobile_sam_weights_are_named(mobile_sam_state, tmp_path, key, value, message):
+    """A faulty MobileSAM (TinyViT) file is reported by the file's own key name, not as bad sam_mlx metadata."""
+    state = dict(mobile_sam_state)
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    path = tmp_path / "mobile.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}")):
+        sam_mlx.load_checkpoint(path)
+
+
 def test_safetensors_with_bad_metadata(tiny_checkpoint, tmp_path):
     import mlx.core as mx
 
     path = tmp_path / "meta.safetensors"
-    mx.save_safetensors(str(path), {"a": mx.zeros(2)}, metadata={"sam_mlx_config": json.dumps({"encoder_kind": "swin"})})
-    with pytest.raises(CheckpointError, match="swin"):
+    metadata = {"format_version": "1", "sam_mlx_config": json.dumps({"encoder_kind": "swin"})}
+    mx.save_safetensors(str(path), {"a": mx.zeros(2)}, metadata=metadata)
+    with pytest.raises(CheckpointError, match="meta.safetensors: invalid sam_mlx metadata .*swin"):
         sam_mlx.load(str(path))
+
+
+def test_other_format_version_refused(tiny_checkpoint, tmp_path):
+    import mlx.core as mx
+
+    good = sam_mlx.save_model(sam_mlx.load(str(tiny_checkpoint)), tmp_path / "good.safetensors")
+    arrays, metadata = mx.load(str(good), return_metadata=True)
+    assert metadata["format_version"] == "1"
+    unversioned = {k: v for k, v in metadata.items() if k != "format_version"}
+    for version, changed in (("'2'", {**unversioned, "format_version": "2"}), ("None", unversioned)):
+        path = tmp_path / f"v{len(changed)}.safetensors"
+        mx.save_safetensors(str(path), arrays, metadata=changed)
+        message = f"{path}: sam_mlx model format version {version}, expected '1'"
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            sam_mlx.load(str(path))
 
 
 def test_save_is_atomic(tiny_checkpoint, tmp_path, monkeypatch):
@@ -147,6 +215,10 @@ def test_image_modes(tmp_path):
         assert array.shape == (40, 60, 3) and array.dtype == np.uint8, mode
     gray16 = as_rgb_array(Image.fromarray(np.full((4, 4), 65535, np.uint16)))
     assert (gray16 == 255).all()
+    for value in (100, 300):  # 32-bit integer images are 16-bit data, whatever their maximum
+        gray32 = as_rgb_array(Image.fromarray(np.full((4, 4), value * 257, np.int32), mode="I"))
+        assert (gray32 == value if value < 256 else gray32 == 255).all()
+    assert (as_rgb_array(Image.fromarray(np.full((4, 4), 200, np.int32), mode="I")) == 1).all()
     rgba = as_rgb_array(Image.fromarray(np.zeros((2, 2, 4), np.uint8)))  # fully transparent -> white
     assert (rgba == 255).all()
 
@@ -234,7 +306,8 @@ def test_predict_before_set_image(tiny_checkpoint):
         (dict(point_coords=[[-1, 10]], point_labels=[1]), "outside"),
         (dict(point_coords=[[np.nan, 10]], point_labels=[1]), "NaN"),
         (dict(point_coords=[[np.inf, 10]], point_labels=[1]), "infinite"),
-        (dict(point_coords=[[10, 10]], point_labels=[2]), "1 \\(foreground\\) or 0 \\(background\\), got 2"),
+        (dict(point_coords=[[10, 10]], point_labels=[2]), r"1 \(foreground\), 0 \(background\) or -1 \(padding\), got 2"),
+        (dict(point_coords=[[10, 10], [0, 0]], point_labels=[-1, -1]), "only padding points"),
         (dict(point_coords=[[10, 10], [20, 20]], point_labels=[1]), "point_labels has shape"),
         (dict(point_coords=[10, 10], point_labels=[1]), "N x 2"),
         (dict(point_coords=[[10, 10]]), "together"),
@@ -245,6 +318,7 @@ def test_predict_before_set_image(tiny_checkpoint):
         (dict(box=[np.nan, 2, 3, 4]), "NaN"),
         (dict(), "no prompt"),
         (dict(mask_input=np.zeros((1, 64, 64))), r"1 x 256 x 256"),
+        (dict(mask_input=np.zeros((3, 256, 256))), r"one low-res mask .* got shape \(3, 256, 256\)"),
         (dict(mask_input=np.full((1, 256, 256), np.nan)), "NaN"),
     ],
 )
@@ -260,6 +334,39 @@ def test_boxes_are_clipped_and_border_points_accepted(image_set):
     assert (inside == overhanging).all()
     masks, _, _ = image_set.predict(point_coords=np.array([[200, 120]]), point_labels=np.array([1]))
     assert masks.shape == (3, 120, 200)
+
+
+def test_padding_points_are_not_checked_against_the_image(image_set):
+    """Label -1 pads prompts to a common point count; such points carry no position, only the padding embedding."""
+    masks, _, _ = image_set.predict(np.array([[20, 30], [-999, 5000]]), np.array([1, -1]))
+    assert masks.shape == (3, 120, 200)
+
+
+@pytest.mark.parametrize("multimask, logits", [(True, False), (False, True)])
+@pytest.mark.parametrize(
+    "prompts",
+    [dict(boxes=np.zeros((0, 4))), dict(point_coords=np.zeros((0, 1, 2)), point_labels=np.zeros((0, 1))),
+     dict(mask_input=np.zeros((0, 1, 256, 256)))],
+    ids=["boxes", "points", "masks"],
+)
+def test_empty_batch_gives_empty_arrays(image_set, prompts, multimask, logits):
+    masks, scores, low_res = image_set.predict_batch(**prompts, multimask_output=multimask, return_logits=logits)
+    count = 3 if multimask else 1
+    assert masks.shape == (0, count, 120, 200) and masks.dtype == (np.float32 if logits else bool)
+    assert scores.shape == (0, count) and low_res.shape == (0, count, 256, 256)
+
+
+@pytest.mark.parametrize("size", [1.5, (256,), "512", True, (256, 256.0)])
+def test_bad_sizes(tiny_checkpoint, size):
+    with pytest.raises(ValueError, match="size must be an integer or a \\(height, width\\) pair"):
+        sam_mlx.SamPredictor(sam_mlx.load(str(tiny_checkpoint)), sizing="stretch", size=size)
+
+
+def test_numpy_and_list_sizes_are_plain_ints(tiny_checkpoint):
+    model = sam_mlx.load(str(tiny_checkpoint))
+    assert sam_mlx.SamPredictor(model, size=np.int64(512)).size == 512
+    predictor = sam_mlx.SamPredictor(model, sizing="stretch", size=[np.int32(128), 160])
+    assert predictor.size == (128, 160) and type(predictor.size[0]) is int
 
 
 def test_batch_size_mismatch(image_set):

@@ -154,7 +154,10 @@ def test_repo_with_several_checkpoints_needs_a_file_name(checkpoints, cache, mon
 
 def test_unknown_repo(cache, monkeypatch, tmp_path):
     install(monkeypatch, tmp_path, {})
-    with pytest.raises(hub.HubError, match="no Hub repo nobody/nothing"):
+    # The login hint holds for every allowed huggingface_hub: `hf` came in 0.34, `huggingface-cli` went in 1.0.
+    message = (r"no Hub repo nobody/nothing .*`hf auth login`, "
+               r"or `huggingface-cli login` with huggingface_hub older than 0\.34")
+    with pytest.raises(hub.HubError, match=message):
         hub.resolve_checkpoint("nobody/nothing")
 
 
@@ -170,6 +173,8 @@ def test_not_cached_without_hub_says_what_to_download_and_where(checkpoints, cac
     message = str(info.value)
     assert ("HF_HUB_OFFLINE=1" if offline else "could not be reached") in message
     assert "https://huggingface.co/facebook/sam-vit-huge/resolve/main/model.safetensors" in message
+    assert "`hf download facebook/sam-vit-huge model.safetensors`; `huggingface-cli download facebook/sam-vit-huge " \
+           "model.safetensors` with huggingface_hub older than 0.34" in message
     assert str(drop_in) in message
     assert fake.downloads == [] and fake.local_only_calls == int(offline)
     # Following the advice works with the Hub still out of reach.
