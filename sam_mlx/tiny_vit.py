@@ -321,12 +321,12 @@ def infer_tiny_vit_config(state: Mapping[str, np.ndarray], prefix: str = "") -> 
 
 
 def _checked(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    if key not in state:
-        raise CheckpointError(f"missing key {key!r}")
-    value = np.asarray(state[key], dtype=np.float64)
-    if value.shape != tuple(shape):
-        raise CheckpointError(f"{key} has shape {value.shape}, expected {tuple(shape)}")
-    return value
+    """``state[key]`` as float64, which must have exactly ``shape``."""
+    expected = tuple(shape)
+    found = checked_shape(state, key, len(expected), str(expected))
+    if found != expected:
+        raise CheckpointError(f"{key} has shape {found}, expected {expected}")
+    return np.asarray(state[key], dtype=np.float64)
 
 
 # The only MLX module paths that differ from the PyTorch ones (seq.1 is the weightless GELU).

@@ -135,8 +135,12 @@ def mobile_sam_state() -> dict[str, np.ndarray]:
          "image_encoder.layers.0.blocks.0.conv1.c.weight has shape (256,), expected hidden x dim x 1 x 1"),
         ("image_encoder.layers.1.blocks.0.attn.attention_biases", np.zeros((4, 50), np.float32),
          "image_encoder.layers.1.blocks.0.attn.attention_biases has shape (4, 50), expected heads x window^2"),
+        ("image_encoder.layers.2.blocks.0.mlp.fc1.weight", np.zeros((640, 16), np.float32),
+         "image_encoder.layers.2.blocks.0.mlp.fc1.weight has shape (640, 16), expected (640, 160)"),
+        ("image_encoder.patch_embed.seq.0.bn.running_var", np.zeros((32, 1), np.float32),
+         "image_encoder.patch_embed.seq.0.bn.running_var has shape (32, 1), expected (32,)"),
     ],
-    ids=["missing-norm", "missing-bias", "flat-conv", "bad-bias-table"],
+    ids=["missing-norm", "missing-bias", "flat-conv", "bad-bias-table", "narrow-linear", "batchnorm-2d"],
 )
 def test_bad_mobile_sam_weights_are_named(mobile_sam_state, tmp_path, key, value, message):
     """A faulty MobileSAM (TinyViT) file is reported by the file's own key name, not as bad sam_mlx metadata."""
