@@ -94,7 +94,8 @@ def attention(
     # float32 (half precision is slower on the CPU and ``shifted_exp`` needs it), row-major once rather
     # than inside each chunk's matmul (k^T is then a free transposed view)
     q32, k32, v32 = (t.astype(mx.float32) for t in (q, k, v))
-    out = _chunked_attention(mx.contiguous(q32 * scale), mx.contiguous(k32).swapaxes(2, 3), mx.contiguous(v32), mask, rel_pos)
+    k_t = mx.contiguous(k32).swapaxes(2, 3)
+    out = _chunked_attention(mx.contiguous(q32 * scale), k_t, mx.contiguous(v32), mask, rel_pos)
     return out.astype(q.dtype)
 
 

@@ -211,7 +211,8 @@ def _torch_sam(args, decoder_only: bool = False) -> "torch.nn.Module":
 
 
 # ------------------------------------------------------------------ driver
-WORKERS = {"convert": worker_convert, "mlx": worker_mlx, "torch": worker_torch, "prompts-mlx": worker_prompts, "prompts-torch": worker_prompts}
+WORKERS = {"convert": worker_convert, "mlx": worker_mlx, "torch": worker_torch,
+           "prompts-mlx": worker_prompts, "prompts-torch": worker_prompts}
 PROMPT_ROUNDS = 3  # the prompt workers of the two frameworks alternate, so slow spells fall on both
 
 
