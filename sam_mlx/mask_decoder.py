@@ -66,10 +66,12 @@ def interleave_blocks(blocks: mx.array) -> mx.array:
     return blocks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, blocks.shape[-1], 4 * h, 4 * w)
 
 
-# On the CPU, prompts are decoded this many at a time: each prompt carries 4096 x 256 image-side
-# floats through the transformer, and in groups of 4 they stay in cache (per prompt ~50 ms in
-# groups against ~80 ms for 64 at once on the 2-core test machine).
-_CPU_PROMPT_GROUP = 4
+# On the CPU, prompts are decoded this many at a time, each group after the last: a prompt carries
+# 4096 x 256 image-side floats through the transformer, and one prompt's stay in cache. Batching
+# saves nothing else, and MLX evaluates independent groups interleaved, so all of them would be in
+# flight at once (32 one-point prompts on the 2-core test machine: ~35 ms per prompt one after
+# another against ~45 ms in independent groups of 1, 2 or 4).
+_CPU_PROMPT_GROUP = 1
 
 
 class MaskDecoder(nn.Module):
@@ -106,14 +108,14 @@ class MaskDecoder(nn.Module):
         """
         b = sparse.shape[0]
         if b > _CPU_PROMPT_GROUP and on_cpu():
-            groups = [
-                self(
-                    image_tokens if image_tokens.shape[0] == 1 else image_tokens[i : i + _CPU_PROMPT_GROUP],
-                    image_pe, sparse[i : i + _CPU_PROMPT_GROUP], dense[i : i + _CPU_PROMPT_GROUP], multimask_output,
-                    image_side,
-                )
-                for i in range(0, b, _CPU_PROMPT_GROUP)
-            ]
+            groups: list[tuple[mx.array, mx.array]] = []
+            for i in range(0, b, _CPU_PROMPT_GROUP):
+                part = slice(i, i + _CPU_PROMPT_GROUP)
+                prompts = [sparse[part], dense[part]]
+                if groups:  # start after the previous group
+                    prompts = mx.depends(prompts, list(groups[-1]))
+                tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
+                groups.append(self(tokens, image_pe, *prompts, multimask_output, image_side))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
         _, h, w, d = dense.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)

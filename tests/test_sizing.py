@@ -191,6 +191,22 @@ def test_batched_points_and_boxes_equal_one_at_a_time(predictors):
         assert (masks[i] != one_masks).mean() < 1e-5
 
 
+def test_batched_mask_hints_equal_one_at_a_time(predictors):
+    """Each prompt of a batch refined by its own mask hint (the dense, per-prompt image side)."""
+    predictor = predictors("dog", "original")
+    points = np.array([[[300, 300]], [[500, 200]], [[150, 400]]], float)
+    labels = np.ones((3, 1))
+    _, _, hints = predictor.predict_batch(points, labels, multimask_output=False)
+    masks, scores, low_res = predictor.predict_batch(points, labels, mask_input=hints, multimask_output=False)
+    assert np.abs(low_res - hints).max() > 0.1  # the hints changed the masks
+    for i in range(3):
+        one_masks, one_scores, one_low_res = predictor.predict(points[i], labels[i], mask_input=hints[i],
+                                                               multimask_output=False)
+        np.testing.assert_allclose(low_res[i], one_low_res, atol=1e-4)
+        np.testing.assert_allclose(scores[i], one_scores, atol=1e-5)
+        assert (masks[i] != one_masks).mean() < 1e-5
+
+
 @pytest.mark.parametrize(
     "shape, sizing, size, grid",
     [((7, 500), "stretch", 256, (1, 16)), ((300, 20), "stretch", 320, (20, 1)), ((40, 30), "original", 256, (16, 16)),
