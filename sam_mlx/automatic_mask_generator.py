@@ -24,8 +24,8 @@ from .sam import Sam
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 ProgressCallback = Callable[[int, int], None]
 
-# Pixels of candidate masks upscaled at once (float32 logits: 128 MB), e.g. 15 masks of
-# a 1200 x 1800 crop.
+# Pixels of candidate masks upscaled at once (three bool masks each: 100 MB), e.g. 15 masks
+# of a 1200 x 1800 crop.
 _UPSCALE_PIXELS = 1 << 25
 
 
@@ -203,12 +203,14 @@ class SamAutomaticMaskGenerator:
     def _stability_and_masks(self, low_res: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """K low-res logits -> (stability scores K float32, binary masks K x H x W at the crop size).
 
-        The logits are upscaled as the original (predictor.upscale); thresholds and pixel
-        counts are exact, in numpy.
+        The masks at the three thresholds are the original's upscaled logits compared with
+        each (``predictor.masks_above``); the pixel counts are exact.
         """
-        logits = np.array(self.predictor.upscale(low_res))
-        score = mu.calculate_stability_score(logits, MASK_THRESHOLD, self.stability_score_offset)
-        return score, logits > MASK_THRESHOLD
+        offset = self.stability_score_offset
+        inner, masks, outer = self.predictor.masks_above(
+            np.array(low_res), (MASK_THRESHOLD + offset, MASK_THRESHOLD, MASK_THRESHOLD - offset)
+        )
+        return mu.stability_score_of_masks(inner, outer), masks
 
     @staticmethod
     def _remove_small_regions(data: mu.MaskData, min_area: int, nms_thresh: float) -> mu.MaskData:

@@ -6,7 +6,7 @@ torchvision / pycocotools / OpenCV routines it calls, because the generator's
 output is compared with the original's:
 
 * point grids and crop boxes: identical floats / integers;
-* ``calculate_stability_score``: exact integer counts, float32 ratio;
+* ``calculate_stability_score`` (``stability_score_of_masks``): exact integer counts, float32 ratio;
 * ``batched_mask_to_box``: inclusive XYXY pixel indices, ``[0, 0, 0, 0]`` for
   empty masks;
 * ``box_nms`` / ``batched_box_nms``: torchvision's CPU NMS (stable descending
@@ -53,6 +53,7 @@ __all__ = [
     "remove_small_regions",
     "rle_to_coco_string",
     "rle_to_mask",
+    "stability_score_of_masks",
     "uncrop_boxes_xyxy",
     "uncrop_masks",
     "uncrop_points",
@@ -262,19 +263,25 @@ def calculate_stability_score(
 ) -> np.ndarray:
     """IoU of ``logits > thr + off`` and ``logits > thr - off`` (the first is inside the second).
 
-    ``mask_logits`` is ``(..., H, W)``; returns float32 ``(...)``.  The pixel
-    counts are exact integers; the thresholds are compared in the logits'
-    dtype (as torch does with a Python scalar).  0/0 gives NaN, like the original.
+    ``mask_logits`` is ``(..., H, W)``; returns float32 ``(...)``.  The thresholds
+    are compared in the logits' dtype (as torch does with a Python scalar).
     """
     logits = np.asarray(mask_logits)
     dtype = logits.dtype if np.issubdtype(logits.dtype, np.floating) else np.float64
     hi = np.asarray(mask_threshold + threshold_offset, dtype=dtype)
     lo = np.asarray(mask_threshold - threshold_offset, dtype=dtype)
-    lead = logits.shape[:-2]
-    rows = logits.reshape(math.prod(lead), logits.shape[-2] * logits.shape[-1])
-    # One mask at a time: small temporaries, and whole-array count_nonzero is fast.
-    inter = np.array([np.count_nonzero(r > hi) for r in rows], dtype=np.int64)
-    union = np.array([np.count_nonzero(r > lo) for r in rows], dtype=np.int64)
+    return stability_score_of_masks(logits > hi, logits > lo)
+
+
+def stability_score_of_masks(inner: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """IoU of binary masks ``inner`` (..., H, W) lying inside ``outer``: exact pixel counts, float32 ratio (...).
+
+    0/0 gives NaN, like the original.
+    """
+    lead = inner.shape[:-2]
+    # one mask at a time: whole-array count_nonzero is fast
+    inter = np.array([np.count_nonzero(m) for m in inner.reshape(math.prod(lead), -1)], dtype=np.int64)
+    union = np.array([np.count_nonzero(m) for m in outer.reshape(math.prod(lead), -1)], dtype=np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
         score = inter.astype(np.float32) / union.astype(np.float32)
     return score.reshape(lead)

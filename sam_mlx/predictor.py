@@ -7,6 +7,7 @@ upscaling of the chosen masks to the image's size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ import numpy as np
 from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
 from .prompt_encoder import PADDING_LABEL
-from .resize import upscale_mask_logits
+from .resize import upscale_mask_logits, upscaled_masks_above
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
@@ -144,11 +145,13 @@ class SamPredictor:
         if _batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits)
         low_res, iou = self.decode(*prompts, multimask_output)
-        masks = self.upscale(low_res)
-        if not return_logits:
-            masks = masks > MASK_THRESHOLD
-        mx.eval(masks, iou, low_res)
-        return np.array(masks), np.array(iou), np.array(low_res)
+        if return_logits:
+            masks = self.upscale(low_res)
+            mx.eval(masks, iou, low_res)
+            return np.array(masks), np.array(iou), np.array(low_res)
+        mx.eval(iou, low_res)
+        low_res = np.array(low_res)
+        return self.masks_above(low_res, (MASK_THRESHOLD,))[0], np.array(iou), low_res
 
     def _no_masks(self, multimask_output: bool, return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The empty result of a batch of 0 prompts, shaped like a non-empty one."""
@@ -225,6 +228,11 @@ class SamPredictor:
         """... x h x w low-res logits -> ... x H x W logits at the original image size."""
         g = self._require_image()
         return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
+
+    def masks_above(self, low_res_logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
+        """``upscale(low_res_logits) > t`` for each threshold t: bool ... x H x W masks, upscaled only near their edges."""
+        g = self._require_image()
+        return upscaled_masks_above(low_res_logits, g.padded_size, g.input_size, g.original_size, thresholds)
 
 
 def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
