@@ -7,6 +7,7 @@ several sizes; the resize matrices are checked against PyTorch's own interpolati
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -185,3 +186,16 @@ def test_masks_above_keep_batch_axes():
         for got, t in ((above_one, 1.0), (above_zero, 0.0)):
             assert got.shape == (*shape[:-2], 1200, 1800)
             assert np.all(np.abs(expected[got != (expected > t)] - t) < 1e-4)
+
+
+@pytest.mark.parametrize("mostly_edges", [0.0, 1.0], ids=["every-pixel", "edge-blocks"])
+def test_masks_above_either_way(monkeypatch, mostly_edges):
+    """Interpolating every pixel and only the edge blocks give the same masks, for smooth and noisy logits."""
+    monkeypatch.setattr(sam_mlx.resize, "_MOSTLY_EDGES", mostly_edges)
+    rng = np.random.default_rng(3)
+    y, x = np.meshgrid(np.linspace(-1, 1, 256), np.linspace(-1, 1, 256), indexing="ij")
+    logits = np.stack([8 * (0.6 - np.hypot(y, x)), rng.normal(size=(256, 256)) * 3]).astype(np.float32)
+    expected = mask_resize_matrix(256, 1024, 683, 1200) @ logits @ mask_resize_matrix(256, 1024, 1024, 1800).T
+    for t, got in zip((1.0, 0.0), upscaled_masks_above(logits, (1024, 1024), (683, 1024), (1200, 1800), (1.0, 0.0))):
+        assert got.shape == (2, 1200, 1800) and got.any() and not got.all()
+        assert np.all(np.abs(expected[got != (expected > t)] - t) < 1e-4)
