@@ -171,10 +171,9 @@ class SamAutomaticMaskGenerator:
         crop_size = predictor.original_size
         prompts = predictor.prepare_prompts(points[:, None, :], np.ones((len(points), 1), np.int32), None, None)
         low_res, iou = predictor.decode(*prompts, multimask_output=True)
-        low_res = low_res.reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
-        iou = iou.reshape(-1)
         mx.eval(low_res, iou)
-        iou = np.array(iou)
+        low_res = np.array(low_res).reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
+        iou = np.array(iou).reshape(-1)
         points = np.repeat(points, len(iou) // len(points), axis=0)
 
         # Upscaling is per mask, so dropping low predicted IoUs first changes nothing.
@@ -183,7 +182,7 @@ class SamAutomaticMaskGenerator:
         step = max(1, _UPSCALE_PIXELS // (crop_size[0] * crop_size[1]))
         for start in range(0, len(keep), step):
             chunk = keep[start : start + step]
-            score, binary = self._stability_and_masks(low_res[mx.array(chunk)])
+            score, binary = self._stability_and_masks(low_res[chunk])
             if self.stability_score_thresh > 0.0:
                 stable = score >= self.stability_score_thresh
                 chunk, score, binary = chunk[stable], score[stable], binary[stable]
@@ -200,7 +199,7 @@ class SamAutomaticMaskGenerator:
         data["rles"] = [mu.mask_to_rle(mu.uncrop_masks(m[None], crop_box, *orig_size))[0] for m in masks[inside]]
         return data
 
-    def _stability_and_masks(self, low_res: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    def _stability_and_masks(self, low_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K low-res logits -> (stability scores K float32, binary masks K x H x W at the crop size).
 
         The masks at the three thresholds are the original's upscaled logits compared with
@@ -208,7 +207,7 @@ class SamAutomaticMaskGenerator:
         """
         offset = self.stability_score_offset
         inner, masks, outer = self.predictor.masks_above(
-            np.array(low_res), (MASK_THRESHOLD + offset, MASK_THRESHOLD, MASK_THRESHOLD - offset)
+            low_res, (MASK_THRESHOLD + offset, MASK_THRESHOLD, MASK_THRESHOLD - offset)
         )
         return mu.stability_score_of_masks(inner, outer), masks
 
