@@ -8,9 +8,11 @@ Set ``SAM_MLX_OPENBLAS=0`` to turn this off, or to a path to choose the library.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -23,11 +25,12 @@ _CANDIDATES = (
 
 #: Path of the BLAS library loaded by this module, or None (bundled/Accelerate).
 loaded_blas: str | None = None
+_library: ctypes.CDLL | None = None
 
 
 def load_system_blas() -> str | None:
     """Load OpenBLAS globally if on Linux, present, and not disabled; return its path."""
-    global loaded_blas
+    global loaded_blas, _library
     if loaded_blas is not None or not sys.platform.startswith("linux"):
         return loaded_blas
     choice = os.environ.get("SAM_MLX_OPENBLAS", "1")
@@ -39,7 +42,7 @@ def load_system_blas() -> str | None:
     for path in paths:
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+                _library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
             except OSError:
                 continue
             loaded_blas = path
@@ -54,3 +57,21 @@ def blas_description() -> str:
     if loaded_blas:
         return f"OpenBLAS ({loaded_blas})"
     return "bundled reference BLAS (slow; install libopenblas0-pthread)"
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the loaded OpenBLAS on one thread inside the block (process-wide), then restore its thread count.
+
+    For work that MLX already spreads over the cores with its own streams. Without a loaded OpenBLAS
+    (bundled BLAS, Accelerate), nothing changes.
+    """
+    if _library is None:
+        yield
+        return
+    threads = _library.openblas_get_num_threads()
+    _library.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _library.openblas_set_num_threads(threads)

@@ -17,11 +17,15 @@ parts, so the full Lq x Lk bias is never built.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import operator
 
 import mlx.core as mx
 
 from .layers import estrin, fused, on_cpu
+from .token_bands import per_band
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
@@ -97,6 +101,20 @@ def attention(
     k_t = mx.contiguous(k32).swapaxes(2, 3)
     out = _chunked_attention(mx.contiguous(q32 * scale), k_t, mx.contiguous(v32), mask, rel_pos)
     return out.astype(q.dtype)
+
+
+def banded_attention(q: mx.array, keys: list[mx.array], values: list[mx.array], scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for a few queries over keys and values cut in bands (``token_bands``).
+
+    q: ... x Lq x d; keys[i], values[i]: ... x n_i x d (batch axes broadcast) -> ... x Lq x d.
+    Each band's logits and weighted values are computed on the band's stream; the softmax runs
+    on the gathered logits (Lq x sum n_i: small, as the queries are few).
+    """
+    q = q * scale
+    logits = mx.concatenate(per_band(lambda k: q @ k.swapaxes(-1, -2), keys), axis=-1)
+    bounds = list(itertools.accumulate(k.shape[-2] for k in keys))[:-1]
+    weights = mx.split(softmax(logits), bounds, axis=-1)
+    return functools.reduce(operator.add, per_band(operator.matmul, weights, values))
 
 
 def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import mlx.core as mx
 import numpy as np
 
 from . import mask_utils as mu
@@ -170,10 +169,9 @@ class SamAutomaticMaskGenerator:
         predictor = self.predictor
         crop_size = predictor.original_size
         prompts = predictor.prepare_prompts(points[:, None, :], np.ones((len(points), 1), np.int32), None, None)
-        low_res, iou = predictor.decode(*prompts, multimask_output=True)
-        mx.eval(low_res, iou)
-        low_res = np.array(low_res).reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
-        iou = np.array(iou).reshape(-1)
+        low_res, iou = predictor.decode_numpy(*prompts, multimask_output=True)
+        low_res = low_res.reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
+        iou = iou.reshape(-1)
         points = np.repeat(points, len(iou) // len(points), axis=0)
 
         # Upscaling is per mask, so dropping low predicted IoUs first changes nothing.

@@ -310,10 +310,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     from mlx.utils import tree_flatten
 
     from ._blas import blas_description
+    from .token_bands import band_count
 
     print(f"sam_mlx {sam_mlx.__version__}")
     print(f"mlx {mx.__version__} (default device: {mx.default_device()})")
     print(f"BLAS: {blas_description()}")
+    print(f"mask decoder: image tokens in {band_count()} row band(s), one MLX stream each")
     print(f"model cache: {default_cache_dir()}")
     name = _model_name(args)
     if name:

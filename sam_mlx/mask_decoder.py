@@ -5,7 +5,8 @@ tokens and run through the two-way transformer with the image tokens. The image
 tokens are then upscaled 4x by two transposed convolutions (the mask generator), and
 each mask token, passed through its own hypernetwork MLP, is dot-multiplied with every
 upscaled pixel to give that candidate's logits. An MLP on the IoU token predicts each
-candidate's mask quality.
+candidate's mask quality. The image tokens go through in row bands (``token_bands``):
+on the CPU, one band per core.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import mlx.nn as nn
 
 from .config import PromptDecoderConfig
 from .layers import MLP, gelu, layer_norm_2d, on_cpu
+from .token_bands import band_count, per_band, row_bands
 from .two_way_transformer import ImageSide, TwoWayTransformer
 
 
@@ -120,8 +122,12 @@ class MaskDecoder(nn.Module):
         _, h, w, d = dense.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
-        src = (image_tokens + dense).reshape(b, h * w, d) if image_side is None else image_side.image
-        pos = image_pe.reshape(1, h * w, d)
+        bands = band_count() if image_side is None else len(image_side.image)
+        pos = row_bands(image_pe[None], bands)
+        if image_side is None:
+            src = per_band(mx.add, row_bands(image_tokens, bands), row_bands(dense, bands))
+        else:
+            src = image_side.image
 
         tokens, src = self.transformer(src, pos, tokens, image_side)
         iou_out = tokens[:, 0]
@@ -129,16 +135,21 @@ class MaskDecoder(nn.Module):
 
         chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
         hyper = mx.stack([self.hypernetworks[i](mask_out[:, i]) for i in chosen], axis=2)  # B x d/8 x C
-        features = self.upscaler(src.reshape(b, h, w, d))  # B x h x w x 2 x 2 x 2 x 2 x d/8
-        masks = features.reshape(b, -1, features.shape[-1]) @ hyper
-        masks = interleave_blocks(masks.reshape(*features.shape[:-1], len(chosen)))
+
+        def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x rows x w x 2 x 2 x 2 x 2 x C
+            features = self.upscaler(band.reshape(b, -1, w, d))  # B x rows x w x 2 x 2 x 2 x 2 x d/8
+            masks = features.reshape(b, -1, features.shape[-1]) @ hyper
+            return masks.reshape(*features.shape[:-1], len(chosen))
+
+        masks = interleave_blocks(mx.concatenate(per_band(band_masks, src), axis=1))
         return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
         """What the first transformer layer computes from the image alone, for prompts without a mask hint.
 
         image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
+        The result is in as many bands as ``band_count()`` gives now; decodes with it use the same.
         """
-        _, h, w, d = image_tokens.shape
-        src = (image_tokens + no_mask).reshape(1, h * w, d)
-        return self.transformer.layers[0].project_image(src, image_pe.reshape(1, h * w, d))
+        bands = band_count()
+        src = per_band(lambda band: band + no_mask, row_bands(image_tokens, bands))
+        return self.transformer.layers[0].project_image(src, row_bands(image_pe[None], bands))

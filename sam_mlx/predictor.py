@@ -17,6 +17,7 @@ from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
 from .prompt_encoder import PADDING_LABEL
 from .resize import upscale_mask_logits, upscaled_masks_above
+from .token_bands import parallel_decoding
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
@@ -144,14 +145,10 @@ class SamPredictor:
         prompts = self.prepare_prompts(point_coords, point_labels, boxes, mask_input)
         if _batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits)
-        low_res, iou = self.decode(*prompts, multimask_output)
+        low_res, iou = self.decode_numpy(*prompts, multimask_output)
         if return_logits:
-            masks = self.upscale(low_res)
-            mx.eval(masks, iou, low_res)
-            return np.array(masks), np.array(iou), np.array(low_res)
-        mx.eval(iou, low_res)
-        low_res = np.array(low_res)
-        return self.masks_above(low_res, (MASK_THRESHOLD,))[0], np.array(iou), low_res
+            return np.array(self.upscale(mx.array(low_res))), iou, low_res
+        return self.masks_above(low_res, (MASK_THRESHOLD,))[0], iou, low_res
 
     def _no_masks(self, multimask_output: bool, return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The empty result of a batch of 0 prompts, shaped like a non-empty one."""
@@ -223,6 +220,19 @@ class SamPredictor:
         return self.model.decode(
             self.features, geometry.padded_size, points, boxes, masks, multimask_output, self.image_pe, self.image_side
         )
+
+    def decode_numpy(
+        self,
+        points: tuple[mx.array, mx.array] | None,
+        boxes: mx.array | None,
+        masks: mx.array | None,
+        multimask_output: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``decode``, evaluated now with the decoder's token bands in parallel -> numpy (low-res logits, iou)."""
+        with parallel_decoding():
+            low_res, iou = self.decode(points, boxes, masks, multimask_output)
+            mx.eval(low_res, iou)
+        return np.array(low_res), np.array(iou)
 
     def upscale(self, low_res_logits: mx.array) -> mx.array:
         """... x h x w low-res logits -> ... x H x W logits at the original image size."""

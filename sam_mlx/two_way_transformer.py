@@ -4,33 +4,36 @@ Prompt tokens (queries) and image tokens (keys) update each other: every layer r
 self-attention over the prompt tokens, cross-attention prompt -> image, an MLP on
 the prompt tokens, and cross-attention image -> prompt. Positional encodings are
 re-added to queries/keys before every attention, and a final prompt -> image
-attention closes the stack.
+attention closes the stack. The image tokens are kept in row bands (``token_bands``),
+each computed on its own stream: on the CPU, one core per band.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention, softmax
+from .attention import attention, banded_attention, softmax
 from .layers import LayerNorm
+from .token_bands import per_band
 
 
 class ImageSide(NamedTuple):
-    """The first layer's projections of the image tokens, one per image for all its prompts.
+    """The first layer's projections of the image tokens, one per image for all its prompts, in bands.
 
     Before the first layer the image side is the image tokens plus the "no mask" embedding,
     the same for every prompt without a mask hint, so its projections are computed once per
-    image (three 4096 x 256 -> 128 products) instead of once per prompt. The projections are
-    1 x heads x HW x c.
+    image (three 4096 x 256 -> 128 products) instead of once per prompt. Each field is a list
+    of row bands (``token_bands``); the projections' bands are 1 x heads x n x c.
     """
 
-    image: mx.array  # 1 x HW x D: the image tokens plus the "no mask" embedding
-    keys: mx.array  # prompt -> image keys: k_proj(image + pe)
-    values: mx.array  # prompt -> image values: v_proj(image)
-    queries: mx.array  # image -> prompt queries: q_proj(image + pe)
+    image: list[mx.array]  # 1 x n x D: the image tokens plus the "no mask" embedding
+    keys: list[mx.array]  # prompt -> image keys: k_proj(image + pe)
+    values: list[mx.array]  # prompt -> image values: v_proj(image)
+    queries: list[mx.array]  # image -> prompt queries: q_proj(image + pe)
 
 
 class DownsampledAttention(nn.Module):
@@ -41,9 +44,9 @@ class DownsampledAttention(nn.Module):
     heads x prompt tokens is below the projected width, the same result is computed
     with the projections moved to the prompt side, by associativity:
 
-    - few queries (prompt -> image): logits_h = (q_h Wk_h) . k, the weighted sum is
-      taken over the raw image tokens and projected by Wv_h afterwards (k's bias shifts
-      every logit of a query equally, so softmax drops it; v's bias passes through
+    - few queries (prompt -> image, ``to_bands``): logits_h = (q_h Wk_h) . k, the weighted
+      sum is taken over the raw image tokens and projected by Wv_h afterwards (k's bias
+      shifts every logit of a query equally, so softmax drops it; v's bias passes through
       because the weights sum to 1);
     - few keys (image -> prompt): logits_h = q . (Wq_h^T k_h) + bq_h . k_h, and the
       values are taken through out_proj before weighting, (v_h Wo_h^T).
@@ -73,20 +76,32 @@ class DownsampledAttention(nn.Module):
         return weight.reshape(self.num_heads, -1, weight.shape[-1])
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """q: B x Nq x D, k and v: B x Nk x D -> B x Nq x D."""
+        """q: B x Nq x D, k and v: (1 or B) x Nk x D -> B x Nq x D, for Nq >= Nk (``to_bands`` for few queries)."""
         nq, nk, inner = q.shape[1], k.shape[1], self.q_proj.weight.shape[0]
         if nq > nk and self.num_heads * nk < inner:
             return self._few_keys(q, k, v)
-        if nk > nq and self.num_heads * nq < inner:
-            return self._few_queries(q, k, v)
-        return self.attend_projected_keys(q, self.project(self.k_proj, k), self.project(self.v_proj, v))
-
-    def attend_projected_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """q: B x Nq x D; k, v: already projected, (1 or B) x heads x Nk x c -> B x Nq x D."""
-        q = self.project(self.q_proj, q)
-        if k.shape[0] != q.shape[0]:
-            k, v = (mx.broadcast_to(t, (q.shape[0], *t.shape[1:])) for t in (k, v))
+        q, k, v = self.project(self.q_proj, q), self.project(self.k_proj, k), self.project(self.v_proj, v)
+        k, v = (mx.broadcast_to(t, (q.shape[0], *t.shape[1:])) for t in (k, v))
         return self._merge_heads(attention(q, k, v, q.shape[-1] ** -0.5))
+
+    def to_bands(self, q: mx.array, keys: list[mx.array], values: list[mx.array]) -> mx.array:
+        """Few queries (B x Nq x D) over many keys and values in row bands ((1 or B) x n x D each) -> B x Nq x D."""
+        b, nq, d = q.shape
+        if self.num_heads * nq >= self.q_proj.weight.shape[0]:  # too many queries for the key-space product
+            keys = per_band(functools.partial(self.project, self.k_proj), keys)
+            return self.to_projected_bands(q, keys, per_band(functools.partial(self.project, self.v_proj), values))
+        q = self.project(self.q_proj, q)  # B x h x Nq x c
+        q_in_key_space = (q @ self._per_head(self.k_proj.weight)).reshape(b, 1, -1, d)  # B x 1 x h*Nq x D
+        pooled = banded_attention(q_in_key_space, [k[:, None] for k in keys], [v[:, None] for v in values],
+                                  q.shape[-1] ** -0.5)  # raw image tokens, weighted
+        value_weight = self._per_head(self.v_proj.weight)  # h x c x D
+        values = pooled.reshape(b, self.num_heads, nq, d) @ value_weight.swapaxes(1, 2)
+        return self._merge_heads(values + self.v_proj.bias.reshape(self.num_heads, 1, -1))
+
+    def to_projected_bands(self, q: mx.array, keys: list[mx.array], values: list[mx.array]) -> mx.array:
+        """q: B x Nq x D; keys, values: bands already projected, (1 or B) x heads x n x c each -> B x Nq x D."""
+        q = self.project(self.q_proj, q)
+        return self._merge_heads(banded_attention(q, keys, values, q.shape[-1] ** -0.5))
 
     def attend_projected_queries(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """q: already projected, (1 or B) x heads x Nq x c, many; k, v: B x Nk x D, few -> B x Nq x D."""
@@ -97,16 +112,6 @@ class DownsampledAttention(nn.Module):
         """B x heads x N x head_dim -> B x N x D through out_proj."""
         b, h, n, c = x.shape
         return self.out_proj(x.transpose(0, 2, 1, 3).reshape(b, n, h * c))
-
-    def _few_queries(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        b, nq, d = q.shape
-        q = self._heads(self.q_proj(q))  # B x h x Nq x c
-        scale = q.shape[-1] ** -0.5
-        q_in_key_space = (q @ self._per_head(self.k_proj.weight)).reshape(b, 1, -1, d)  # B x 1 x h*Nq x D
-        pooled = attention(q_in_key_space, k[:, None], v[:, None], scale)  # raw image tokens, weighted
-        value_weight = self._per_head(self.v_proj.weight)  # h x c x D
-        values = pooled.reshape(b, self.num_heads, nq, d) @ value_weight.swapaxes(1, 2)
-        return self._merge_heads(values + self.v_proj.bias.reshape(self.num_heads, 1, -1))
 
     def _few_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         b, nq, d = q.shape
@@ -158,9 +163,15 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(
-        self, queries: mx.array, keys: mx.array, query_pe: mx.array, key_pe: mx.array, image_side: ImageSide | None = None
-    ) -> tuple[mx.array, mx.array]:
-        """queries: B x Nq x D prompt tokens, keys: (1 or B) x HW x D image tokens; both updated.
+        self,
+        queries: mx.array,
+        keys: list[mx.array],
+        query_pe: mx.array,
+        key_pe: list[mx.array],
+        image_side: ImageSide | None = None,
+    ) -> tuple[mx.array, list[mx.array]]:
+        """queries: B x Nq x D prompt tokens; keys: the image tokens in row bands, (1 or B) x n x D each,
+        with position encodings ``key_pe`` (1 x n x D bands). Both are updated, the image band by band.
 
         ``image_side``: the projections of these ``keys`` (``project_image``), if already computed.
         """
@@ -171,28 +182,34 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
         if image_side is None:
-            k = keys + key_pe
-            attn = self.cross_attn_token_to_image(queries + query_pe, k, keys)
+            k = per_band(mx.add, keys, key_pe)
+            attn = to_image.to_bands(queries + query_pe, k, keys)
         else:
-            attn = self.cross_attn_token_to_image.attend_projected_keys(queries + query_pe, image_side.keys, image_side.values)
+            attn = to_image.to_projected_bands(queries + query_pe, image_side.keys, image_side.values)
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
+        prompt_keys = queries + query_pe
         if image_side is None:
-            attn = self.cross_attn_image_to_token(k, queries + query_pe, queries)
+            attn_bands = per_band(lambda band: to_tokens(band, prompt_keys, queries), k)
         else:
-            attn = self.cross_attn_image_to_token.attend_projected_queries(image_side.queries, queries + query_pe, queries)
-        keys = self.norm4(keys + attn)
-        return queries, keys
+            attn_bands = per_band(lambda band: to_tokens.attend_projected_queries(band, prompt_keys, queries),
+                                  image_side.queries)
+        return queries, per_band(lambda band, attn: self.norm4(band + attn), keys, attn_bands)
 
-    def project_image(self, keys: mx.array, key_pe: mx.array) -> ImageSide:
-        """``keys`` (1 x HW x D) with their projections in this block's two cross-attentions."""
-        k = keys + key_pe
+    def project_image(self, keys: list[mx.array], key_pe: list[mx.array]) -> ImageSide:
+        """Image token bands (1 x n x D each) with their projections in this block's two cross-attentions."""
         to_image, to_tokens = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        projections = (to_image.project(to_image.k_proj, k), to_image.project(to_image.v_proj, keys),
-                       to_tokens.project(to_tokens.q_proj, k))
-        # kept row-major: as head-split views, every prompt's attention would copy them again
-        return ImageSide(keys, *(mx.contiguous(p) for p in projections))
+
+        def project(band: mx.array, pe: mx.array) -> tuple[mx.array, ...]:
+            k = band + pe
+            projections = (to_image.project(to_image.k_proj, k), to_image.project(to_image.v_proj, band),
+                           to_tokens.project(to_tokens.q_proj, k))
+            # kept row-major: as head-split views, every prompt's attention would copy them again
+            return tuple(mx.contiguous(p) for p in projections)
+
+        return ImageSide(keys, *(list(field) for field in zip(*per_band(project, keys, key_pe))))
 
 
 class TwoWayTransformer(nn.Module):
@@ -203,14 +220,15 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = LayerNorm(dim)
 
     def __call__(
-        self, image: mx.array, image_pe: mx.array, tokens: mx.array, image_side: ImageSide | None = None
-    ) -> tuple[mx.array, mx.array]:
-        """image: (1 or B) x HW x D, image_pe: 1 x HW x D; tokens: B x N x D -> (tokens B x N x D, image B x HW x D).
+        self, image: list[mx.array], image_pe: list[mx.array], tokens: mx.array, image_side: ImageSide | None = None
+    ) -> tuple[mx.array, list[mx.array]]:
+        """image: the image tokens in row bands, (1 or B) x n x D each, image_pe: their 1 x n x D bands;
+        tokens: B x N x D -> (tokens B x N x D, image bands B x n x D).
 
         ``image_side``: ``self.layers[0].project_image(image, image_pe)`` if the caller keeps it.
         """
         queries, keys = tokens, image
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, tokens, image_pe, image_side if i == 0 else None)
-        attn = self.final_attn_token_to_image(queries + tokens, keys + image_pe, keys)
+        attn = self.final_attn_token_to_image.to_bands(queries + tokens, per_band(mx.add, keys, image_pe), keys)
         return self.norm_final_attn(queries + attn), keys

@@ -26,6 +26,7 @@ from sam_mlx import checkpoint, cli
 from sam_mlx.checkpoint import load_checkpoint
 from sam_mlx.image_tokens import read_image_tokens
 from sam_mlx.mask_utils import coco_decode_rle
+from sam_mlx.token_bands import band_count
 
 MODEL = str(MOBILE_SAM)
 DOG = str(IMAGES / "dog.jpg")
@@ -89,6 +90,7 @@ def test_info(env):
     out = ok(run(env, "info", "--model", MODEL)).stdout
     assert f"sam_mlx {sam_mlx.__version__}" in out and f"mlx {mx.__version__}" in out
     assert "default device" in out and "BLAS: " in out
+    assert f"image tokens in {band_count()} row band(s)" in out
     assert "tiny_vit float32 [" in out and '"encoder_kind": "tiny_vit"' in out
 
 

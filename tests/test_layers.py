@@ -4,6 +4,7 @@ against plain float64 references and against the straightforward MLX formulation
 from __future__ import annotations
 
 import math
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam_mlx import _blas, mask_decoder, token_bands
 from sam_mlx import attention as attention_module
 from sam_mlx.attention import attention, shifted_exp, softmax
 from sam_mlx.config import PromptDecoderConfig
@@ -130,11 +132,20 @@ def _reference_attention(layer: DownsampledAttention, q, k, v) -> np.ndarray:
     return linear(out.transpose(0, 2, 1, 3).reshape(b, n, h * c), layer.out_proj)
 
 
-@pytest.mark.parametrize("nq,nk", [(7, 300), (300, 7), (12, 12), (20, 300)])  # few queries, few keys, neither
-def test_downsampled_attention_paths(nq, nk):
-    layer = DownsampledAttention(64, num_heads=4, downsample_rate=2)
+def _random_biases(layer: DownsampledAttention) -> DownsampledAttention:
     for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
         lin.bias = mx.array(RNG.normal(size=lin.bias.shape).astype(np.float32))
+    return layer
+
+
+def _bands(x: np.ndarray, count: int) -> list[mx.array]:
+    """B x N x D tokens cut into ``count`` bands of consecutive tokens."""
+    return [mx.array(part) for part in np.array_split(x, count, axis=1)]
+
+
+@pytest.mark.parametrize("nq,nk", [(300, 7), (12, 12), (300, 40)])  # few keys, neither, too many keys for the shortcut
+def test_downsampled_attention_paths(nq, nk):
+    layer = _random_biases(DownsampledAttention(64, num_heads=4, downsample_rate=2))
     q = RNG.normal(size=(2, nq, 64)).astype(np.float32)
     k = RNG.normal(size=(2, nk, 64)).astype(np.float32)
     v = RNG.normal(size=(2, nk, 64)).astype(np.float32)
@@ -142,18 +153,30 @@ def test_downsampled_attention_paths(nq, nk):
     np.testing.assert_allclose(got, _reference_attention(layer, q, k, v), atol=2e-5)
 
 
-def test_attention_with_one_side_projected():
+@pytest.mark.parametrize("bands", [1, 2, 3])
+@pytest.mark.parametrize("nq", [7, 20])  # the key-space product, projected keys (4 heads x 20 > 32 wide)
+def test_attention_to_banded_keys(nq, bands):
+    """Few queries over keys cut in bands, each band on its own stream, equal attention over all keys."""
+    layer = _random_biases(DownsampledAttention(64, num_heads=4, downsample_rate=2))
+    q = RNG.normal(size=(2, nq, 64)).astype(np.float32)
+    k = RNG.normal(size=(2, 300, 64)).astype(np.float32)
+    v = RNG.normal(size=(2, 300, 64)).astype(np.float32)
+    got = np.array(layer.to_bands(mx.array(q), _bands(k, bands), _bands(v, bands)))
+    np.testing.assert_allclose(got, _reference_attention(layer, q, k, v), atol=2e-5)
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_attention_with_one_side_projected(bands):
     """The per-image shortcuts: image-side projections made once (batch 1) serve a batch of prompts."""
-    layer = DownsampledAttention(64, num_heads=4, downsample_rate=2)
-    for lin in (layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj):
-        lin.bias = mx.array(RNG.normal(size=lin.bias.shape).astype(np.float32))
+    layer = _random_biases(DownsampledAttention(64, num_heads=4, downsample_rate=2))
     image = RNG.normal(size=(1, 300, 64)).astype(np.float32)
     prompts = RNG.normal(size=(3, 7, 64)).astype(np.float32)
     images = np.broadcast_to(image, (3, 300, 64))
-    x, p = mx.array(image), mx.array(prompts)
-    got = layer.attend_projected_keys(p, layer.project(layer.k_proj, x), layer.project(layer.v_proj, x))
+    x, p = _bands(image, bands), mx.array(prompts)
+    keys = [layer.project(layer.k_proj, band) for band in x]
+    got = layer.to_projected_bands(p, keys, [layer.project(layer.v_proj, band) for band in x])
     np.testing.assert_allclose(np.array(got), _reference_attention(layer, prompts, images, images), atol=2e-5)
-    got = layer.attend_projected_queries(layer.project(layer.q_proj, x), p, p)
+    got = layer.attend_projected_queries(layer.project(layer.q_proj, mx.array(image)), p, p)
     np.testing.assert_allclose(np.array(got), _reference_attention(layer, images, prompts, prompts), atol=2e-5)
 
 
@@ -208,3 +231,59 @@ def test_prompt_groups_equal_one_at_a_time():
         np.testing.assert_allclose(np.array(masks[i]), np.array(one_masks[0]), atol=1e-5)
         np.testing.assert_allclose(np.array(iou[i]), np.array(one_iou[0]), atol=1e-5)
     assert math.isfinite(float(masks.abs().max()))
+
+
+@pytest.mark.parametrize("bands", [2, 3, 5])
+def test_token_bands_equal_one_band(monkeypatch, bands):
+    """The decoder with its image tokens cut in row bands, each on its own stream (uneven on a 7 x 5 grid),
+    equals one band: with the kept image side, and with per-prompt mask hints."""
+    decoder = _random_decoder()
+    d = decoder.iou_token.shape[-1]
+    tokens = mx.array(RNG.normal(size=(1, 7, 5, d)).astype(np.float32))
+    pe = mx.array(RNG.normal(size=(7, 5, d)).astype(np.float32))
+    no_mask = mx.array(RNG.normal(size=(1, d)).astype(np.float32))
+    sparse = mx.array(RNG.normal(size=(4, 3, d)).astype(np.float32))
+    hints = mx.array(RNG.normal(size=(4, 7, 5, d)).astype(np.float32))
+    no_hints = mx.broadcast_to(no_mask.reshape(1, 1, 1, d), hints.shape)
+
+    def decode(count: int) -> list[np.ndarray]:
+        monkeypatch.setattr(mask_decoder, "band_count", lambda: count)
+        monkeypatch.setattr(token_bands, "band_count", lambda: count)
+        with token_bands.parallel_decoding():
+            image_side = decoder.project_image(tokens, pe, no_mask)
+            assert len(image_side.image) == count and sum(b.shape[1] for b in image_side.image) == 7 * 5
+            outputs = [*decoder(tokens, pe, sparse, no_hints, True, image_side), *decoder(tokens, pe, sparse, hints, False)]
+            return [np.array(o) for o in outputs]
+
+    for got, expected in zip(decode(bands), decode(1), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_row_bands_are_whole_rows_capped_at_the_rows():
+    grid = mx.arange(2 * 3 * 2).reshape(2, 3, 2, 1)
+    bands = token_bands.row_bands(grid, 5)
+    assert [b.shape for b in bands] == [(2, 2, 1)] * 3
+    assert np.array_equal(np.concatenate([np.array(b) for b in bands], axis=1), np.array(grid).reshape(2, 6, 1))
+    assert [b.shape[1] for b in token_bands.row_bands(grid, 2)] == [2, 4]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sam_mlx loads OpenBLAS on Linux only")
+def test_single_threaded_blas_restores_the_thread_count(monkeypatch):
+    library = _blas._library
+    assert library is not None, "no system OpenBLAS loaded (install libopenblas0-pthread)"
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with _blas.single_threaded():
+                assert library.openblas_get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert library.openblas_get_num_threads() == 2
+        monkeypatch.setattr(token_bands, "band_count", lambda: 1)  # one band: BLAS keeps its threads
+        with token_bands.parallel_decoding():
+            assert library.openblas_get_num_threads() == 2
+        monkeypatch.setattr(token_bands, "band_count", lambda: 2)
+        with token_bands.parallel_decoding():
+            assert library.openblas_get_num_threads() == 1
+    finally:
+        library.openblas_set_num_threads(before)
