@@ -25,7 +25,7 @@ import operator
 import mlx.core as mx
 
 from .layers import estrin, fused, on_cpu
-from .token_bands import per_band
+from .token_bands import chunk_streams, per_band
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
@@ -80,6 +80,7 @@ def attention(
     scale: float,
     mask: mx.array | None = None,
     rel_pos: tuple[mx.array, mx.array] | None = None,
+    spread: bool = False,
 ) -> mx.array:
     """softmax(q k^T * scale + mask + relative-position term) v.
 
@@ -88,6 +89,8 @@ def attention(
     rel_pos: (bias_h, bias_w) of shapes B x heads x Lq x Kh and B x heads x Lq x Kw with
     Kh * Kw = Lk (keys laid out row-major on a Kh x Kw grid): the logit of query i and key
     (y, x) gets bias_h[i, y] + bias_w[i, x].
+    ``spread``: on the CPU, deal the chunks out over the ``token_bands`` streams, one per core
+    (for a caller whose ops are not already in bands).
     """
     if not on_cpu():
         if rel_pos is not None:
@@ -99,7 +102,8 @@ def attention(
     # than inside each chunk's matmul (k^T is then a free transposed view)
     q32, k32, v32 = (t.astype(mx.float32) for t in (q, k, v))
     k_t = mx.contiguous(k32).swapaxes(2, 3)
-    out = _chunked_attention(mx.contiguous(q32 * scale), k_t, mx.contiguous(v32), mask, rel_pos)
+    streams = chunk_streams(spread)
+    out = _chunked_attention(mx.contiguous(q32 * scale), k_t, mx.contiguous(v32), mask, rel_pos, streams)
     return out.astype(q.dtype)
 
 
@@ -134,14 +138,21 @@ def _part(x: mx.array, batch: slice, heads: slice, rows: slice) -> mx.array:
 
 
 def _chunked_attention(
-    q: mx.array, k_t: mx.array, v: mx.array, mask: mx.array | None, rel_pos: tuple[mx.array, mx.array] | None
+    q: mx.array,
+    k_t: mx.array,
+    v: mx.array,
+    mask: mx.array | None,
+    rel_pos: tuple[mx.array, mx.array] | None,
+    streams: list[mx.Stream],
 ) -> mx.array:
-    """Attention of pre-scaled q (B x n x Lq x d) over k_t (B x n x d x Lk), chunk by chunk."""
+    """Attention of pre-scaled q (B x n x Lq x d) over k_t (B x n x d x Lk), chunk by chunk, chunk i on
+    ``streams[i % len(streams)]``."""
     batch, heads, queries, _ = q.shape
     keys = k_t.shape[-1]
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     nb, nh, nr = _chunk_sizes(batch, heads, queries, keys)
+    stream_cycle = itertools.cycle(streams)
     per_batch = []
     for b0 in range(0, batch, nb):
         bs = slice(b0, b0 + nb)
@@ -152,15 +163,16 @@ def _chunked_attention(
             per_rows = []
             for r0 in range(0, queries, nr):
                 rs = slice(r0, r0 + nr)
-                logits = q[bs, hs, rs] @ k_part
-                if rel_pos is not None:
-                    bias_h, bias_w = (_part(t, bs, hs, rs) for t in rel_pos)
-                    grid = logits.reshape(*logits.shape[:3], bias_h.shape[-1], bias_w.shape[-1])
-                    logits = _add_decomposed(grid, bias_h, bias_w).reshape(logits.shape)
-                if mask is not None:
-                    logits = logits + _part(mask, bs, hs, rs)
-                weights = shifted_exp(logits, logits.max(axis=-1, keepdims=True))
-                per_rows.append((weights @ v_part) / weights.sum(axis=-1, keepdims=True))
+                with mx.stream(next(stream_cycle)):
+                    logits = q[bs, hs, rs] @ k_part
+                    if rel_pos is not None:
+                        bias_h, bias_w = (_part(t, bs, hs, rs) for t in rel_pos)
+                        grid = logits.reshape(*logits.shape[:3], bias_h.shape[-1], bias_w.shape[-1])
+                        logits = _add_decomposed(grid, bias_h, bias_w).reshape(logits.shape)
+                    if mask is not None:
+                        logits = logits + _part(mask, bs, hs, rs)
+                    weights = shifted_exp(logits, logits.max(axis=-1, keepdims=True))
+                    per_rows.append((weights @ v_part) / weights.sum(axis=-1, keepdims=True))
             per_head.append(_join(per_rows, axis=2))
         per_batch.append(_join(per_head, axis=1))
     return _join(per_batch, axis=0)

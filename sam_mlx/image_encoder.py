@@ -19,6 +19,7 @@ from .attention import attention
 from .config import ViTConfig
 from .layers import LayerNorm, gelu, layer_norm_2d
 from .resize import linear_resize_matrix
+from .token_bands import across_rows
 
 
 def relative_position_table(table: mx.array, size: int, frame: int) -> mx.array:
@@ -57,15 +58,17 @@ class RelPosAttention(nn.Module):
             self.rel_pos_h = mx.zeros((2 * rel_pos_size - 1, self.head_dim))
             self.rel_pos_w = mx.zeros((2 * rel_pos_size - 1, self.head_dim))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        """x: B x H x W x C -> B x H x W x C."""
-        b, h, w, c = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each B x heads x HW x head_dim
+    def __call__(self, qkv: mx.array) -> mx.array:
+        """The attention between the projections: qkv B x H x W x 3C (``self.qkv`` of the tokens) -> B x H x W x C.
+
+        The block applies ``qkv`` before and ``proj`` after, as per-token work in row bands; here the
+        chunks of the attention are spread over the same streams (``token_bands``).
+        """
+        b, h, w, c = qkv.shape[0], qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
+        q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)  # B x heads x HW x d
         rel_pos = self._relative_position_terms(q, h, w) if self.use_rel_pos else None
-        out = attention(q, k, v, self.scale, rel_pos=rel_pos)
-        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
-        return self.proj(out)
+        out = attention(q, k, v, self.scale, rel_pos=rel_pos, spread=True)
+        return out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
 
     def _relative_position_terms(self, q: mx.array, h: int, w: int) -> tuple[mx.array, mx.array]:
         """The per-axis relative-position logits: B x heads x HW x H (key rows), B x heads x HW x W (columns)."""
@@ -126,17 +129,22 @@ class EncoderBlock(nn.Module):
         self.mlp = EncoderMLP(config.embed_dim, config.mlp_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        """x: B x H x W x C -> B x H x W x C."""
-        shortcut = x
-        x = self.norm1(x)
+        """x: B x H x W x C -> B x H x W x C.
+
+        The per-token work runs in row bands and the attention's chunks are spread over the same
+        streams (``token_bands``): on the CPU, every core works on every stage.
+        """
         if self.window_size > 0:
             size = (x.shape[1], x.shape[2])
-            x, padded = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, padded, size)
+            windows, padded = window_partition(across_rows(self.norm1, x), self.window_size)  # padded after the norm
+            attended = self.attn(across_rows(self.attn.qkv, windows))
+            attended = window_unpartition(attended, self.window_size, padded, size)
         else:
-            x = self.attn(x)
-        x = shortcut + x
+            attended = self.attn(across_rows(lambda t: self.attn.qkv(self.norm1(t)), x))
+        return across_rows(self._residual_and_mlp, x, attended)
+
+    def _residual_and_mlp(self, shortcut: mx.array, attended: mx.array) -> mx.array:
+        x = shortcut + self.attn.proj(attended)
         return x + self.mlp(self.norm2(x))
 
 

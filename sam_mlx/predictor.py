@@ -17,7 +17,7 @@ from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
 from .prompt_encoder import PADDING_LABEL
 from .resize import upscale_mask_logits, upscaled_masks_above
-from .token_bands import parallel_decoding
+from .token_bands import parallel_bands
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
@@ -49,8 +49,9 @@ class SamPredictor:
         if image_format == "BGR":
             array = np.ascontiguousarray(array[..., ::-1])
         geometry = image_geometry(array.shape[:2], self.sizing, self.size)
-        tokens = self.model.encode_image(preprocess(array, geometry))
-        mx.eval(tokens)
+        with parallel_bands():
+            tokens = self.model.encode_image(preprocess(array, geometry))
+            mx.eval(tokens)
         self.set_image_tokens(tokens, geometry)
 
     def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
@@ -229,7 +230,7 @@ class SamPredictor:
         multimask_output: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``decode``, evaluated now with the decoder's token bands in parallel -> numpy (low-res logits, iou)."""
-        with parallel_decoding():
+        with parallel_bands():
             low_res, iou = self.decode(points, boxes, masks, multimask_output)
             mx.eval(low_res, iou)
         return np.array(low_res), np.array(iou)

@@ -33,6 +33,7 @@ from .attention import attention
 from .checkpoint import CheckpointError, checked_shape
 from .config import _from_dict
 from .layers import LayerNorm, gelu, layer_norm_2d
+from .token_bands import across_rows
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, as in the original
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the attention and MLP norms
@@ -126,8 +127,9 @@ class MBConv(nn.Module):
         self.conv3 = ConvBN(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        """x: B x H x W x C -> same shape."""
-        return gelu(x + self.conv3(gelu(self.conv2(gelu(self.conv1(x))))))
+        """x: B x H x W x C -> same shape; the 1x1 convs run in row bands (``token_bands``)."""
+        hidden = self.conv2(across_rows(lambda t: gelu(self.conv1(t)), x))
+        return across_rows(lambda t, h: gelu(t + self.conv3(gelu(h))), x, hidden)
 
 
 class PatchMerging(nn.Module):
@@ -175,11 +177,12 @@ class WindowAttention(nn.Module):
         """x: nWindows x window^2 x C -> same shape."""
         n, length, c = x.shape
         head_dim = c // self.num_heads
-        qkv = self.qkv(self.norm(x)).reshape(n, length, self.num_heads, 3 * head_dim).transpose(0, 2, 1, 3)
+        qkv = across_rows(lambda t: self.qkv(self.norm(t)), x)
+        qkv = qkv.reshape(n, length, self.num_heads, 3 * head_dim).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, 3, axis=-1)  # each nWindows x heads x window^2 x head_dim
         bias = self.attention_biases[:, mx.array(attention_bias_index(self.window))]  # heads x N x N
-        out = attention(q, k, v, head_dim**-0.5, mask=bias)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(n, length, c))
+        out = attention(q, k, v, head_dim**-0.5, mask=bias, spread=True)
+        return across_rows(self.proj, out.transpose(0, 2, 1, 3).reshape(n, length, c))
 
 
 class TinyViTMLP(nn.Module):
@@ -221,7 +224,7 @@ class TinyViTBlock(nn.Module):
         y = self.attn(y).reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
         x = x + y.reshape(b, nh * ws, nw * ws, c)[:, :h, :w]
         x = self.local_conv(x)
-        return x + self.mlp(x)
+        return across_rows(lambda t: t + self.mlp(t), x)
 
 
 class TinyViTStage(nn.Module):

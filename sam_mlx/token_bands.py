@@ -1,15 +1,20 @@
-"""The mask decoder's image side cut into bands of token rows, one per CPU core.
+"""Image tokens cut into bands of rows, one per CPU core, each computed on its own MLX stream.
 
-MLX's CPU backend runs each op on one core (BLAS aside), so a prompt's decode, some 700 ops
-over the 4096 x 256 image tokens, leaves the other cores idle. Nearly all of that work is per
-image token: projections, residuals, LayerNorm, the image -> prompt attention and the mask
-upscaler. Only the prompt -> image attention's softmax spans every token, and its logits are
-small (prompt tokens x heads x HW). So the decoder keeps the image tokens as row bands and
-computes each band on its own MLX stream, and each CPU stream has its own thread.
+MLX's CPU backend runs each op on one core (BLAS aside), so the other cores idle through
+every elementwise op, norm and softmax: most of a prompt's decode (~700 ops over 4096 x 256
+image tokens) and, measured with ViT-B, over half of an encoding. But most of that work is per
+token: projections, residuals, LayerNorm, MLPs, the mask upscaler. So that work runs in row bands,
+each on its own MLX stream, and every CPU stream has its own thread:
 
-OpenBLAS serialises concurrent multi-threaded calls, so the bands only pay off with BLAS
-single-threaded while they are evaluated: ``parallel_decoding`` sets that up. On a GPU, or with
-one core, there is one band on the default stream and the decoder computes as before.
+- the mask decoder keeps the image tokens as bands from start to end; only the prompt -> image
+  attention spans all tokens, and it gathers its small logits (prompt tokens x heads x HW) across
+  bands (``attention.banded_attention``);
+- the image encoders run their per-token layers ``across_rows`` and deal the independent chunks of
+  their attention (windows, heads, query rows) out to the same streams (``chunk_streams``).
+
+OpenBLAS serialises concurrent multi-threaded calls, so bands pay off with BLAS single-threaded
+while they are evaluated: ``parallel_bands`` sets that up. On a GPU, or with one core, there is
+one band on the default stream and everything computes as it would without bands.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import mlx.core as mx
 from . import _blas
 from .layers import on_cpu
 
-# Bands are measured on 2 cores only (2 bands: a prompt's decode ~34 -> ~27 ms); more cores get
-# more bands, up to this many.
+# Measured on 2 cores only (2 bands: a prompt's decode ~34 -> ~27 ms, a ViT-B encoding ~11 -> ~8.7 s);
+# more cores get more bands, up to this many.
 _MAX_BANDS = 8
 _extra_streams: list[mx.Stream] = []
 
@@ -38,36 +43,55 @@ def band_count() -> int:
     return max(1, min(cores, _MAX_BANDS))
 
 
-def _streams(count: int) -> list[mx.Stream]:
+def band_streams(count: int) -> list[mx.Stream]:
     """The default stream for band 0, then one CPU stream (thread) per further band, made once."""
     while len(_extra_streams) < count - 1:
         _extra_streams.append(mx.new_stream(mx.cpu))
     return [mx.default_stream(mx.default_device()), *_extra_streams[: count - 1]]
 
 
-def row_bands(grid: mx.array, count: int) -> list[mx.array]:
-    """B x h x w x C token grid -> ``count`` (at most h) bands of whole rows, as even as can be, each
-    flattened to B x (h_i w) x C tokens."""
-    b, h, _, c = grid.shape
+def _split_rows(grid: mx.array, count: int) -> list[mx.array]:
+    """B x h x ... -> ``count`` (at most h) bands of consecutive rows, as even as can be."""
+    h = grid.shape[1]
     count = min(count, h)
-    return [band.reshape(b, -1, c) for band in mx.split(grid, [h * i // count for i in range(1, count)], axis=1)]
+    return mx.split(grid, [h * i // count for i in range(1, count)], axis=1)
+
+
+def chunk_streams(spread: bool) -> list[mx.Stream]:
+    """Streams to deal independent chunks of work out to: every band's with ``spread``, else the current one."""
+    return band_streams(band_count() if spread else 1)
+
+
+def row_bands(grid: mx.array, count: int) -> list[mx.array]:
+    """B x h x w x C token grid -> ``count`` (at most h) bands of whole rows, each flattened to B x (h_i w) x C."""
+    b, _, _, c = grid.shape
+    return [band.reshape(b, -1, c) for band in _split_rows(grid, count)]
+
+
+def across_rows(fn: Callable[..., mx.array], *grids: mx.array) -> mx.array:
+    """fn(*grids) for a per-token fn of B x h x ... grids, computed in ``band_count()`` row bands."""
+    count = band_count()
+    if count == 1:
+        return fn(*grids)
+    return mx.concatenate(per_band(fn, *(_split_rows(g, count) for g in grids)), axis=1)
 
 
 def per_band(fn: Callable[..., Any], *bands: list[Any]) -> list[Any]:
     """[fn(a_i, b_i, ...) for each band i], band i's ops on band i's stream."""
     results = []
-    for stream, args in zip(_streams(len(bands[0])), zip(*bands, strict=True)):
+    for stream, args in zip(band_streams(len(bands[0])), zip(*bands, strict=True)):
         with mx.stream(stream):
             results.append(fn(*args))
     return results
 
 
 @contextlib.contextmanager
-def parallel_decoding() -> Iterator[None]:
-    """Evaluate banded decodes inside this block: BLAS is single-threaded meanwhile, when there are bands.
+def parallel_bands() -> Iterator[None]:
+    """Evaluate banded work inside this block: BLAS is single-threaded meanwhile, when there are bands.
 
     With two bands on 2 cores and OpenBLAS at its usual 2 threads, a decode is slower than with one band
-    (~38 against ~34 ms); single-threaded, ~27 ms.
+    (~38 against ~34 ms); single-threaded, ~27 ms. Evaluate the encoder and decoder inside it, as
+    ``SamPredictor`` does.
     """
     if band_count() == 1:
         yield

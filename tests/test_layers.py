@@ -15,7 +15,8 @@ import torch
 from sam_mlx import _blas, mask_decoder, token_bands
 from sam_mlx import attention as attention_module
 from sam_mlx.attention import attention, shifted_exp, softmax
-from sam_mlx.config import PromptDecoderConfig
+from sam_mlx.config import PromptDecoderConfig, ViTConfig
+from sam_mlx.image_encoder import ImageEncoderViT
 from sam_mlx.layers import LayerNorm, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
 from sam_mlx.two_way_transformer import DownsampledAttention
@@ -249,7 +250,7 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
     def decode(count: int) -> list[np.ndarray]:
         monkeypatch.setattr(mask_decoder, "band_count", lambda: count)
         monkeypatch.setattr(token_bands, "band_count", lambda: count)
-        with token_bands.parallel_decoding():
+        with token_bands.parallel_bands():
             image_side = decoder.project_image(tokens, pe, no_mask)
             assert len(image_side.image) == count and sum(b.shape[1] for b in image_side.image) == 7 * 5
             outputs = [*decoder(tokens, pe, sparse, no_hints, True, image_side), *decoder(tokens, pe, sparse, hints, False)]
@@ -257,6 +258,26 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
 
     for got, expected in zip(decode(bands), decode(1), strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bands", [2, 3])
+def test_vit_in_bands_equals_one_band(monkeypatch, bands):
+    """The ViT with its per-token work in row bands and its attention chunks spread over the bands' streams
+    equals one band: windowed blocks (windows padded after the norm) and a global one, on a 7 x 5 grid."""
+    monkeypatch.setattr(attention_module, "_CHUNK_LOGITS", 64)  # several chunks to spread
+    config = ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attention_blocks=(1,), mlp_dim=64, window_size=3)
+    vit = ImageEncoderViT(config)
+    params = vit.parameters()
+    mx.eval(params)
+    vit.update(nn.utils.tree_map(lambda p: mx.array(RNG.normal(size=p.shape).astype(np.float32) * 0.2), params))
+    image = mx.array(RNG.normal(size=(1, 7 * 16, 5 * 16, 3)).astype(np.float32))
+
+    def encode(count: int) -> np.ndarray:
+        monkeypatch.setattr(token_bands, "band_count", lambda: count)
+        with token_bands.parallel_bands():
+            return np.array(vit(image))
+
+    np.testing.assert_allclose(encode(bands), encode(1), atol=1e-5)
 
 
 def test_row_bands_are_whole_rows_capped_at_the_rows():
@@ -280,10 +301,10 @@ def test_single_threaded_blas_restores_the_thread_count(monkeypatch):
                 raise RuntimeError("inside")
         assert library.openblas_get_num_threads() == 2
         monkeypatch.setattr(token_bands, "band_count", lambda: 1)  # one band: BLAS keeps its threads
-        with token_bands.parallel_decoding():
+        with token_bands.parallel_bands():
             assert library.openblas_get_num_threads() == 2
         monkeypatch.setattr(token_bands, "band_count", lambda: 2)
-        with token_bands.parallel_decoding():
+        with token_bands.parallel_bands():
             assert library.openblas_get_num_threads() == 1
     finally:
         library.openblas_set_num_threads(before)

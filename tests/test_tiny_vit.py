@@ -18,6 +18,7 @@ import torch
 from conftest import IMAGES, MOBILE_SAM, REFERENCE
 from PIL import Image
 
+from sam_mlx import token_bands
 from sam_mlx.tiny_vit import (
     TinyViTConfig,
     TinyViTImageEncoder,
@@ -121,3 +122,15 @@ def test_non_square_input(encoder: TinyViTImageEncoder) -> None:
 def test_rejects_size_not_multiple_of_16(encoder: TinyViTImageEncoder) -> None:
     with pytest.raises(ValueError, match="multiples of 16"):
         encoder(mx.zeros((1, 1000, 1024, 3)))
+
+
+def test_bands_equal_one_band(encoder: TinyViTImageEncoder, monkeypatch):
+    """The per-token work in 3 row bands and the window attention spread over their streams equal one band."""
+    image = mx.array(np.random.default_rng(0).normal(size=(1, 160, 224, 3)).astype(np.float32))
+
+    def encode(count: int) -> np.ndarray:
+        monkeypatch.setattr(token_bands, "band_count", lambda: count)
+        with token_bands.parallel_bands():
+            return np.array(encoder(image))
+
+    np.testing.assert_allclose(encode(3), encode(1), atol=1e-4)
