@@ -36,9 +36,15 @@ _extra_streams: list[mx.Stream] = []
 
 
 def band_count() -> int:
-    """How many bands the decoder cuts the image tokens into: the CPU cores (capped), or 1 on a GPU."""
+    """How many row bands the image tokens are cut into: 1 on a GPU; on the CPU, ``SAM_MLX_BANDS`` if set
+    (1 turns bands off, and BLAS keeps its threads), else the cores (capped)."""
     if not on_cpu():
         return 1
+    choice = os.environ.get("SAM_MLX_BANDS", "").strip()
+    if choice:
+        if not choice.isdigit() or int(choice) < 1:
+            raise ValueError(f"SAM_MLX_BANDS must be a whole number of bands, 1 or more, got {choice!r}")
+        return int(choice)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, _MAX_BANDS))
 
@@ -50,16 +56,25 @@ def band_streams(count: int) -> list[mx.Stream]:
     return [mx.default_stream(mx.default_device()), *_extra_streams[: count - 1]]
 
 
+def chunk_streams(spread: bool) -> list[mx.Stream]:
+    """Streams to deal independent chunks of work out to: every band's with ``spread``, else the current one."""
+    return band_streams(band_count() if spread else 1)
+
+
+def per_band(fn: Callable[..., Any], *bands: list[Any]) -> list[Any]:
+    """[fn(a_i, b_i, ...) for each band i], band i's ops on band i's stream."""
+    results = []
+    for stream, args in zip(band_streams(len(bands[0])), zip(*bands, strict=True)):
+        with mx.stream(stream):
+            results.append(fn(*args))
+    return results
+
+
 def _split_rows(grid: mx.array, count: int) -> list[mx.array]:
     """B x h x ... -> ``count`` (at most h) bands of consecutive rows, as even as can be."""
     h = grid.shape[1]
     count = min(count, h)
     return mx.split(grid, [h * i // count for i in range(1, count)], axis=1)
-
-
-def chunk_streams(spread: bool) -> list[mx.Stream]:
-    """Streams to deal independent chunks of work out to: every band's with ``spread``, else the current one."""
-    return band_streams(band_count() if spread else 1)
 
 
 def row_bands(grid: mx.array, count: int) -> list[mx.array]:
@@ -74,15 +89,6 @@ def across_rows(fn: Callable[..., mx.array], *grids: mx.array) -> mx.array:
     if count == 1:
         return fn(*grids)
     return mx.concatenate(per_band(fn, *(_split_rows(g, count) for g in grids)), axis=1)
-
-
-def per_band(fn: Callable[..., Any], *bands: list[Any]) -> list[Any]:
-    """[fn(a_i, b_i, ...) for each band i], band i's ops on band i's stream."""
-    results = []
-    for stream, args in zip(band_streams(len(bands[0])), zip(*bands, strict=True)):
-        with mx.stream(stream):
-            results.append(fn(*args))
-    return results
 
 
 @contextlib.contextmanager

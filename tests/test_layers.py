@@ -280,6 +280,22 @@ def test_vit_in_bands_equals_one_band(monkeypatch, bands):
     np.testing.assert_allclose(encode(bands), encode(1), atol=1e-5)
 
 
+def test_band_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SAM_MLX_BANDS", "3")
+    assert token_bands.band_count() == (3 if on_cpu() else 1)
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("SAM_MLX_BANDS", bad)
+        if on_cpu():
+            with pytest.raises(ValueError, match=f"SAM_MLX_BANDS .*got '{bad}'"):
+                token_bands.band_count()
+    monkeypatch.setenv("SAM_MLX_BANDS", "1")
+    library = _blas._library
+    if library is not None:  # one band: BLAS keeps its threads
+        threads = library.openblas_get_num_threads()
+        with token_bands.parallel_bands():
+            assert library.openblas_get_num_threads() == threads
+
+
 def test_row_bands_are_whole_rows_capped_at_the_rows():
     grid = mx.arange(2 * 3 * 2).reshape(2, 3, 2, 1)
     bands = token_bands.row_bands(grid, 5)
