@@ -71,7 +71,7 @@ def interleave_blocks(blocks: mx.array) -> mx.array:
 # On the CPU, prompts are decoded this many at a time, each group after the last: a prompt carries
 # 4096 x 256 image-side floats through the transformer, and one prompt's stay in cache. Batching
 # saves nothing else, and MLX evaluates independent groups interleaved, so all of them would be in
-# flight at once (32 one-point prompts on the 2-core test machine: ~35 ms per prompt one after
+# flight at once (32 one-point prompts on the 2-core test machine, before row bands: ~35 ms per prompt one after
 # another against ~45 ms in independent groups of 1, 2 or 4).
 _CPU_PROMPT_GROUP = 1
 
