@@ -189,14 +189,18 @@ def _random_decoder() -> MaskDecoder:
     return decoder
 
 
+def _random_decoder_inputs(d: int, grid: tuple[int, int], prompts: int) -> tuple[mx.array, ...]:
+    """Image tokens 1 x h x w x d, their position encoding h x w x d, a "no mask" embedding 1 x d and
+    prompt embeddings B x 3 x d, all random."""
+    shapes = ((1, *grid, d), (*grid, d), (1, d), (prompts, 3, d))
+    return tuple(mx.array(RNG.normal(size=shape).astype(np.float32)) for shape in shapes)
+
+
 def test_image_side_kept_per_image_equals_full_decode():
     """Prompts without a mask hint, decoded with the image side projected once, equal a full decode."""
     decoder = _random_decoder()
     d = decoder.iou_token.shape[-1]
-    tokens = mx.array(RNG.normal(size=(1, 8, 8, d)).astype(np.float32))
-    pe = mx.array(RNG.normal(size=(8, 8, d)).astype(np.float32))
-    no_mask = mx.array(RNG.normal(size=(1, d)).astype(np.float32))
-    sparse = mx.array(RNG.normal(size=(6, 3, d)).astype(np.float32))
+    tokens, pe, no_mask, sparse = _random_decoder_inputs(d, (8, 8), 6)
     dense = mx.broadcast_to(no_mask.reshape(1, 1, 1, d), (6, 8, 8, d))
     image_side = decoder.project_image(tokens, pe, no_mask)
     for multimask in (True, False):
@@ -221,9 +225,7 @@ def test_prompt_groups_equal_one_at_a_time():
     """9 prompts decoded together (in groups on the CPU) equal each decoded alone."""
     decoder = _random_decoder()
     d = decoder.iou_token.shape[-1]
-    tokens = mx.array(RNG.normal(size=(1, 8, 8, d)).astype(np.float32))
-    pe = mx.array(RNG.normal(size=(8, 8, d)).astype(np.float32))
-    sparse = mx.array(RNG.normal(size=(9, 3, d)).astype(np.float32))
+    tokens, pe, _, sparse = _random_decoder_inputs(d, (8, 8), 9)
     dense = mx.array(RNG.normal(size=(9, 8, 8, d)).astype(np.float32))
     masks, iou = decoder(tokens, pe, sparse, dense, True)
     assert masks.shape == (9, 3, 32, 32) and iou.shape == (9, 3)
@@ -240,10 +242,7 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
     equals one band: with the kept image side, and with per-prompt mask hints."""
     decoder = _random_decoder()
     d = decoder.iou_token.shape[-1]
-    tokens = mx.array(RNG.normal(size=(1, 7, 5, d)).astype(np.float32))
-    pe = mx.array(RNG.normal(size=(7, 5, d)).astype(np.float32))
-    no_mask = mx.array(RNG.normal(size=(1, d)).astype(np.float32))
-    sparse = mx.array(RNG.normal(size=(4, 3, d)).astype(np.float32))
+    tokens, pe, no_mask, sparse = _random_decoder_inputs(d, (7, 5), 4)
     hints = mx.array(RNG.normal(size=(4, 7, 5, d)).astype(np.float32))
     no_hints = mx.broadcast_to(no_mask.reshape(1, 1, 1, d), hints.shape)
 
