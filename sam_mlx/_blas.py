@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 _CANDIDATES = (
@@ -26,6 +27,10 @@ _CANDIDATES = (
 #: Path of the BLAS library loaded by this module, or None (bundled/Accelerate).
 loaded_blas: str | None = None
 _library: ctypes.CDLL | None = None
+# open ``single_threaded`` blocks across threads, and OpenBLAS's thread count before the first
+_blocks_lock = threading.Lock()
+_single_threaded_blocks = 0
+_threads_before = 1
 
 
 def load_system_blas() -> str | None:
@@ -63,15 +68,23 @@ def blas_description() -> str:
 def single_threaded() -> Iterator[None]:
     """Run the loaded OpenBLAS on one thread inside the block (process-wide), then restore its thread count.
 
-    For work that MLX already spreads over the cores with its own streams. Without a loaded OpenBLAS
-    (bundled BLAS, Accelerate), nothing changes.
+    For work that MLX already spreads over the cores with its own streams. Blocks may overlap (several
+    predictors in several threads): the first one in sets one thread, the last one out restores the
+    count. Without a loaded OpenBLAS (bundled BLAS, Accelerate), nothing changes.
     """
     if _library is None:
         yield
         return
-    threads = _library.openblas_get_num_threads()
-    _library.openblas_set_num_threads(1)
+    global _single_threaded_blocks, _threads_before
+    with _blocks_lock:
+        if _single_threaded_blocks == 0:
+            _threads_before = _library.openblas_get_num_threads()
+            _library.openblas_set_num_threads(1)
+        _single_threaded_blocks += 1
     try:
         yield
     finally:
-        _library.openblas_set_num_threads(threads)
+        with _blocks_lock:
+            _single_threaded_blocks -= 1
+            if _single_threaded_blocks == 0:
+                _library.openblas_set_num_threads(_threads_before)

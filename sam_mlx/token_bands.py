@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from .layers import on_cpu
 # more cores get more bands, up to this many.
 _MAX_BANDS = 8
 _extra_streams: list[mx.Stream] = []
+_streams_lock = threading.Lock()
 
 
 def band_count() -> int:
@@ -51,8 +53,9 @@ def band_count() -> int:
 
 def band_streams(count: int) -> list[mx.Stream]:
     """The default stream for band 0, then one CPU stream (thread) per further band, made once."""
-    while len(_extra_streams) < count - 1:
-        _extra_streams.append(mx.new_stream(mx.cpu))
+    with _streams_lock:
+        while len(_extra_streams) < count - 1:
+            _extra_streams.append(mx.new_stream(mx.cpu))
     return [mx.default_stream(mx.default_device()), *_extra_streams[: count - 1]]
 
 

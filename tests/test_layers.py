@@ -315,6 +315,13 @@ def test_single_threaded_blas_restores_the_thread_count(monkeypatch):
                 assert library.openblas_get_num_threads() == 1
                 raise RuntimeError("inside")
         assert library.openblas_get_num_threads() == 2
+        first, second = _blas.single_threaded(), _blas.single_threaded()  # overlapping, as from two threads
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert library.openblas_get_num_threads() == 1  # the second block is still open
+        second.__exit__(None, None, None)
+        assert library.openblas_get_num_threads() == 2
         monkeypatch.setattr(token_bands, "band_count", lambda: 1)  # one band: BLAS keeps its threads
         with token_bands.parallel_bands():
             assert library.openblas_get_num_threads() == 2
