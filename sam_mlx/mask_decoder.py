@@ -119,7 +119,7 @@ class MaskDecoder(nn.Module):
                 tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
                 groups.append(self(tokens, image_pe, *prompts, multimask_output, image_side))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
-        _, h, w, d = dense.shape
+        w, d = dense.shape[2:]
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
         bands = band_count() if image_side is None else len(image_side.image)
