@@ -48,13 +48,14 @@ def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
-    """exp(z - shift) for float32 z and shift (~2e-7 relative), fused and vectorised on the CPU.
+    """exp(z - shift) for float32 z <= shift, as a softmax's maximum (~2e-7 relative), fused and vectorised on the CPU.
 
     Only for float32: the rounding constant overflows float16 and is too coarse for bfloat16.
-    The clip is a plain MLX op: MLX's float min/max inside a fused CPU kernel test each
-    element for NaN and keep the loop from vectorising.
+    z - shift is kept from below -88, where exp underflows, by a plain MLX op: MLX's float
+    min/max inside a fused CPU kernel test each element for NaN and keep the loop from
+    vectorising. As z - shift <= 0, no bound from above is needed (one pass fewer over the logits).
     """
-    fraction, exponent_bits = _exp_parts(mx.clip(z - shift, -88.0, 89.0))
+    fraction, exponent_bits = _exp_parts(mx.maximum(z - shift, -88.0))
     return fraction * exponent_bits.view(mx.float32)
 
 
@@ -111,14 +112,30 @@ def banded_attention(q: mx.array, keys: list[mx.array], values: list[mx.array], 
     """softmax(q k^T * scale) v for a few queries over keys and values cut in bands (``token_bands``).
 
     q: ... x Lq x d; keys[i], values[i]: ... x n_i x d (batch axes broadcast) -> ... x Lq x d.
-    Each band's logits and weighted values are computed on the band's stream; the softmax runs
-    on the gathered logits (Lq x sum n_i: small, as the queries are few).
+    Each band computes, on its own stream, its logits' maximum m_i, the sum s_i of exp(logit - m_i)
+    and those weights times its values o_i; only these small parts are joined, with the overall
+    maximum m: (sum_i o_i e^(m_i - m)) / (sum_i s_i e^(m_i - m)), so no step over all keys runs on
+    one core alone. Computed in float32, returned in q's dtype.
     """
-    q = q * scale
-    logits = mx.concatenate(per_band(lambda k: q @ k.swapaxes(-1, -2), keys), axis=-1)
-    bounds = list(itertools.accumulate(k.shape[-2] for k in keys))[:-1]
-    weights = mx.split(softmax(logits), bounds, axis=-1)
-    return functools.reduce(operator.add, per_band(operator.matmul, weights, values))
+    q32 = (q * scale).astype(mx.float32)
+
+    def band_part(k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        logits = q32 @ k.astype(mx.float32).swapaxes(-1, -2)
+        top = logits.max(axis=-1, keepdims=True)
+        weights = _exp_below(logits, top)
+        return top, weights.sum(axis=-1, keepdims=True), weights @ v.astype(mx.float32)
+
+    tops, totals, pooled = zip(*per_band(band_part, keys, values))
+    top = functools.reduce(mx.maximum, tops)
+    rescales = [mx.exp(t - top) for t in tops]
+    total = functools.reduce(operator.add, [s * r for s, r in zip(totals, rescales)])
+    out = functools.reduce(operator.add, [o * r for o, r in zip(pooled, rescales)])
+    return (out / total).astype(q.dtype)
+
+
+def _exp_below(x: mx.array, top: mx.array) -> mx.array:
+    """exp(x - top) for float32 x <= top (broadcast): ``shifted_exp`` on the CPU."""
+    return shifted_exp(x, top) if on_cpu() else mx.exp(x - top)
 
 
 def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ import torch
 
 from sam_mlx import _blas, mask_decoder, token_bands
 from sam_mlx import attention as attention_module
-from sam_mlx.attention import attention, shifted_exp, softmax
+from sam_mlx.attention import attention, banded_attention, shifted_exp, softmax
 from sam_mlx.config import PromptDecoderConfig, ViTConfig
 from sam_mlx.image_encoder import ImageEncoderViT
 from sam_mlx.layers import LayerNorm, gelu, keep_prompt_buffers, on_cpu
@@ -61,14 +61,14 @@ def test_cpu_attention_equals_fused_kernel_path(monkeypatch):
 
 
 def test_shifted_exp():
-    x = np.concatenate([np.linspace(-110, 0, 200001), np.linspace(0, 80, 1001), [-1e4, -np.inf]]).astype(np.float32)
-    got = np.array(shifted_exp(mx.array(x), mx.array(0.0)))
-    expected = np.exp(x.astype(np.float64))
+    """exp(z - shift) for z <= shift (a softmax's maximum): full float32 precision down to underflow."""
+    z = np.concatenate([np.linspace(-110, 0, 200001), [-1e4, -np.inf]]).astype(np.float32) + np.float32(30.0)
+    got = np.array(shifted_exp(mx.array(z), mx.array(30.0)))
+    expected = np.exp(z.astype(np.float64) - 30.0)
     normal = expected > 1e-37
     np.testing.assert_allclose(got[normal], expected[normal], rtol=3e-7)
-    assert np.all(np.abs(got[~normal]) <= 1e-37)
-    assert got[-1] == 0.0 and got[-2] == 0.0
-    assert np.isinf(np.array(shifted_exp(mx.array([100.0]), mx.array(0.0))))[0]
+    assert np.all((got[~normal] >= 0) & (got[~normal] <= 1e-37))
+    assert got[-1] == 0.0 and got[-2] == 0.0 and got[200000] == 1.0
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
@@ -164,6 +164,18 @@ def test_attention_to_banded_keys(nq, bands):
     v = RNG.normal(size=(2, 300, 64)).astype(np.float32)
     got = np.array(layer.to_bands(mx.array(q), _bands(k, bands), _bands(v, bands)))
     np.testing.assert_allclose(got, _reference_attention(layer, q, k, v), atol=2e-5)
+
+
+@pytest.mark.parametrize("bands", [1, 2, 3])
+def test_banded_attention_large_logits(bands):
+    """Bands whose logits differ by hundreds (exp of the largest overflows float32) are joined exactly."""
+    q = RNG.normal(size=(2, 4, 5, 16)).astype(np.float32)
+    k = RNG.normal(size=(2, 4, 90, 16)).astype(np.float32)
+    k[:, :, 60:] *= 8  # the last band's logits far above the others'
+    v = RNG.normal(size=(2, 4, 90, 16)).astype(np.float32)
+    cut = [[mx.array(part) for part in np.array_split(x, bands, axis=2)] for x in (k, v)]
+    got = np.array(banded_attention(mx.array(q), *cut, 10.0))
+    np.testing.assert_allclose(got, _attention64(q, k, v, 10.0, 0.0), atol=2e-5)
 
 
 @pytest.mark.parametrize("bands", [1, 2])
