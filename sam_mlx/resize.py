@@ -165,11 +165,15 @@ def upscaled_masks_above(
     windows = low[mask[:, None, None], _band_rows(row_first[i], row_width)[:, :, None],
                   _band_rows(col_first[j], col_width)[:, None, :]]
     values = row_weights[i] @ windows @ col_weights.transpose(0, 2, 1)[j]  # blocks x rows x cols
+    height, width = original_size
     results = []
     for t in thresholds:
-        blocks = np.empty((low.shape[0], row_blocks, block_rows, col_blocks, block_cols), bool)
-        blocks[...] = (window_min > t)[:, :, None, :, None]
-        blocks[mask, i, :, j, :] = values > t
-        full = blocks.reshape(*batch, row_blocks * block_rows, col_blocks * block_cols)
-        results.append(np.ascontiguousarray(full[..., : original_size[0], : original_size[1]]))
+        out = np.empty((low.shape[0], height, width), bool)
+        above = window_min > t  # the blocks whose window is all above t, the rest all at or below
+        for r in range(row_blocks):  # written straight at the image's size: the last blocks overhang it
+            out[:, r * block_rows : (r + 1) * block_rows] = np.repeat(above[:, r], block_cols, axis=1)[:, None, :width]
+        for n, r, c, edge in zip(mask, i, j, values > t):
+            block = out[n, r * block_rows : (r + 1) * block_rows, c * block_cols : (c + 1) * block_cols]
+            block[...] = edge[: block.shape[0], : block.shape[1]]
+        results.append(out.reshape(*batch, height, width))
     return results
