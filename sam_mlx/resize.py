@@ -158,7 +158,7 @@ def upscaled_masks_above(
     low = low_res.reshape(-1, h, w)
     row_first, row_weights = banded_blocks((h, padded_size[0], input_size[0], original_size[0]))
     col_first, col_weights = banded_blocks((w, padded_size[1], input_size[1], original_size[1]))
-    (row_blocks, block_rows, row_width), (col_blocks, block_cols, col_width) = row_weights.shape, col_weights.shape
+    (row_blocks, block_rows, row_width), (_, block_cols, col_width) = row_weights.shape, col_weights.shape
     rows = sliding_window_view(low, row_width, axis=1)[:, row_first]  # masks x row blocks x w x band
     window_min = sliding_window_view(rows.min(-1), col_width, axis=2)[:, :, col_first].min(-1)
     window_max = sliding_window_view(rows.max(-1), col_width, axis=2)[:, :, col_first].max(-1)
