@@ -7,8 +7,8 @@ token: projections, residuals, LayerNorm, MLPs, the mask upscaler. So that work 
 each on its own MLX stream, and every CPU stream has its own thread:
 
 - the mask decoder keeps the image tokens as bands from start to end; only the prompt -> image
-  attention spans all tokens, and it gathers its small logits (prompt tokens x heads x HW) across
-  bands (``attention.banded_attention``);
+  attention spans all tokens, and each band computes its part of it, joined from small per-band
+  results (``attention.banded_attention``);
 - the image encoders run their per-token layers ``across_rows`` and deal the independent chunks of
   their attention (windows, heads, query rows) out to the same streams (``chunk_streams``).
 
