@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention, banded_attention, softmax
-from .layers import LayerNorm
+from .layers import LayerNorm, Linear
 from .token_bands import per_band
 
 
@@ -142,8 +142,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.lin1 = nn.Linear(dim, hidden)
-        self.lin2 = nn.Linear(hidden, dim)
+        self.lin1 = Linear(dim, hidden)
+        self.lin2 = Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.lin2(nn.relu(self.lin1(x)))

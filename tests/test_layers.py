@@ -1,4 +1,4 @@
-"""The CPU kernels (attention, exp, GELU, LayerNorm, prompt/image attention, prompt groups)
+"""The CPU kernels (attention, exp, GELU, LayerNorm, Linear, prompt/image attention, prompt groups)
 against plain float64 references and against the straightforward MLX formulation."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from sam_mlx import attention as attention_module
 from sam_mlx.attention import attention, banded_attention, shifted_exp, softmax
 from sam_mlx.config import PromptDecoderConfig, ViTConfig
 from sam_mlx.image_encoder import ImageEncoderViT
-from sam_mlx.layers import LayerNorm, gelu, keep_prompt_buffers, on_cpu
+from sam_mlx import layers
+from sam_mlx.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
 from sam_mlx.two_way_transformer import DownsampledAttention
 
@@ -95,6 +96,30 @@ def test_layer_norm_matches_mlx(dims):
     x = mx.array((RNG.normal(size=(2, 33, dims)) * 3 + 5).astype(np.float32))
     expected = nn.LayerNorm.__call__(norm, x)  # MLX's fused kernel
     np.testing.assert_allclose(np.array(norm(x)), np.array(expected), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, in_dim, out_dim, blocked",
+    [
+        ((7, 256), 256, 2048, True),  # the decoder's token MLP, a point prompt's 7 tokens
+        ((1, 7, 2048), 2048, 256, True),
+        ((2, 10, 256), 256, 2048, True),
+        ((1, 7, 256), 256, 256, False),  # small enough for OpenBLAS's small-matrix kernels as is
+        ((64, 256), 256, 2048, False),  # too many rows: packing pays off
+        ((7, 256), 256, 8 * 105, True),  # blocks of 105 columns
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_in_column_blocks_equals_the_product(shape, in_dim, out_dim, blocked, bias):
+    rows = math.prod(shape[:-1])
+    assert (layers._column_block(rows, out_dim, in_dim) < out_dim) == blocked
+    linear = Linear(in_dim, out_dim, bias=bias)
+    x = RNG.normal(size=shape).astype(np.float32)
+    weight = np.array(linear.weight).astype(np.float64)
+    expected = x @ weight.T + (np.array(linear.bias) if bias else 0.0)
+    got = linear(mx.array(x))
+    assert got.shape == (*shape[:-1], out_dim)
+    np.testing.assert_allclose(np.array(got), expected, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
