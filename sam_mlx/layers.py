@@ -18,7 +18,8 @@ def on_cpu() -> bool:
 
 # OpenBLAS multiplies in place, without first copying ("packing") both operands into blocks, only
 # while M N K <= 1e6 and, with the weight transposed as in nn.Linear, the product has at most ~1200
-# values (its small-matrix kernels' permit, kernel/x86_64/sgemm_small_kernel_permit_skylakex.c).
+# values (its small-matrix kernels' permit, kernel/x86_64/sgemm_small_kernel_permit_skylakex.c). Measured
+# with OpenBLAS only; for another BLAS the blocks are one batched product of the same arithmetic.
 _SMALL_PRODUCT_MNK = 1_000_000
 _SMALL_PRODUCT_OUTPUT = 1024
 _FEW_ROWS = 32
