@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from sam_mlx import _blas, mask_decoder, token_bands
+from sam_mlx import _blas, layers, mask_decoder, token_bands
 from sam_mlx import attention as attention_module
 from sam_mlx.attention import attention, banded_attention, shifted_exp, softmax
 from sam_mlx.config import PromptDecoderConfig, ViTConfig
 from sam_mlx.image_encoder import ImageEncoderViT
-from sam_mlx import layers
 from sam_mlx.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
 from sam_mlx.two_way_transformer import DownsampledAttention
@@ -105,7 +104,7 @@ def test_layer_norm_matches_mlx(dims):
         ((1, 7, 2048), 2048, 256, True),
         ((2, 10, 256), 256, 2048, True),
         ((1, 7, 256), 256, 256, False),  # small enough for OpenBLAS's small-matrix kernels as is
-        ((64, 256), 256, 2048, False),  # too many rows: packing pays off
+        ((64, 256), 256, 2048, False),  # past layers._FEW_ROWS
         ((7, 256), 256, 8 * 105, True),  # blocks of 105 columns
     ],
 )
