@@ -129,12 +129,11 @@ class MaskDecoder(nn.Module):
         else:
             src = image_side.image
 
-        tokens, src = self.transformer(src, pos, tokens, image_side)
-        iou_out = tokens[:, 0]
-        mask_out = tokens[:, 1 : 1 + self.num_mask_tokens]
-
         chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
-        hyper = mx.stack([self.hypernetworks[i](mask_out[:, i]) for i in chosen], axis=2)  # B x d/8 x C
+        # the IoU token, then the chosen mask tokens: the other tokens' final attention is never read
+        tokens, src = self.transformer(src, pos, tokens, image_side, outputs=[0, *(1 + i for i in chosen)])
+        iou_out = tokens[:, 0]
+        hyper = mx.stack([self.hypernetworks[i](tokens[:, 1 + j]) for j, i in enumerate(chosen)], axis=2)  # B x d/8 x C
 
         def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x rows x w x 2 x 2 x 2 x 2 x C
             features = self.upscaler(band.reshape(b, -1, w, d))  # B x rows x w x 2 x 2 x 2 x 2 x d/8

@@ -11,6 +11,7 @@ each computed on its own stream: on the CPU, one core per band.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -114,8 +115,9 @@ class DownsampledAttention(nn.Module):
         return self.out_proj(x.transpose(0, 2, 1, 3).reshape(b, n, h * c))
 
     def _few_keys(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        b, nq, d = q.shape
-        h, nk = self.num_heads, k.shape[1]
+        b, nk = k.shape[:2]  # q may be one image's tokens for all B prompts
+        nq, d = q.shape[1:]
+        h = self.num_heads
         k = self.project(self.k_proj, k)  # B x h x Nk x c
         k_in_query_space = (k @ self._per_head(self.q_proj.weight)).reshape(b, h * nk, d)
         query_bias = (k @ self.q_proj.bias.reshape(h, -1, 1)).reshape(b, h * nk, 1)
@@ -220,15 +222,25 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = LayerNorm(dim)
 
     def __call__(
-        self, image: list[mx.array], image_pe: list[mx.array], tokens: mx.array, image_side: ImageSide | None = None
+        self,
+        image: list[mx.array],
+        image_pe: list[mx.array],
+        tokens: mx.array,
+        image_side: ImageSide | None = None,
+        outputs: Sequence[int] | None = None,
     ) -> tuple[mx.array, list[mx.array]]:
         """image: the image tokens in row bands, (1 or B) x n x D each, image_pe: their 1 x n x D bands;
-        tokens: B x N x D -> (tokens B x N x D, image bands B x n x D).
+        tokens: B x N x D -> (tokens B x M x D, image bands B x n x D).
 
         ``image_side``: ``self.layers[0].project_image(image, image_pe)`` if the caller keeps it.
+        ``outputs``: the M of the N tokens the caller reads (all if None). The final attention and its
+        norm are per query token, so only those are computed: its cost grows with the queries.
         """
         queries, keys = tokens, image
         for i, layer in enumerate(self.layers):
             queries, keys = layer(queries, keys, tokens, image_pe, image_side if i == 0 else None)
+        if outputs is not None:
+            rows = mx.array(outputs)
+            queries, tokens = queries[:, rows], tokens[:, rows]
         attn = self.final_attn_token_to_image.to_bands(queries + tokens, per_band(mx.add, keys, image_pe), keys)
         return self.norm_final_attn(queries + attn), keys

@@ -246,6 +246,23 @@ def test_image_side_kept_per_image_equals_full_decode():
         np.testing.assert_allclose(np.array(kept_iou), np.array(iou), atol=1e-5)
 
 
+@pytest.mark.parametrize("outputs", [[0, 2, 3, 4], [0, 1], [6]])
+def test_transformer_computes_only_the_tokens_read(outputs):
+    """The final attention run only for the tokens the decoder reads gives those tokens' rows of the full
+    run (the IoU token with masks 1-3 or mask 0, or a prompt token), and the same image tokens."""
+    transformer = _random_decoder().transformer
+    d = transformer.norm_final_attn.weight.shape[0]
+    image, pe, _, tokens = _random_decoder_inputs(d, (6, 4), 2)
+    tokens = mx.concatenate([tokens, tokens[:, ::-1] * 0.5, tokens[:, :1]], axis=1)  # 7 tokens
+    image_bands, pe_bands = token_bands.row_bands(image, 2), token_bands.row_bands(pe[None], 2)
+    all_tokens, all_image = transformer(image_bands, pe_bands, tokens)
+    read, read_image = transformer(image_bands, pe_bands, tokens, outputs=outputs)
+    assert read.shape == (2, len(outputs), d)
+    np.testing.assert_allclose(np.array(read), np.array(all_tokens[:, mx.array(outputs)]), atol=1e-5)
+    for got, expected in zip(read_image, all_image, strict=True):
+        np.testing.assert_array_equal(np.array(got), np.array(expected))
+
+
 def test_keep_prompt_buffers_raises_the_cpu_cache_never_lowers_it():
     before = mx.set_cache_limit(32 << 20)  # MLX's CPU default
     try:
