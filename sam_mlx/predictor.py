@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ._blas import single_threaded
 from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
 from .prompt_encoder import PADDING_LABEL
@@ -62,8 +63,9 @@ class SamPredictor:
         self.features = tokens
         self.geometry = geometry
         self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
-        self.image_side = self.model.project_image(tokens, self.image_pe)
-        mx.eval(self.image_pe, self.image_side)
+        with parallel_bands():
+            self.image_side = self.model.project_image(tokens, self.image_pe)
+            mx.eval(self.image_pe, self.image_side)
         self.is_image_set = True
 
     def reset_image(self) -> None:
@@ -148,7 +150,9 @@ class SamPredictor:
             return self._no_masks(multimask_output, return_logits)
         low_res, iou = self.decode_numpy(*prompts, multimask_output)
         if return_logits:
-            return np.array(self.upscale(mx.array(low_res))), iou, low_res
+            with single_threaded():
+                logits = np.array(self.upscale(mx.array(low_res)))
+            return logits, iou, low_res
         return self.masks_above(low_res, (MASK_THRESHOLD,))[0], iou, low_res
 
     def _no_masks(self, multimask_output: bool, return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """The CPU kernels (attention, exp, GELU, LayerNorm, Linear, prompt/image attention, prompt groups)
-against plain float64 references and against the straightforward MLX formulation."""
+against plain float64 references and against the straightforward MLX formulation; bands and BLAS threads."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from conftest import MOBILE_SAM
 
-from sam_mlx import _blas, layers, mask_decoder, token_bands
+from sam_mlx import SamPredictor, _blas, layers, mask_decoder, token_bands
 from sam_mlx import attention as attention_module
+from sam_mlx import predictor as predictor_module
 from sam_mlx.attention import attention, banded_attention, shifted_exp, softmax
+from sam_mlx.checkpoint import load_checkpoint
 from sam_mlx.config import PromptDecoderConfig, ViTConfig
 from sam_mlx.image_encoder import ImageEncoderViT
 from sam_mlx.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
+from sam_mlx.transforms import image_geometry
 from sam_mlx.two_way_transformer import DownsampledAttention
 
 RNG = np.random.default_rng(0)
@@ -357,6 +361,43 @@ def test_row_bands_are_whole_rows_capped_at_the_rows():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sam_mlx loads OpenBLAS on Linux only")
+def test_mlx_work_around_prompts_runs_blas_single_threaded(monkeypatch):
+    """The image side's projections, the decode, every-pixel mask upscaling and ``return_logits``' upscaling all
+    evaluate with OpenBLAS on one thread: after a multi-threaded product its workers spin on for a while, and
+    took ~0.5-0.8 of a core from the next prompts."""
+    library = _blas._library
+    assert library is not None, "no system OpenBLAS loaded (install libopenblas0-pthread)"
+    predictor = SamPredictor(load_checkpoint(MOBILE_SAM))
+    monkeypatch.setattr(token_bands, "band_count", lambda: 2)
+    monkeypatch.setattr(mask_decoder, "band_count", lambda: 2)
+    threads_at_eval, threads_at_upscale = [], []
+    evaluate, upscale = mx.eval, predictor_module.upscale_mask_logits
+
+    def counting_eval(*arrays):
+        threads_at_eval.append(library.openblas_get_num_threads())
+        return evaluate(*arrays)
+
+    def counting_upscale(*args):
+        threads_at_upscale.append(library.openblas_get_num_threads())
+        return upscale(*args)
+
+    monkeypatch.setattr(mx, "eval", counting_eval)
+    monkeypatch.setattr(predictor_module, "upscale_mask_logits", counting_upscale)
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(2)
+    try:
+        predictor.set_image_tokens(mx.array(RNG.normal(size=(1, 64, 64, 256)).astype(np.float32)),
+                                   image_geometry((1200, 1800)))
+        predictor.predict(np.array([[900.0, 600.0]]), np.array([1]), return_logits=True)
+        noise = RNG.normal(size=(3, 256, 256)).astype(np.float32) * 3  # every pixel interpolated
+        assert predictor.masks_above(noise, (0.0,))[0].shape == (3, 1200, 1800)
+        assert library.openblas_get_num_threads() == 2
+    finally:
+        library.openblas_set_num_threads(before)
+    assert len(threads_at_eval) == 3 and len(threads_at_upscale) == 1  # image side, decode, noise masks
+    assert set(threads_at_eval + threads_at_upscale) == {1}
+
+
 def test_single_threaded_blas_restores_the_thread_count(monkeypatch):
     library = _blas._library
     assert library is not None, "no system OpenBLAS loaded (install libopenblas0-pthread)"
