@@ -398,6 +398,7 @@ def test_mlx_work_around_prompts_runs_blas_single_threaded(monkeypatch):
     assert set(threads_at_eval + threads_at_upscale) == {1}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sam_mlx loads OpenBLAS on Linux only")
 def test_single_threaded_blas_restores_the_thread_count(monkeypatch):
     library = _blas._library
     assert library is not None, "no system OpenBLAS loaded (install libopenblas0-pthread)"
