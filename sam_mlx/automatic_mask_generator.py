@@ -169,7 +169,7 @@ class SamAutomaticMaskGenerator:
         predictor = self.predictor
         crop_size = predictor.original_size
         prompts = predictor.prepare_prompts(points[:, None, :], np.ones((len(points), 1), np.int32), None, None)
-        low_res, iou = predictor.decode_numpy(*prompts, multimask_output=True)
+        low_res, iou = predictor.decode_numpy(*prompts, multimask_output=True, full_grid=False)  # the tokens read
         low_res = low_res.reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
         iou = iou.reshape(-1)
         points = np.repeat(points, len(iou) // len(points), axis=0)

@@ -220,6 +220,7 @@ def _segment(
         np.broadcast_to(labels, (n_prompts, len(labels))) if len(points) else None,
         boxes if len(boxes) else None,
         multimask_output=multimask,
+        return_low_res=False,
     )  # masks: n_prompts x C x H x W
     _remove_old_masks(out_dir, stem)
     records = []

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from .config import PromptDecoderConfig
 from .layers import MLP, gelu, layer_norm_2d, on_cpu
-from .token_bands import band_count, per_band, row_bands
+from .token_bands import band_count, per_band, row_bands, top_left_bands
 from .two_way_transformer import ImageSide, TwoWayTransformer
 
 
@@ -98,6 +98,7 @@ class MaskDecoder(nn.Module):
         dense: mx.array,
         multimask_output: bool,
         image_side: ImageSide | None = None,
+        read_grid: tuple[int, int] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Decode masks.
 
@@ -105,7 +106,9 @@ class MaskDecoder(nn.Module):
         image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D.
         ``image_side``: ``project_image`` of these tokens, valid when ``dense`` is the "no mask"
         embedding (no mask hint), if the caller keeps it.
-        Returns low-res logits B x C x 4h x 4w and IoU predictions B x C, where C is 3
+        ``read_grid``: (rows, cols) to compute the masks of the top-left rows x cols tokens only (the mask
+        generator is per token, so those equal the full masks' part); the whole grid if None.
+        Returns low-res logits B x C x 4 rows x 4 cols and IoU predictions B x C, where C is 3
         (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
         b = sparse.shape[0]
@@ -117,7 +120,7 @@ class MaskDecoder(nn.Module):
                 if groups:  # start after the previous group
                     prompts = mx.depends(prompts, list(groups[-1]))
                 tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
-                groups.append(self(tokens, image_pe, *prompts, multimask_output, image_side))
+                groups.append(self(tokens, image_pe, *prompts, multimask_output, image_side, read_grid))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
         w, d = dense.shape[2:]
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
@@ -135,12 +138,14 @@ class MaskDecoder(nn.Module):
         iou_out = tokens[:, 0]
         hyper = mx.stack([self.hypernetworks[i](tokens[:, 1 + j]) for j, i in enumerate(chosen)], axis=2)  # B x d/8 x C
 
-        def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x rows x w x 2 x 2 x 2 x 2 x C
-            features = self.upscaler(band.reshape(b, -1, w, d))  # B x rows x w x 2 x 2 x 2 x 2 x d/8
+        rows, cols = read_grid or (dense.shape[1], w)
+
+        def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x n/cols x cols x 2 x 2 x 2 x 2 x C
+            features = self.upscaler(band.reshape(b, -1, cols, d))  # B x n/cols x cols x 2 x 2 x 2 x 2 x d/8
             masks = features.reshape(b, -1, features.shape[-1]) @ hyper
             return masks.reshape(*features.shape[:-1], len(chosen))
 
-        masks = interleave_blocks(mx.concatenate(per_band(band_masks, src), axis=1))
+        masks = interleave_blocks(mx.concatenate(per_band(band_masks, top_left_bands(src, w, rows, cols)), axis=1))
         return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:

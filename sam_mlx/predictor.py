@@ -102,12 +102,15 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return_low_res: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """One prompt -> (masks C x H x W, iou_predictions C, low_res_logits C x h x w), numpy.
 
         point_coords: N x 2 (x, y) pixels of the original image, point_labels: N (1 = foreground,
         0 = background, -1 = padding, ignored); box: 4 (x1, y1, x2, y2); mask_input: 1 x h x w
         low-res logits from a previous prediction. C is 3 with ``multimask_output`` else 1.
+        ``return_low_res=False``: no low-res logits (None); the masks of the padding's tokens, which
+        only they show, are then not computed (``ImageGeometry.read_grid``; a 3:2 photo: 1/3 of the tokens).
         """
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels)
@@ -126,9 +129,9 @@ class SamPredictor:
                 )
             mask_input = mask_input[None]
         masks, iou, low_res = self.predict_batch(
-            point_coords, point_labels, box, mask_input, multimask_output, return_logits
+            point_coords, point_labels, box, mask_input, multimask_output, return_logits, return_low_res
         )
-        return masks[0], iou[0], low_res[0]
+        return masks[0], iou[0], None if low_res is None else low_res[0]
 
     def predict_batch(
         self,
@@ -138,29 +141,34 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return_low_res: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """B prompts decoded together -> (masks B x C x H x W, iou B x C, low_res B x C x h x w).
 
         point_coords: B x N x 2, point_labels: B x N, boxes: B x 4, mask_input: B x 1 x h x w,
         all in the original image's pixels; whichever are given must agree on B. Prompts with
-        fewer points are padded with label -1. B = 0 gives empty arrays.
+        fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``: as ``predict``.
         """
         prompts = self.prepare_prompts(point_coords, point_labels, boxes, mask_input)
         if _batch_size(*prompts) == 0:
-            return self._no_masks(multimask_output, return_logits)
-        low_res, iou = self.decode_numpy(*prompts, multimask_output)
+            return self._no_masks(multimask_output, return_logits, return_low_res)
+        low_res, iou = self.decode_numpy(*prompts, multimask_output, full_grid=return_low_res)
         if return_logits:
             with single_threaded():
-                logits = np.array(self.upscale(mx.array(low_res)))
-            return logits, iou, low_res
-        return self.masks_above(low_res, (MASK_THRESHOLD,))[0], iou, low_res
+                masks = np.array(self.upscale(mx.array(low_res)))
+        else:
+            masks = self.masks_above(low_res, (MASK_THRESHOLD,))[0]
+        return masks, iou, low_res if return_low_res else None
 
-    def _no_masks(self, multimask_output: bool, return_logits: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _no_masks(
+        self, multimask_output: bool, return_logits: bool, return_low_res: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The empty result of a batch of 0 prompts, shaped like a non-empty one."""
         count = 3 if multimask_output else 1
         grid_h, grid_w = self.geometry.grid_size
         masks = np.zeros((0, count, *self.geometry.original_size), np.float32 if return_logits else bool)
-        return masks, np.zeros((0, count), np.float32), np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32)
+        low_res = np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32) if return_low_res else None
+        return masks, np.zeros((0, count), np.float32), low_res
 
     def prepare_prompts(
         self,
@@ -219,12 +227,16 @@ class SamPredictor:
         boxes: mx.array | None,
         masks: mx.array | None,
         multimask_output: bool,
+        full_grid: bool = True,
     ) -> tuple[mx.array, mx.array]:
-        """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily."""
-        geometry = self._require_image()
-        return self.model.decode(
-            self.features, geometry.padded_size, points, boxes, masks, multimask_output, self.image_pe, self.image_side
-        )
+        """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily.
+
+        Without ``full_grid``, the low-res logits of ``geometry.read_grid``'s tokens only: all that
+        ``upscale`` and ``masks_above`` read.
+        """
+        g = self._require_image()
+        return self.model.decode(self.features, g.padded_size, points, boxes, masks, multimask_output, self.image_pe,
+                                 self.image_side, None if full_grid else g.read_grid)
 
     def decode_numpy(
         self,
@@ -232,22 +244,35 @@ class SamPredictor:
         boxes: mx.array | None,
         masks: mx.array | None,
         multimask_output: bool,
+        full_grid: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``decode``, evaluated now with the decoder's token bands in parallel -> numpy (low-res logits, iou)."""
         with parallel_bands():
-            low_res, iou = self.decode(points, boxes, masks, multimask_output)
+            low_res, iou = self.decode(points, boxes, masks, multimask_output, full_grid)
             mx.eval(low_res, iou)
         return np.array(low_res), np.array(iou)
 
     def upscale(self, low_res_logits: mx.array) -> mx.array:
-        """... x h x w low-res logits -> ... x H x W logits at the original image size."""
-        g = self._require_image()
+        """... x h x w low-res logits (whole grid, or ``decode(full_grid=False)``'s part) -> ... x H x W logits
+        at the original image size."""
+        g = self._low_res_geometry(low_res_logits.shape)
         return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
 
     def masks_above(self, low_res_logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
         """``upscale(low_res_logits) > t`` for each threshold t: bool ... x H x W masks, upscaled only near their edges."""
-        g = self._require_image()
+        g = self._low_res_geometry(low_res_logits.shape)
         return upscaled_masks_above(low_res_logits, g.padded_size, g.input_size, g.original_size, thresholds)
+
+    def _low_res_geometry(self, shape: Sequence[int]) -> ImageGeometry:
+        """The geometry of low-res logits shaped ... x h x w: those of the top-left h/4 x w/4 tokens, from
+        ``read_grid`` to the whole grid, upscale as the encoder input's top-left 4h x 4w pixels."""
+        g = self._require_image()
+        size = tuple(shape[-2:])
+        low, high = (tuple(4 * t for t in grid) for grid in (g.read_grid, g.grid_size))
+        if len(shape) < 2 or not all(a <= s <= b and s % 4 == 0 for a, s, b in zip(low, size, high)):
+            raise ValueError(f"low-res logits must be ... x {high[0]} x {high[1]} for this image "
+                             f"(or its read part, ... x {low[0]} x {low[1]}), got shape {tuple(shape)}")
+        return ImageGeometry(g.original_size, g.input_size, (4 * size[0], 4 * size[1]))
 
 
 def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,7 @@ class Sam(nn.Module):
         multimask_output: bool = True,
         image_pe: mx.array | None = None,
         image_side: ImageSide | None = None,
+        read_grid: tuple[int, int] | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
 
@@ -57,7 +58,8 @@ class Sam(nn.Module):
         prompt coordinates are expressed in; points: (B x N x 2 xy, B x N labels);
         boxes: B x 4; mask_input: B x 4h x 4w logits. ``image_pe`` (the token grid's
         position encoding, h x w x D) and ``image_side`` (``project_image``, used for prompts
-        without a mask hint) are per-image results the caller may keep.
+        without a mask hint) are per-image results the caller may keep. ``read_grid``: (rows, cols) for the
+        low-res logits of the top-left rows x cols tokens only, 4 rows x 4 cols (``MaskDecoder``).
         """
         grid = image_tokens.shape[1:3]
         masks = None if mask_input is None else mask_input[..., None]
@@ -66,7 +68,7 @@ class Sam(nn.Module):
             image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
         if mask_input is not None:
             image_side = None  # a mask hint changes the image side of every prompt
-        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side)
+        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side, read_grid)
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array) -> ImageSide:
         """The mask decoder's per-image work for prompts without a mask hint (1 x h x w x D tokens)."""

@@ -20,6 +20,7 @@ one band on the default stream and everything computes as it would without bands
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -84,6 +85,28 @@ def row_bands(grid: mx.array, count: int) -> list[mx.array]:
     """B x h x w x C token grid -> ``count`` (at most h) bands of whole rows, each flattened to B x (h_i w) x C."""
     b, _, _, c = grid.shape
     return [band.reshape(b, -1, c) for band in _split_rows(grid, count)]
+
+
+def top_left_bands(bands: list[mx.array], width: int, rows: int, cols: int) -> list[mx.array]:
+    """The top-left rows x cols tokens of a B x h x w x C grid held in row bands (B x (h_i w) x C each),
+    cut again into as many bands of whole rows (at most ``rows``), as even as can be: B x (rows_i cols) x C each.
+
+    Each new band is gathered on its own band's stream. The whole grid gives back ``bands`` unchanged.
+    """
+    b, _, c = bands[0].shape
+    grids = [band.reshape(b, -1, width, c) for band in bands]
+    if (rows, cols) == (sum(g.shape[1] for g in grids), width):
+        return bands
+    starts = list(itertools.accumulate((g.shape[1] for g in grids), initial=0))
+    count = min(len(bands), rows)
+    bounds = [rows * i // count for i in range(count + 1)]
+
+    def gather(first: int, stop: int) -> mx.array:
+        overlapping = [(g, s) for g, s in zip(grids, starts) if s < stop and s + g.shape[1] > first]
+        pieces = [g[:, max(first - s, 0) : stop - s, :cols] for g, s in overlapping]
+        return mx.concatenate(pieces, axis=1).reshape(b, -1, c)
+
+    return per_band(gather, bounds[:-1], bounds[1:])
 
 
 def across_rows(fn: Callable[..., mx.array], *grids: mx.array) -> mx.array:

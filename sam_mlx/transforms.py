@@ -11,6 +11,7 @@ Two sizings:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -34,6 +35,19 @@ class ImageGeometry:
     @property
     def grid_size(self) -> tuple[int, int]:
         return self.padded_size[0] // PATCH, self.padded_size[1] // PATCH
+
+    @property
+    def read_grid(self) -> tuple[int, int]:
+        """The token rows x columns, from the top left, whose masks the post-processing reads.
+
+        Low-res masks (4 x 4 pixels per token) are upscaled 4x to the padded input and cropped to
+        ``input_size``; the last kept pixel reads low-res samples floor(s) and floor(s) + 1, with
+        s = (valid - 0.5) / 4 - 0.5. Tokens past those are padding that only the low-res logits show.
+        """
+        return tuple(  # type: ignore[return-value]
+            min(tokens, (math.floor((valid - 0.5) / 4 - 0.5) + 1) // 4 + 1)
+            for valid, tokens in zip(self.input_size, self.grid_size)
+        )
 
     def to_input_coords(self, coords: np.ndarray) -> np.ndarray:
         """... x 2 (x, y) pixels of the original image -> pixels of the resized image."""

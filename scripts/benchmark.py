@@ -4,8 +4,9 @@
 Rows, per model (random ViT-B, random ViT-L, the shared MobileSAM):
   encode      image encoding at 1024 (set_image), median of --runs after a warm-up
   prompt      one point -> 3 masks at the original size (decoder + post-processing), and -> 1 mask
-              (multimask_output=False); median of 36 (3 rounds of 12, see below). Also sam_mlx alone
-              at a 512 stretch encoding, median of 20
+              (multimask_output=False); median of 36 (3 rounds of 12, see below). sam_mlx also
+              without low-res logits (return_low_res=False: the original's predict, which always
+              returns them, is its reference), and at a 512 stretch encoding (sam_mlx alone, median of 20)
   everything  automatic mask generation on the photo, default settings (MobileSAM only: random
               weights give meaningless mask sets), one run after a warm-up decode
   peak RSS    the process's peak resident memory after loading and encoding
@@ -143,7 +144,8 @@ def worker_torch(args) -> dict:
 
 
 def worker_prompts(args) -> dict:
-    """One point -> 3 masks and -> 1 mask, decoded from the saved embedding of the photo, 12 calls each."""
+    """One point -> 3 masks and -> 1 mask (sam_mlx also -> 3 masks without low-res logits), decoded from the
+    saved embedding of the photo, 12 calls each."""
     import numpy as np
 
     image = _rgb(args.image)
@@ -158,6 +160,8 @@ def worker_prompts(args) -> dict:
         tokens = mx.array(np.load(args.embedding).transpose(0, 2, 3, 1))
         predictor.set_image_tokens(tokens, image_geometry(image.shape[:2]))
         no_grad = contextlib.nullcontext()
+        options = {"prompt_s": {}, "prompt_single_s": {"multimask_output": False},
+                   "prompt_masks_only_s": {"return_low_res": False}}
     else:
         import torch
 
@@ -166,11 +170,12 @@ def worker_prompts(args) -> dict:
         predictor = reference_predictor_class()(_torch_sam(args, decoder_only=True))
         predictor.set_image(image)
         no_grad = torch.no_grad()
+        options = {"prompt_s": {}, "prompt_single_s": {"multimask_output": False}}
     result: dict[str, list[float]] = {}
     with no_grad:
-        for key, multimask in (("prompt_s", True), ("prompt_single_s", False)):
-            predictor.predict(coords, labels, multimask_output=multimask)  # warm-up
-            result[key] = timed(lambda: predictor.predict(coords, labels, multimask_output=multimask), 12)
+        for key, kwargs in options.items():
+            predictor.predict(coords, labels, **kwargs)  # warm-up
+            result[key] = timed(lambda: predictor.predict(coords, labels, **kwargs), 12)
     return result
 
 
@@ -283,17 +288,18 @@ def machine() -> dict:
 def summarise(results: dict) -> list[dict]:
     rows = []
     for model, pair in results.items():
-        for key, label, unit in [
-            ("encode_s", "image encoding 1024", "s"),
-            ("prompt_s", "prompt -> masks at original size", "ms"),
-            ("prompt_single_s", "prompt -> 1 mask (multimask_output=False)", "ms"),
-            ("prompt_stretch512_s", "prompt -> masks, stretch 512 encoding", "ms"),
-            ("everything_s", "segment everything", "s"),
-            ("peak_rss_mb", "peak RSS (load + encode)", "MB"),
+        for key, label, unit, torch_key in [
+            ("encode_s", "image encoding 1024", "s", None),
+            ("prompt_s", "prompt -> masks at original size", "ms", None),
+            ("prompt_masks_only_s", "prompt -> masks, no low-res logits (return_low_res=False)", "ms", "prompt_s"),
+            ("prompt_single_s", "prompt -> 1 mask (multimask_output=False)", "ms", None),
+            ("prompt_stretch512_s", "prompt -> masks, stretch 512 encoding", "ms", None),
+            ("everything_s", "segment everything", "s", None),
+            ("peak_rss_mb", "peak RSS (load + encode)", "MB", None),
         ]:
             values = {}
             for fw in ("mlx", "torch"):
-                v = pair.get(fw, {}).get(key)
+                v = pair.get(fw, {}).get(torch_key if fw == "torch" and torch_key else key)
                 if v is None:
                     values[fw] = None
                 elif isinstance(v, list):

@@ -22,10 +22,14 @@ def test_benchmark_runs_and_reports_ratios(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
-    for name in ("prompt -> masks at original size", "prompt -> 1 mask (multimask_output=False)"):
+    for name in ("prompt -> masks at original size", "prompt -> masks, no low-res logits (return_low_res=False)",
+                 "prompt -> 1 mask (multimask_output=False)"):
         row = rows[name]
         assert row["sam_mlx"] > 0 and row["pytorch"] > 0
         assert abs(row["ratio"] - row["sam_mlx"] / row["pytorch"]) < 1e-9
+    # without low-res logits, sam_mlx is set against the original's one predict, which returns them
+    assert rows["prompt -> masks, no low-res logits (return_low_res=False)"]["pytorch"] == rows[
+        "prompt -> masks at original size"]["pytorch"]
     assert rows["image encoding 1024"]["sam_mlx"] > 0 and rows["peak RSS (load + encode)"]["sam_mlx"] > 100
     assert "| mobile_sam | prompt -> masks at original size (ms) |" in run.stdout
     assert list(user_cache.iterdir()) == []  # conversions went to the run's own temporary cache

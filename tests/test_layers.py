@@ -316,6 +316,40 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("bands", [1, 2, 3])
+@pytest.mark.parametrize("read_grid", [(5, 4), (7, 3), (2, 5), (1, 1), (7, 5)])
+def test_masks_of_the_tokens_read_equal_that_part_of_the_full_masks(monkeypatch, bands, read_grid):
+    """Masks of the top-left rows x cols tokens only (bands re-cut evenly over that part) equal that part
+    of the full masks, with the same IoU predictions: with the kept image side, with hints, in prompt groups."""
+    monkeypatch.setattr(mask_decoder, "band_count", lambda: bands)
+    monkeypatch.setattr(token_bands, "band_count", lambda: bands)
+    decoder = _random_decoder()
+    d = decoder.iou_token.shape[-1]
+    tokens, pe, no_mask, sparse = _random_decoder_inputs(d, (7, 5), 3)
+    hints = mx.array(RNG.normal(size=(3, 7, 5, d)).astype(np.float32))
+    no_hints = mx.broadcast_to(no_mask.reshape(1, 1, 1, d), hints.shape)
+    rows, cols = read_grid
+    with token_bands.parallel_bands():
+        image_side = decoder.project_image(tokens, pe, no_mask)
+        for dense, side, multimask in ((no_hints, image_side, True), (hints, None, False)):
+            masks, iou = decoder(tokens, pe, sparse, dense, multimask, side)
+            part, part_iou = decoder(tokens, pe, sparse, dense, multimask, side, read_grid)
+            assert part.shape == (3, masks.shape[1], 4 * rows, 4 * cols)
+            np.testing.assert_allclose(np.array(part), np.array(masks[..., : 4 * rows, : 4 * cols]), atol=1e-5)
+            np.testing.assert_array_equal(np.array(part_iou), np.array(iou))
+
+
+@pytest.mark.parametrize("bands,rows,cols", [(2, 5, 4), (3, 7, 2), (3, 2, 5), (2, 1, 1), (4, 7, 5)])
+def test_top_left_bands_recut_the_part_evenly(bands, rows, cols):
+    grid = mx.arange(2 * 7 * 5 * 3).reshape(2, 7, 5, 3)
+    recut = token_bands.top_left_bands(token_bands.row_bands(grid, bands), 5, rows, cols)
+    count = min(bands, rows)
+    assert [b.shape[1] // cols for b in recut] == [rows * (i + 1) // count - rows * i // count for i in range(count)]
+    joined = np.concatenate([np.array(b).reshape(2, -1, cols, 3) for b in recut], axis=1)
+    np.testing.assert_array_equal(joined, np.array(grid)[:, :rows, :cols])
+
+
 @pytest.mark.parametrize("bands", [2, 3])
 def test_vit_in_bands_equals_one_band(monkeypatch, bands):
     """The ViT with its per-token work in row bands and its attention chunks spread over the bands' streams

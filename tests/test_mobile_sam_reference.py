@@ -147,6 +147,29 @@ def test_predictor_api_on_real_weights(case):
         assert np.abs(iou - ref[f"{prompt['name']}/multi/iou"]).max() <= 0.02
 
 
+def test_predict_without_low_res_logits_gives_the_same_masks(case):
+    """``return_low_res=False`` skips the padding's tokens in the mask generator (a third of them on these
+    3:2 photos): the same masks and scores, logits within summation order, and no low-res logits."""
+    _, ref, prompts, predictor = case
+    assert predictor.geometry.read_grid == (43, 64) != predictor.geometry.grid_size
+    for prompt in prompts:
+        kwargs = {"box": np.array(prompt["box"])} if "box" in prompt else {}
+        if "points" in prompt:
+            kwargs.update(point_coords=np.array(prompt["points"]), point_labels=np.array(prompt["labels"]))
+        for multimask in (True, False):
+            masks, iou, low = predictor.predict(**kwargs, multimask_output=multimask)
+            read_masks, read_iou, no_low = predictor.predict(**kwargs, multimask_output=multimask, return_low_res=False)
+            assert no_low is None
+            np.testing.assert_array_equal(read_masks, masks)
+            np.testing.assert_array_equal(read_iou, iou)
+            logits, _, _ = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True)
+            read_logits, _, _ = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True,
+                                                  return_low_res=False)
+            np.testing.assert_allclose(read_logits, logits, atol=1e-4)
+    with pytest.raises(ValueError, match=r"low-res logits must be \.\.\. x 256 x 256 .*\.\.\. x 172 x 256\), got shape \(3, 168, 256\)"):
+        predictor.masks_above(low[..., :168, :].repeat(3, axis=0), (0.0,))
+
+
 @pytest.mark.parametrize("dtype, embedding_tol, score_tol, iou_floor", [("float16", 5e-3, 5e-3, 0.95), ("bfloat16", 3e-2, 2e-2, 0.9)])
 def test_half_precision_model_on_cpu(dtype, embedding_tol, score_tol, iou_floor):
     """A float16 / bfloat16 model (all weights cast) predicts like the float32 one on the CPU.

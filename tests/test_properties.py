@@ -100,6 +100,20 @@ def test_stretch_to_explicit_shape(hw, shape):
     assert g.input_size == g.padded_size == shape and g.original_size == hw
 
 
+
+@FAST
+@given(geometries)
+def test_read_grid_is_the_tokens_post_processing_reads(geometry):
+    """read_grid covers every low-res sample (4 x 4 per token) that the upscaling to the padded input weighs
+    inside the crop to ``input_size``, its last token row and column are weighed, and without padding it is
+    the whole grid."""
+    for tokens, read, valid, padded in zip(geometry.grid_size, geometry.read_grid, geometry.input_size,
+                                           geometry.padded_size):
+        assert 1 <= read <= tokens and (read == tokens or valid < padded)
+        upscale = linear_resize_matrix(4 * tokens, padded)[:valid]
+        assert 4 * (read - 1) <= np.flatnonzero(upscale.any(axis=0)).max() < 4 * read
+
+
 @FAST
 @given(st.integers(1, 1500), st.integers(1, 1500), st.integers(0, 2**32 - 1))
 def test_linear_resize_matrix(in_size, out_size, seed):
