@@ -104,7 +104,7 @@ def top_left_bands(bands: list[mx.array], width: int, rows: int, cols: int) -> l
     def gather(first: int, stop: int) -> mx.array:
         overlapping = [(g, s) for g, s in zip(grids, starts) if s < stop and s + g.shape[1] > first]
         pieces = [g[:, max(first - s, 0) : stop - s, :cols] for g, s in overlapping]
-        return mx.concatenate(pieces, axis=1).reshape(b, -1, c)
+        return (pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)).reshape(b, -1, c)
 
     return per_band(gather, bounds[:-1], bounds[1:])
 
