@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +28,11 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared data not found at {SHARED} (set SAM_MLX_SHARED)")
     return SHARED
+
+
+def predict_kwargs(prompt: dict) -> dict:
+    """A shared reference prompt ({"points", "labels"} and/or "box") as ``SamPredictor.predict`` keywords."""
+    kwargs = {"box": np.array(prompt["box"], np.float64)} if "box" in prompt else {}
+    if "points" in prompt:
+        kwargs.update(point_coords=np.array(prompt["points"], np.float64), point_labels=np.array(prompt["labels"]))
+    return kwargs

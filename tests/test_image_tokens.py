@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, MOBILE_SAM, REFERENCE
+from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 from reference import build_reference_sam
 
 import sam_mlx
@@ -36,9 +36,7 @@ def predict_all(predictor: sam_mlx.SamPredictor) -> dict[str, np.ndarray]:
     """Every shared dog prompt, multimask and single: {name/mode/output: array}."""
     out = {}
     for prompt in PROMPTS:
-        kwargs = {"box": np.array(prompt["box"])} if "box" in prompt else {}
-        if "points" in prompt:
-            kwargs.update(point_coords=np.array(prompt["points"]), point_labels=np.array(prompt["labels"]))
+        kwargs = predict_kwargs(prompt)
         for multi in (True, False):
             masks, iou, low_res = predictor.predict(**kwargs, multimask_output=multi)
             mode = "multi" if multi else "single"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGES, MOBILE_SAM, REFERENCE
+from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 
 import sam_mlx
 
@@ -153,9 +153,7 @@ def test_predict_without_low_res_logits_gives_the_same_masks(case):
     _, ref, prompts, predictor = case
     assert predictor.geometry.read_grid == (43, 64) != predictor.geometry.grid_size
     for prompt in prompts:
-        kwargs = {"box": np.array(prompt["box"])} if "box" in prompt else {}
-        if "points" in prompt:
-            kwargs.update(point_coords=np.array(prompt["points"]), point_labels=np.array(prompt["labels"]))
+        kwargs = predict_kwargs(prompt)
         for multimask in (True, False):
             masks, iou, low = predictor.predict(**kwargs, multimask_output=multimask)
             read_masks, read_iou, no_low = predictor.predict(**kwargs, multimask_output=multimask, return_low_res=False)
@@ -186,9 +184,7 @@ def test_half_precision_model_on_cpu(dtype, embedding_tol, score_tol, iou_floor)
         predictor.set_image(str(IMAGES / "dog.jpg"))
         outputs = []
         for prompt in prompts:
-            kwargs = {"box": np.array(prompt["box"])} if "box" in prompt else {}
-            if "points" in prompt:
-                kwargs.update(point_coords=np.array(prompt["points"]), point_labels=np.array(prompt["labels"]))
+            kwargs = predict_kwargs(prompt)
             outputs.append(predictor.predict(**kwargs)[:2])
         results[name] = predictor.get_image_embedding(), outputs
     (full, full_outputs), (half, half_outputs) = results["float32"], results[dtype]

@@ -15,7 +15,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM, REFERENCE
+from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 
 import sam_mlx
 from sam_mlx.checkpoint import load_checkpoint
@@ -49,13 +49,6 @@ def predictors(model):
     return get
 
 
-def prompt_kwargs(prompt: dict) -> dict:
-    kwargs = {"box": np.array(prompt["box"], np.float64)} if "box" in prompt else {}
-    if "points" in prompt:
-        kwargs.update(point_coords=np.array(prompt["points"], np.float64), point_labels=np.array(prompt["labels"]))
-    return kwargs
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
@@ -85,8 +78,8 @@ def matched_iou(reference: sam_mlx.SamPredictor, other: sam_mlx.SamPredictor, pr
     predicted IoUs are often within 0.03 of each other, so their order flips under any
     change of input (groceries/left_point: 0.96 vs 0.93; dog/fg_bg_points: 0.94 vs 0.95).
     """
-    masks, scores, _ = reference.predict(**prompt_kwargs(prompt), multimask_output=True)
-    others, _, _ = other.predict(**prompt_kwargs(prompt), multimask_output=True)
+    masks, scores, _ = reference.predict(**predict_kwargs(prompt), multimask_output=True)
+    others, _, _ = other.predict(**predict_kwargs(prompt), multimask_output=True)
     chosen = masks[np.argmax(scores)]
     return max(iou(chosen, candidate) for candidate in others)
 
