@@ -316,7 +316,6 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("bands", [1, 2, 3])
 @pytest.mark.parametrize("read_grid", [(5, 4), (7, 3), (2, 5), (1, 1), (7, 5)])
 def test_masks_of_the_tokens_read_equal_that_part_of_the_full_masks(monkeypatch, bands, read_grid):
