@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ._blas import single_threaded
 
 
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """1-D linear interpolation, half-pixel centres: for each output sample, the two input samples
     it reads (lo, hi) and the weight of hi (float64; lo's is 1 - that)."""
     if in_size < 1 or out_size < 1:
@@ -38,7 +38,7 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     Row i holds the weights of input samples for output sample i, as
     ``torch.nn.functional.interpolate(mode="linear"/"bilinear", align_corners=False)``.
     """
-    lo, hi, frac = _linear_taps(in_size, out_size)
+    lo, hi, frac = linear_taps(in_size, out_size)
     matrix = np.zeros((out_size, in_size), dtype=np.float64)
     rows = np.arange(out_size)
     np.add.at(matrix, (rows, lo), 1.0 - frac)
@@ -58,7 +58,7 @@ def mask_resize_matrix(low_res: int, padded: int, valid: int, original: int) -> 
     ~0.1 s afterwards, which slowed the next two prompts' decode by ~15 ms each.
     """
     up = linear_resize_matrix(low_res, padded)[:valid].astype(np.float64)
-    lo, hi, frac = _linear_taps(valid, original)
+    lo, hi, frac = linear_taps(valid, original)
     return ((1.0 - frac)[:, None] * up[lo] + frac[:, None] * up[hi]).astype(np.float32)
 
 

@@ -74,11 +74,15 @@ def per_band(fn: Callable[..., Any], *bands: list[Any]) -> list[Any]:
     return results
 
 
+def _band_bounds(rows: int, count: int) -> list[int]:
+    """The first row of each of ``count`` (at most ``rows``) bands of rows, as even as can be, then ``rows``."""
+    count = min(count, rows)
+    return [rows * i // count for i in range(count + 1)]
+
+
 def _split_rows(grid: mx.array, count: int) -> list[mx.array]:
     """B x h x ... -> ``count`` (at most h) bands of consecutive rows, as even as can be."""
-    h = grid.shape[1]
-    count = min(count, h)
-    return mx.split(grid, [h * i // count for i in range(1, count)], axis=1)
+    return mx.split(grid, _band_bounds(grid.shape[1], count)[1:-1], axis=1)
 
 
 def row_bands(grid: mx.array, count: int) -> list[mx.array]:
@@ -98,8 +102,7 @@ def top_left_bands(bands: list[mx.array], width: int, rows: int, cols: int) -> l
     if (rows, cols) == (sum(g.shape[1] for g in grids), width):
         return bands
     starts = list(itertools.accumulate((g.shape[1] for g in grids), initial=0))
-    count = min(len(bands), rows)
-    bounds = [rows * i // count for i in range(count + 1)]
+    bounds = _band_bounds(rows, len(bands))
 
     def gather(first: int, stop: int) -> mx.array:
         overlapping = [(g, s) for g, s in zip(grids, starts) if s < stop and s + g.shape[1] > first]

@@ -11,13 +11,13 @@ Two sizings:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .resize import linear_taps
 from .sam import PIXEL_MEAN, PIXEL_STD
 
 PATCH = 16
@@ -40,13 +40,13 @@ class ImageGeometry:
     def read_grid(self) -> tuple[int, int]:
         """The token rows x columns, from the top left, whose masks the post-processing reads.
 
-        Low-res masks (4 x 4 pixels per token) are upscaled 4x to the padded input and cropped to
-        ``input_size``; the last kept pixel reads low-res samples floor(s) and floor(s) + 1, with
-        s = (valid - 0.5) / 4 - 0.5. Tokens past those are padding that only the low-res logits show.
+        Low-res masks (4 x 4 pixels per token) are upscaled to the padded input and cropped to
+        ``input_size``: the last kept pixel's upper interpolation tap is the last low-res sample read.
+        Tokens past it are padding that only the low-res logits show.
         """
         return tuple(  # type: ignore[return-value]
-            min(tokens, (math.floor((valid - 0.5) / 4 - 0.5) + 1) // 4 + 1)
-            for valid, tokens in zip(self.input_size, self.grid_size)
+            int(linear_taps(4 * tokens, padded)[1][valid - 1]) // 4 + 1
+            for valid, tokens, padded in zip(self.input_size, self.grid_size, self.padded_size)
         )
 
     def to_input_coords(self, coords: np.ndarray) -> np.ndarray:
