@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from .config import PromptDecoderConfig
 from .layers import MLP, gelu, layer_norm_2d, on_cpu
+from .prompt_encoder import MaskHint
 from .token_bands import band_count, per_band, row_bands, top_left_bands
 from .two_way_transformer import ImageSide, TwoWayTransformer
 
@@ -99,13 +100,15 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         image_side: ImageSide | None = None,
         read_grid: tuple[int, int] | None = None,
+        hint: MaskHint | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Decode masks.
 
         image_tokens: 1 x h x w x D (one image, shared by the B prompts) or B x h x w x D;
         image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D.
-        ``image_side``: ``project_image`` of these tokens, valid when ``dense`` is the "no mask"
-        embedding (no mask hint), if the caller keeps it.
+        ``image_side``: ``project_image`` of these tokens, if the caller keeps it; it stands for ``dense`` being the
+        "no mask" embedding. ``hint``: the prompts' mask hints (``PromptEncoder.mask_hint``), which then shift it,
+        and ``dense`` goes unused.
         ``read_grid``: (rows, cols) to compute the masks of the top-left rows x cols tokens only (the mask
         generator is per token, so those equal the full masks' part); the whole grid if None.
         Returns low-res logits B x C x 4 rows x 4 cols and IoU predictions B x C, where C is 3
@@ -116,11 +119,12 @@ class MaskDecoder(nn.Module):
             groups: list[tuple[mx.array, mx.array]] = []
             for i in range(0, b, _CPU_PROMPT_GROUP):
                 part = slice(i, i + _CPU_PROMPT_GROUP)
-                prompts = [sparse[part], dense[part]]
+                prompts = [sparse[part], dense[part], *([] if hint is None else [hint.features[part]])]
                 if groups:  # start after the previous group
                     prompts = mx.depends(prompts, list(groups[-1]))
                 tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
-                groups.append(self(tokens, image_pe, *prompts, multimask_output, image_side, read_grid))
+                part_hint = None if hint is None else hint._replace(features=prompts[2])
+                groups.append(self(tokens, image_pe, *prompts[:2], multimask_output, image_side, read_grid, part_hint))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
         w, d = dense.shape[2:]
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
@@ -130,6 +134,9 @@ class MaskDecoder(nn.Module):
         if image_side is None:
             src = per_band(mx.add, row_bands(image_tokens, bands), row_bands(dense, bands))
         else:
+            if hint is not None:
+                image_side = self.transformer.layers[0].shift_image(
+                    image_side, row_bands(hint.features, bands), hint.weight, hint.offset)
             src = image_side.image
 
         chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
@@ -149,7 +156,8 @@ class MaskDecoder(nn.Module):
         return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
-        """What the first transformer layer computes from the image alone, for prompts without a mask hint.
+        """What the first transformer layer computes from the image alone, for prompts without a mask hint
+        (``TwoWayAttentionBlock.shift_image`` adapts it to one).
 
         image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
         The result is in as many bands as ``band_count()`` gives now; decodes with it use the same.

@@ -9,15 +9,32 @@ token grid; without a hint a learned "no mask" embedding is broadcast.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import PromptDecoderConfig
 from .coordinate_encoder import CoordinateEncoder
 from .layers import gelu, layer_norm_2d
+from .token_bands import across_rows
 
 BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 0, 1, 2, 3
 PADDING_LABEL = -1
+
+
+class MaskHint(NamedTuple):
+    """A mask hint's dense embedding as its change from the "no mask" embedding, factored:
+    dense = no_mask + features @ weight + offset.
+
+    The hint encoder ends in a 1 x 1 conv from k = mask_in_chans (16) channels, so the change
+    has rank k plus a constant, and the mask decoder projects it k wide instead of embed_dim
+    wide (``TwoWayAttentionBlock.shift_image``). features: B x h x w x k, weight: k x D, offset: D.
+    """
+
+    features: mx.array
+    weight: mx.array
+    offset: mx.array
 
 
 class MaskHintEncoder(nn.Module):
@@ -32,10 +49,13 @@ class MaskHintEncoder(nn.Module):
         self.norm2 = layer_norm_2d(mask_in_chans)
         self.conv3 = nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1)
 
-    def __call__(self, mask: mx.array) -> mx.array:
+    def features(self, mask: mx.array) -> mx.array:
+        """B x 4h x 4w x 1 -> B x h x w x mask_in_chans: everything before the final 1 x 1 conv."""
         x = gelu(self.norm1(self.conv1(mask)))
-        x = gelu(self.norm2(self.conv2(x)))
-        return self.conv3(x)
+        return gelu(self.norm2(self.conv2(x)))
+
+    def __call__(self, mask: mx.array) -> mx.array:
+        return self.conv3(self.features(mask))
 
 
 class PromptEncoder(nn.Module):
@@ -70,6 +90,16 @@ class PromptEncoder(nn.Module):
         corners = boxes.reshape(-1, 2, 2) + 0.5
         pe = self.coordinate_encoder.encode_points(corners, input_size)
         return pe + self.point_embeddings[BOX_TOP_LEFT : BOX_BOTTOM_RIGHT + 1]
+
+    def mask_hint(self, masks: mx.array) -> MaskHint:
+        """masks: B x 4h x 4w x 1 -> their dense embedding as a change from "no mask" (``MaskHint``)."""
+        b, rows, cols, _ = masks.shape
+        # each token's features come from its own 4 x 4 mask pixels: computed in row bands, in parallel
+        features = across_rows(lambda m: self.mask_hint_encoder.features(m.reshape(b, -1, cols, 1)),
+                               masks.reshape(b, rows // 4, 4, cols, 1))
+        project = self.mask_hint_encoder.conv3  # weight: D x 1 x 1 x k
+        weight = project.weight.reshape(project.weight.shape[0], -1).T
+        return MaskHint(features, weight, project.bias - self.no_mask_embed[0])
 
     def __call__(
         self,

@@ -57,19 +57,19 @@ class Sam(nn.Module):
         image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the
         prompt coordinates are expressed in; points: (B x N x 2 xy, B x N labels);
         boxes: B x 4; mask_input: B x 4h x 4w logits. ``image_pe`` (the token grid's
-        position encoding, h x w x D) and ``image_side`` (``project_image``, used for prompts
-        without a mask hint) are per-image results the caller may keep. ``read_grid``: (rows, cols) for the
-        low-res logits of the top-left rows x cols tokens only, 4 rows x 4 cols (``MaskDecoder``).
+        position encoding, h x w x D) and ``image_side`` (``project_image``) are per-image results
+        the caller may keep. ``read_grid``: (rows, cols) for the low-res logits of the top-left
+        rows x cols tokens only, 4 rows x 4 cols (``MaskDecoder``).
         """
         grid = image_tokens.shape[1:3]
         masks = None if mask_input is None else mask_input[..., None]
         sparse, dense = self.prompt_encoder(points, boxes, masks, input_size, grid)
         if image_pe is None:
             image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
-        if mask_input is not None:
-            image_side = None  # a mask hint changes the image side of every prompt
-        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side, read_grid)
+        # with the per-image side kept, a mask hint shifts it (lazily, ``dense`` is then never computed)
+        hint = None if masks is None or image_side is None else self.prompt_encoder.mask_hint(masks)
+        return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side, read_grid, hint)
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array) -> ImageSide:
-        """The mask decoder's per-image work for prompts without a mask hint (1 x h x w x D tokens)."""
+        """The mask decoder's per-image work for every prompt (1 x h x w x D tokens); a mask hint shifts it."""
         return self.mask_decoder.project_image(image_tokens, image_pe, self.prompt_encoder.no_mask_embed)

@@ -11,6 +11,7 @@ each computed on its own stream: on the CPU, one core per band.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,11 +28,12 @@ class ImageSide(NamedTuple):
 
     Before the first layer the image side is the image tokens plus the "no mask" embedding,
     the same for every prompt without a mask hint, so its projections are computed once per
-    image (three 4096 x 256 -> 128 products) instead of once per prompt. Each field is a list
-    of row bands (``token_bands``); the projections' bands are 1 x heads x n x c.
+    image (three 4096 x 256 -> 128 products) instead of once per prompt; a mask hint shifts it
+    by a low-rank term (``TwoWayAttentionBlock.shift_image``). Each field is a list of row bands
+    (``token_bands``); the projections' bands are (1 or B) x heads x n x c.
     """
 
-    image: list[mx.array]  # 1 x n x D: the image tokens plus the "no mask" embedding
+    image: list[mx.array]  # (1 or B) x n x D: the image tokens plus the dense embedding
     keys: list[mx.array]  # prompt -> image keys: k_proj(image + pe)
     values: list[mx.array]  # prompt -> image values: v_proj(image)
     queries: list[mx.array]  # image -> prompt queries: q_proj(image + pe)
@@ -64,13 +66,13 @@ class DownsampledAttention(nn.Module):
         self.v_proj = nn.Linear(dim, inner)
         self.out_proj = nn.Linear(inner, dim)
 
-    def _heads(self, x: mx.array) -> mx.array:
+    def split_heads(self, x: mx.array) -> mx.array:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
 
     def project(self, projection: nn.Linear, x: mx.array) -> mx.array:
         """B x N x D through one of the q/k/v projections -> B x heads x N x c."""
-        return self._heads(projection(x))
+        return self.split_heads(projection(x))
 
     def _per_head(self, weight: mx.array) -> mx.array:
         """A projection weight (inner x D) as heads x head_dim x D."""
@@ -212,6 +214,27 @@ class TwoWayAttentionBlock(nn.Module):
             return tuple(mx.contiguous(p) for p in projections)
 
         return ImageSide(keys, *(list(field) for field in zip(*per_band(project, keys, key_pe))))
+
+    def shift_image(self, side: ImageSide, change: list[mx.array], weight: mx.array, offset: mx.array) -> ImageSide:
+        """``project_image`` of side.image + change @ weight + offset, from ``side``'s, for B prompts.
+
+        change: bands of B x n x k with k well under D (the mask hint's features, ``MaskHint``); weight: k x D,
+        offset: D. The projections are linear, so each gains the shift's own projection W (no bias), computed
+        k wide by associativity, change @ (weight W^T) + offset W^T: 3 x n x k x 128 multiply-adds per band
+        instead of n x D x 128 for each of the 3 (or the prompt-side products ``to_bands`` would take).
+        """
+        attentions = (self.cross_attn_token_to_image, self.cross_attn_token_to_image, self.cross_attn_image_to_token)
+        projections = (attentions[0].k_proj, attentions[1].v_proj, attentions[2].q_proj)
+        stacked = mx.concatenate([p.weight for p in projections]).T  # D x (3 x inner)
+        bounds = list(itertools.accumulate(p.weight.shape[0] for p in projections))[:-1]
+
+        def shift(image: mx.array, band: mx.array, *projected: mx.array) -> tuple[mx.array, ...]:
+            shifts = mx.split(band @ (weight @ stacked) + offset @ stacked, bounds, axis=-1)
+            return (image + (band @ weight + offset),
+                    *(p + a.split_heads(s) for p, a, s in zip(projected, attentions, shifts, strict=True)))
+
+        fields = per_band(shift, side.image, change, side.keys, side.values, side.queries)
+        return ImageSide(*(list(field) for field in zip(*fields)))
 
 
 class TwoWayTransformer(nn.Module):

@@ -23,7 +23,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
     for name in ("prompt -> masks at original size", "prompt -> masks, no low-res logits (return_low_res=False)",
-                 "prompt -> 1 mask (multimask_output=False)"):
+                 "prompt -> 1 mask (multimask_output=False)", "prompt + mask hint -> 1 mask (refinement)"):
         row = rows[name]
         assert row["sam_mlx"] > 0 and row["pytorch"] > 0
         assert abs(row["ratio"] - row["sam_mlx"] / row["pytorch"]) < 1e-9

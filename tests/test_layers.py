@@ -22,6 +22,7 @@ from sam_mlx.config import PromptDecoderConfig, ViTConfig
 from sam_mlx.image_encoder import ImageEncoderViT
 from sam_mlx.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
 from sam_mlx.mask_decoder import MaskDecoder
+from sam_mlx.prompt_encoder import PromptEncoder
 from sam_mlx.transforms import image_geometry
 from sam_mlx.two_way_transformer import DownsampledAttention
 
@@ -314,6 +315,34 @@ def test_token_bands_equal_one_band(monkeypatch, bands):
 
     for got, expected in zip(decode(bands), decode(1), strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("bands", [1, 2, 3])
+@pytest.mark.parametrize("read_grid", [None, (5, 4)])
+def test_mask_hint_shifting_the_kept_image_side_equals_a_full_decode(monkeypatch, bands, read_grid):
+    """Prompts with mask hints, decoded from the per-image side shifted by each hint's rank-16 change
+    (hint features in row bands, prompts in groups), equal a full decode of the hints' dense embeddings."""
+    monkeypatch.setattr(mask_decoder, "band_count", lambda: bands)
+    monkeypatch.setattr(token_bands, "band_count", lambda: bands)
+    decoder, prompt_encoder = _random_decoder(), PromptEncoder(PromptDecoderConfig())
+    prompt_encoder.update(nn.utils.tree_map(
+        lambda p: mx.array(RNG.normal(size=p.shape).astype(np.float32) * 0.3), prompt_encoder.parameters()))
+    d = decoder.iou_token.shape[-1]
+    tokens, pe, _, sparse = _random_decoder_inputs(d, (7, 5), 3)
+    masks = mx.array(RNG.normal(size=(3, 28, 20, 1)).astype(np.float32) * 4)
+    _, dense = prompt_encoder(None, None, masks, (112, 80), (7, 5))
+    with token_bands.parallel_bands():
+        side = decoder.project_image(tokens, pe, prompt_encoder.no_mask_embed)
+        hint = prompt_encoder.mask_hint(masks)
+        assert [b.shape for b in side.image] == [(1, (7 * (i + 1) // bands - 7 * i // bands) * 5, d) for i in range(bands)]
+        for multimask in (True, False):
+            expected = decoder(tokens, pe, sparse, dense, multimask, read_grid=read_grid)
+            got = decoder(tokens, pe, sparse, dense, multimask, side, read_grid, hint)
+            for g, e in zip(got, expected, strict=True):  # the random decoder's outputs are ~0.02-0.05
+                np.testing.assert_allclose(np.array(g), np.array(e), atol=1e-5 * float(e.abs().max()))
+    # the hint's change is the dense embedding less "no mask", in factored form
+    change = hint.features @ hint.weight + hint.offset
+    np.testing.assert_allclose(np.array(change + prompt_encoder.no_mask_embed[0]), np.array(dense), atol=1e-5)
 
 
 @pytest.mark.parametrize("bands", [1, 2, 3])
