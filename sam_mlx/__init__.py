@@ -17,7 +17,8 @@ def load(path_or_name: str, dtype=None) -> Sam:
     """Load a SAM model from a checkpoint path (.pth / .safetensors) or a model name / Hub repo id.
 
     ``dtype`` ("float32", "float16", "bfloat16" or an mlx dtype) casts every weight; by default
-    the image encoder is bfloat16 on an Apple GPU and float32 on the CPU, the rest float32.
+    the image encoder is half precision on an Apple GPU (MobileSAM's TinyViT float16, the ViT
+    bfloat16) and float32 on the CPU, the rest float32 (``checkpoint.default_encoder_dtype``).
     """
     from .checkpoint import DTYPES
     from .hub import resolve_checkpoint

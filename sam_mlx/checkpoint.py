@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .config import PromptDecoderConfig, SamConfig, ViTConfig
+from .layers import on_cpu
 from .torch_pickle import CheckpointError, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
@@ -235,19 +236,26 @@ def _few(names: list[str]) -> str:
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def default_encoder_dtype() -> mx.Dtype:
-    """bfloat16 for the image encoder on a GPU (Apple Silicon), float32 on the CPU.
+def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
+    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU (Apple
+    Silicon) half precision, which halves the encoder's memory traffic there.
 
-    Half precision halves the encoder's memory traffic on Metal; on MLX's CPU backend
+    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits: on
+    sam_mlx's GPU branches with MobileSAM's real weights (``scripts/precision.py``), its image tokens
+    are ~10x closer to float32's than bfloat16's, and TinyViT's largest activation (~900, on noise)
+    is far below float16's 65504. Meta's ViT-H is reported to overflow float16 (segment-anything
+    issue #540), so the ViT keeps bfloat16, which has float32's range. On MLX's CPU backend
     half-precision matmuls and transcendental functions are slower than float32.
     """
-    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    if on_cpu():
+        return mx.float32
+    return mx.bfloat16 if config.encoder.kind == "vit" else mx.float16
 
 
 def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None):
     """Instantiate Sam from converted weights, checking every name and shape first.
 
-    ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype()``
+    ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
     and the small prompt encoder and mask decoder stay in float32.
     """
     from .sam import Sam
@@ -261,7 +269,7 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     if dtype is not None:
         arrays = [(k, v.astype(dtype)) for k, v in arrays]
     else:
-        encoder_dtype = default_encoder_dtype()
+        encoder_dtype = default_encoder_dtype(config)
         arrays = [
             (k, v.astype(encoder_dtype if k.startswith("image_encoder.") else mx.float32)) for k, v in arrays
         ]

@@ -253,7 +253,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     source = Path(args.checkpoint).expanduser()
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
-    # float32, not the device's default (bfloat16 encoder on a GPU): --dtype alone decides the precision.
+    # float32, not the device's default (a half-precision encoder on a GPU): --dtype alone decides the precision.
     model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
     path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")

@@ -173,7 +173,7 @@ def _convert(path: Path, target: Path, source: str) -> Path:
     """
     import mlx.core as mx
 
-    model = load_checkpoint(path, dtype=mx.float32)  # not the device's default (bfloat16 encoder on a GPU)
+    model = load_checkpoint(path, dtype=mx.float32)  # not the device's default (half-precision encoder on a GPU)
     try:
         save_model(model, target, dtype=_lossless_dtype(model), source=source)
     except OSError as exc:

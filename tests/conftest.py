@@ -2,13 +2,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import sam_mlx  # noqa: E402,F401  (loads OpenBLAS before anything imports mlx)
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from precision import prompt_keywords as predict_kwargs  # noqa: E402,F401  (the tests' shared prompts)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,11 +30,3 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"shared data not found at {SHARED} (set SAM_MLX_SHARED)")
     return SHARED
-
-
-def predict_kwargs(prompt: dict) -> dict:
-    """A shared reference prompt ({"points", "labels"} and/or "box") as ``SamPredictor.predict`` keywords."""
-    kwargs = {"box": np.array(prompt["box"], np.float64)} if "box" in prompt else {}
-    if "points" in prompt:
-        kwargs.update(point_coords=np.array(prompt["points"], np.float64), point_labels=np.array(prompt["labels"]))
-    return kwargs

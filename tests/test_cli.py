@@ -208,10 +208,10 @@ def test_convert(env, tmp_path):
         assert value.dtype == mx.float16 and mx.array_equal(value, theirs[name].astype(mx.float16)).item(), name
 
 
-def test_convert_keeps_float32_when_the_device_default_is_bfloat16(tmp_path, monkeypatch):
-    """On an Apple GPU the encoder loads as bfloat16 by default; convert must not save those rounded weights."""
+def test_convert_keeps_float32_when_the_device_default_is_half_precision(tmp_path, monkeypatch):
+    """On an Apple GPU the encoder loads in half precision by default; convert must not save those rounded weights."""
     theirs = dict(tree_flatten(load_checkpoint(MOBILE_SAM, dtype=mx.float32).parameters()))
-    monkeypatch.setattr(checkpoint, "default_encoder_dtype", lambda: mx.bfloat16)
+    monkeypatch.setattr(checkpoint, "default_encoder_dtype", lambda config: mx.bfloat16)
     rounded = tree_flatten(load_checkpoint(MOBILE_SAM).image_encoder.parameters())
     assert {v.dtype for _, v in rounded} == {mx.bfloat16}  # the patch bites
     folder = tmp_path / "weights"  # a folder goes through sam_mlx.load, a file straight to load_checkpoint
