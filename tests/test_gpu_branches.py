@@ -129,3 +129,23 @@ def test_tiny_vit_activations_stay_far_below_the_float16_limit(monkeypatch):
         tokens = model.encode_image(preprocess(image, image_geometry(image.shape[:2], "original", 1024)))
         peak = mx.max(mx.stack([tokens.abs().max(), *largest])).item()
         assert len(largest) > 50 and 100 < peak < 65504 / 16
+
+
+def test_segment_everything_on_the_gpu_branches():
+    """Segment everything (an 8 x 8 grid), whose batches a GPU decodes whole."""
+    from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    model = sam_mlx.load(str(MOBILE_SAM))
+
+    def generate() -> list[dict]:
+        generator = SamAutomaticMaskGenerator(model, points_per_side=8, points_per_batch=32)
+        return sorted(generator.generate(str(IMAGES / "dog.jpg")), key=lambda r: r["predicted_iou"])
+
+    cpu = generate()
+    with gpu_branches():
+        gpu = generate()
+    assert len(cpu) >= 10 and len(gpu) == len(cpu)
+    for ours, theirs in zip(gpu, cpu):
+        assert abs(ours["predicted_iou"] - theirs["predicted_iou"]) < 1e-4
+        assert (ours["crop_box"], ours["point_coords"]) == (theirs["crop_box"], theirs["point_coords"])
+        assert (ours["segmentation"] == theirs["segmentation"]).mean() >= 0.999
