@@ -96,7 +96,7 @@ class MaskDecoder(nn.Module):
         image_tokens: mx.array,
         image_pe: mx.array,
         sparse: mx.array,
-        dense: mx.array,
+        dense: mx.array | None,
         multimask_output: bool,
         image_side: ImageSide | None = None,
         read_grid: tuple[int, int] | None = None,
@@ -105,10 +105,10 @@ class MaskDecoder(nn.Module):
         """Decode masks.
 
         image_tokens: 1 x h x w x D (one image, shared by the B prompts) or B x h x w x D;
-        image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D.
+        image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D, or None with ``image_side``.
         ``image_side``: ``project_image`` of these tokens, if the caller keeps it; it stands for ``dense`` being the
-        "no mask" embedding. ``hint``: the prompts' mask hints (``PromptEncoder.mask_hint``), which then shift it,
-        and ``dense`` goes unused.
+        "no mask" embedding, and ``dense`` goes unused. ``hint``: the prompts' mask hints
+        (``PromptEncoder.mask_hint``), which then shift it.
         ``read_grid``: (rows, cols) to compute the masks of the top-left rows x cols tokens only (the mask
         generator is per token, so those equal the full masks' part); the whole grid if None.
         Returns low-res logits B x C x 4 rows x 4 cols and IoU predictions B x C, where C is 3
@@ -119,14 +119,17 @@ class MaskDecoder(nn.Module):
             groups: list[tuple[mx.array, mx.array]] = []
             for i in range(0, b, _CPU_PROMPT_GROUP):
                 part = slice(i, i + _CPU_PROMPT_GROUP)
-                prompts = [sparse[part], dense[part], *([] if hint is None else [hint.features[part]])]
+                prompts = [sparse[part], *([] if dense is None else [dense[part]]),
+                           *([] if hint is None else [hint.features[part]])]
                 if groups:  # start after the previous group
                     prompts = mx.depends(prompts, list(groups[-1]))
                 tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
-                part_hint = None if hint is None else hint._replace(features=prompts[2])
-                groups.append(self(tokens, image_pe, *prompts[:2], multimask_output, image_side, read_grid, part_hint))
+                part_dense = None if dense is None else prompts[1]
+                part_hint = None if hint is None else hint._replace(features=prompts[-1])
+                groups.append(self(tokens, image_pe, prompts[0], part_dense, multimask_output, image_side, read_grid,
+                                   part_hint))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
-        w, d = dense.shape[2:]
+        h, w, d = image_pe.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
         tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
         bands = band_count() if image_side is None else len(image_side.image)
@@ -145,7 +148,7 @@ class MaskDecoder(nn.Module):
         iou_out = tokens[:, 0]
         hyper = mx.stack([self.hypernetworks[i](tokens[:, 1 + j]) for j, i in enumerate(chosen)], axis=2)  # B x d/8 x C
 
-        rows, cols = read_grid or (dense.shape[1], w)
+        rows, cols = read_grid or (h, w)
 
         def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x n/cols x cols x 2 x 2 x 2 x 2 x C
             features = self.upscaler(band.reshape(b, -1, cols, d))  # B x n/cols x cols x 2 x 2 x 2 x 2 x d/8

@@ -16,7 +16,7 @@ import numpy as np
 from ._blas import single_threaded
 from .image_io import as_rgb_array
 from .layers import keep_prompt_buffers
-from .prompt_encoder import PADDING_LABEL
+from .prompt_encoder import PADDING_LABEL, prompt_batch_size
 from .resize import upscale_mask_logits, upscaled_masks_above
 from .token_bands import parallel_bands
 from .sam import Sam
@@ -150,7 +150,7 @@ class SamPredictor:
         fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``: as ``predict``.
         """
         prompts = self.prepare_prompts(point_coords, point_labels, boxes, mask_input)
-        if _batch_size(*prompts) == 0:
+        if prompt_batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits, return_low_res)
         low_res, iou = self.decode_numpy(*prompts, multimask_output, full_grid=return_low_res)
         if return_logits:
@@ -297,12 +297,6 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
             f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {labels[bad][0].item()!r}"
         )
     return coords, labels.astype(np.int32)
-
-
-def _batch_size(points: tuple[mx.array, mx.array] | None, boxes: mx.array | None, masks: mx.array | None) -> int:
-    """B of prepared prompts (``prepare_prompts`` has checked that they agree)."""
-    given = [x for x in (boxes, masks) if x is not None] + ([points[0]] if points is not None else [])
-    return given[0].shape[0]
 
 
 def _size(size: Any) -> int | tuple[int, int]:

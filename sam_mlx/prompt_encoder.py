@@ -101,6 +101,25 @@ class PromptEncoder(nn.Module):
         weight = project.weight.reshape(project.weight.shape[0], -1).T
         return MaskHint(features, weight, project.bias - self.no_mask_embed[0])
 
+    def embed_sparse(
+        self, points: tuple[mx.array, mx.array] | None, boxes: mx.array | None, input_size: tuple[int, int], batch: int
+    ) -> mx.array:
+        """Points (B x N x 2 pixels, B x N labels) and boxes (B x 4) -> B x N' x D sparse embeddings
+        (B x 0 x D for ``batch`` prompts with neither)."""
+        parts = []
+        if points is not None:
+            parts.append(self.embed_points(points[0], points[1], pad=boxes is None, input_size=input_size))
+        if boxes is not None:
+            parts.append(self.embed_boxes(boxes, input_size))
+        return mx.concatenate(parts, axis=1) if parts else mx.zeros((batch, 0, self.no_mask_embed.shape[-1]))
+
+    def embed_dense(self, masks: mx.array | None, batch: int, grid_size: tuple[int, int]) -> mx.array:
+        """Mask hints (B x 4h x 4w x 1) or, without them, "no mask" for ``batch`` prompts -> B x h x w x D."""
+        if masks is not None:
+            return self.mask_hint_encoder(masks)
+        d = self.no_mask_embed.shape[-1]
+        return mx.broadcast_to(self.no_mask_embed.reshape(1, 1, 1, d), (batch, *grid_size, d))
+
     def __call__(
         self,
         points: tuple[mx.array, mx.array] | None,
@@ -114,26 +133,13 @@ class PromptEncoder(nn.Module):
         ``input_size`` is the (H, W) the coordinates are in (the padded encoder input),
         ``grid_size`` the token grid (h, w); ``masks`` is B x 4h x 4w x 1 when given.
         """
-        batch = _batch_size(points, boxes, masks)
-        d = self.no_mask_embed.shape[-1]
-        parts = []
-        if points is not None:
-            parts.append(self.embed_points(points[0], points[1], pad=boxes is None, input_size=input_size))
-        if boxes is not None:
-            parts.append(self.embed_boxes(boxes, input_size))
-        sparse = mx.concatenate(parts, axis=1) if parts else mx.zeros((batch, 0, d))
-        if masks is not None:
-            dense = self.mask_hint_encoder(masks)
-        else:
-            dense = mx.broadcast_to(self.no_mask_embed.reshape(1, 1, 1, d), (batch, *grid_size, d))
-        return sparse, dense
+        batch = prompt_batch_size(points, boxes, masks)
+        return self.embed_sparse(points, boxes, input_size, batch), self.embed_dense(masks, batch, grid_size)
 
 
-def _batch_size(points, boxes, masks) -> int:
-    if points is not None:
-        return points[0].shape[0]
-    if boxes is not None:
-        return boxes.shape[0]
-    if masks is not None:
-        return masks.shape[0]
+def prompt_batch_size(points: tuple[mx.array, mx.array] | None, boxes: mx.array | None, masks: mx.array | None) -> int:
+    """B of prompts given as (B x N x 2, B x N) points, B x 4 boxes and/or B x ... masks (which agree); 1 if none."""
+    for given in (None if points is None else points[0], boxes, masks):
+        if given is not None:
+            return given.shape[0]
     return 1

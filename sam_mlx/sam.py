@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from .config import SamConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from .prompt_encoder import PromptEncoder, prompt_batch_size
 from .two_way_transformer import ImageSide
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -63,11 +63,14 @@ class Sam(nn.Module):
         """
         grid = image_tokens.shape[1:3]
         masks = None if mask_input is None else mask_input[..., None]
-        sparse, dense = self.prompt_encoder(points, boxes, masks, input_size, grid)
+        batch = prompt_batch_size(points, boxes, masks)
+        sparse = self.prompt_encoder.embed_sparse(points, boxes, input_size, batch)
         if image_pe is None:
             image_pe = self.prompt_encoder.coordinate_encoder.grid(*grid)
-        # with the per-image side kept, a mask hint shifts it (lazily, ``dense`` is then never computed)
-        hint = None if masks is None or image_side is None else self.prompt_encoder.mask_hint(masks)
+        if image_side is None:
+            dense, hint = self.prompt_encoder.embed_dense(masks, batch, grid), None
+        else:  # the kept image side stands for "no mask"; a mask hint shifts it by a low-rank change
+            dense, hint = None, None if masks is None else self.prompt_encoder.mask_hint(masks)
         return self.mask_decoder(image_tokens, image_pe, sparse, dense, multimask_output, image_side, read_grid, hint)
 
     def project_image(self, image_tokens: mx.array, image_pe: mx.array) -> ImageSide:

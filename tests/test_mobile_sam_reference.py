@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 
 import sam_mlx
+from sam_mlx.prompt_encoder import MaskHintEncoder
 
 NAMES = ("truck", "dog", "groceries")
 
@@ -86,9 +87,17 @@ def test_image_embedding(case):
 
 
 @pytest.mark.parametrize("mode", ["multi", "single"])
-def test_decoder_on_shared_embedding(case, mode):
-    """Prompt encoder + mask decoder fed the shared embedding reproduce the shared logits and IoU."""
+def test_decoder_on_shared_embedding(case, mode, monkeypatch):
+    """Prompt encoder + mask decoder fed the shared embedding reproduce the shared logits and IoU.
+
+    A mask hint shifts the predictor's kept image side: its full dense embedding is never built.
+    """
     _, ref, prompts, predictor = case
+
+    def no_dense_embedding(self, mask):
+        raise AssertionError("the mask hint's dense embedding was built")
+
+    monkeypatch.setattr(MaskHintEncoder, "__call__", no_dense_embedding)
     fresh = sam_mlx.SamPredictor(predictor.model)
     fresh.set_image_tokens(mx.array(ref["image_embedding"].transpose(1, 2, 0)[None]), predictor.geometry)
     for prompt in prompts:
