@@ -23,6 +23,10 @@ FIGURES = {
     "truck_box_point.jpg": ["segment", "truck.jpg", "--box", "75,275,1725,850", "--point", "500,375"],
     "groceries_boxes.jpg": ["segment", "groceries.jpg", "--box", "365,160,450,345", "--box", "440,85,645,345"],
     "dog_everything.jpg": ["everything", "dog.jpg"],
+    # the shared prompt whose stretch masks differ most from the original's (README, "Sizing")
+    "groceries_item_box_original.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480", "--multimask"],
+    "groceries_item_box_stretch.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480",
+                                       "--sizing", "stretch", "--size", "1024", "--multimask"],
 }
 
 

@@ -1,7 +1,8 @@
 """Any-size inputs and batched prompts with the real MobileSAM weights on the shared photos.
 
 - ``stretch`` sizing (no padding; token grid 43 x 64 for these 3:2 photos at 1024) vs the
-  ``original`` padded square, for every shared prompt;
+  ``original`` padded square, for every shared prompt, and how far the original's own small changes
+  (1040 instead of 1024, less padding) move the same masks;
 - batched boxes (``predict_batch``) vs one ``predict`` call per box;
 - images far from the 1024 square (tiny, very elongated).
 
@@ -11,6 +12,7 @@ Each photo is encoded once per sizing for the whole module.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -22,10 +24,13 @@ from sam_mlx.checkpoint import load_checkpoint
 from sam_mlx.config import ViTConfig
 from sam_mlx.coordinate_encoder import CoordinateEncoder
 from sam_mlx.image_encoder import ImageEncoderViT, relative_position_table
-from sam_mlx.transforms import image_geometry
+from sam_mlx.image_io import as_rgb_array
+from sam_mlx.token_bands import parallel_bands
+from sam_mlx.transforms import image_geometry, preprocess
 
 NAMES = ("dog", "groceries", "truck")
-SIZINGS = {"original": ("original", None), "stretch1024": ("stretch", 1024), "stretch512": ("stretch", 512)}
+SIZINGS = {"original": ("original", None), "stretch1024": ("stretch", 1024), "stretch512": ("stretch", 512),
+           "original1040": ("original", 1040)}
 CASES = [(name, p) for name in NAMES for p in json.loads((REFERENCE / f"{name}.json").read_text())["prompts"]]
 
 
@@ -85,11 +90,10 @@ def matched_iou(reference: sam_mlx.SamPredictor, other: sam_mlx.SamPredictor, pr
 
 
 # Stretch at 1024 stays >= 0.9 for 10 of the 12 shared prompts (measured 0.91-0.99). Two boxes over
-# floor areas stay below (measured 0.76 and 0.77, predicted IoUs 0.75-0.94): their masks move under
-# any small change of input. The original sizing itself, run at 1040 instead of 1024 (a 1.5 %
-# rescale), matches its own 1024 masks only to 0.89 and 0.78 on them; dog/center_box depends on
-# the padding itself (the 683-row image padded to 688 rows instead of 1024 matches to 0.67).
-# They are xfailed above a floor a little under the measured value, so a regression still fails.
+# empty floor stay below (measured 0.76 and 0.77; their candidates' predicted IoUs 0.50-0.94 and
+# 0.68-0.76): their masks move under any small change of input, the original sizing's own included
+# (``test_the_original_sizing_moves_these_masks_too``). They are xfailed above a floor a little under
+# the measured value, so a regression still fails.
 BELOW_09_AT_1024 = {"dog/center_box": 0.72, "groceries/item_box": 0.73}
 
 
@@ -101,6 +105,27 @@ def test_stretch_1024_matches_original(matched, name, prompt):
         assert value >= BELOW_09_AT_1024[key], f"{key}: IoU {value:.3f}"
         pytest.xfail(f"IoU {value:.3f} < 0.9: an unstable prompt (see BELOW_09_AT_1024)")
     assert value >= 0.9, f"{key}: IoU {value:.3f}"
+
+
+def test_the_original_sizing_moves_these_masks_too(model, predictors, matched):
+    """The 0.9 bar is stricter than SAM's own stability. The original sizing run at 1040 instead of 1024 (a 1.5 %
+    rescale) keeps 0.9 on fewer shared prompts than stretch does (measured: 9 of 12, below it dog/center_box 0.89,
+    groceries/three_points 0.89, groceries/item_box 0.78; stretch 10 of 12), and each prompt below 0.9 in stretch
+    falls below it within the original sizing too: at 1040, or padded to 688 rows instead of 1024, the same pixels
+    with less padding (measured: dog/center_box 0.67, groceries/item_box 0.82)."""
+    rescaled = {f"{name}/{prompt['name']}": matched(name, prompt, "original1040") for name, prompt in CASES}
+    stretched = {f"{name}/{prompt['name']}": matched(name, prompt, "stretch1024") for name, prompt in CASES}
+    assert sum(v >= 0.9 for v in stretched.values()) >= sum(v >= 0.9 for v in rescaled.values())
+    for name, prompt in CASES:
+        key = f"{name}/{prompt['name']}"
+        if key in BELOW_09_AT_1024:
+            original = predictors(name, "original")
+            less_padding = sam_mlx.SamPredictor(model)
+            geometry = replace(original.geometry, padded_size=(688, 1024))
+            with parallel_bands():
+                tokens = model.encode_image(preprocess(as_rgb_array(IMAGES / f"{name}.jpg"), geometry))
+            less_padding.set_image_tokens(tokens, geometry)
+            assert min(rescaled[key], matched_iou(original, less_padding, prompt)) < 0.9, key
 
 
 def test_stretch_512_keeps_large_objects(matched):
