@@ -117,17 +117,16 @@ class MaskDecoder(nn.Module):
         b = sparse.shape[0]
         if b > _CPU_PROMPT_GROUP and on_cpu():
             groups: list[tuple[mx.array, mx.array]] = []
+            given = {"sparse": sparse, "dense": dense, "hint": None if hint is None else hint.features}
             for i in range(0, b, _CPU_PROMPT_GROUP):
                 part = slice(i, i + _CPU_PROMPT_GROUP)
-                prompts = [sparse[part], *([] if dense is None else [dense[part]]),
-                           *([] if hint is None else [hint.features[part]])]
+                prompts = {key: x[part] for key, x in given.items() if x is not None}
                 if groups:  # start after the previous group
-                    prompts = mx.depends(prompts, list(groups[-1]))
+                    prompts = dict(zip(prompts, mx.depends(list(prompts.values()), list(groups[-1]))))
                 tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
-                part_dense = None if dense is None else prompts[1]
-                part_hint = None if hint is None else hint._replace(features=prompts[-1])
-                groups.append(self(tokens, image_pe, prompts[0], part_dense, multimask_output, image_side, read_grid,
-                                   part_hint))
+                part_hint = None if hint is None else hint._replace(features=prompts["hint"])
+                groups.append(self(tokens, image_pe, prompts["sparse"], prompts.get("dense"), multimask_output,
+                                   image_side, read_grid, part_hint))
             return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
         h, w, d = image_pe.shape
         out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
