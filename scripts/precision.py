@@ -81,6 +81,12 @@ def shared_prompt_outputs(model: sam_mlx.Sam, photo: str) -> dict[Any, Any]:
     return out
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
 def best_mask_ious(full: dict, other: dict) -> dict[Any, float]:
     """Per 3-mask prompt of ``shared_prompt_outputs``: the IoU between the two runs' masks at the index
     of the best float32 (``full``) score; the smallest of a batch's prompts."""
@@ -90,9 +96,8 @@ def best_mask_ious(full: dict, other: dict) -> dict[Any, float]:
         masks, other_masks = (m.reshape(-1, *m.shape[-3:]) for m in (masks, other_masks))  # B x C x H x W
         per_prompt = []
         for prompt_masks, prompt_other, prompt_scores in zip(masks, other_masks, scores.reshape(len(masks), -1)):
-            a, b = prompt_masks[int(np.argmax(prompt_scores))], prompt_other[int(np.argmax(prompt_scores))]
-            union = np.logical_or(a, b).sum()
-            per_prompt.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
+            best = int(np.argmax(prompt_scores))
+            per_prompt.append(mask_iou(prompt_masks[best], prompt_other[best]))
         ious[key[0]] = min(per_prompt)
     return ious
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
+from precision import mask_iou
 
 import sam_mlx
 from sam_mlx.prompt_encoder import MaskHintEncoder
@@ -67,11 +68,6 @@ def original_postprocess(low_res: np.ndarray, input_size, original_size) -> np.n
     x = x[..., : input_size[0], : input_size[1]]
     x = F.interpolate(x, tuple(int(s) for s in original_size), mode="bilinear", align_corners=False)
     return (x[0] > 0).numpy()
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
 def test_geometry_matches(case):
