@@ -22,12 +22,12 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint import atomic_write, load_checkpoint, save_model  # noqa: E402
-from .hub import HubError, default_cache_dir  # noqa: E402
-from .image_io import load_image  # noqa: E402
-from .image_tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
-from .mask_utils import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, rle_to_mask  # noqa: E402
-from .overlay import draw_overlay  # noqa: E402
+from .checkpoints.load import atomic_write, load_checkpoint, save_model  # noqa: E402
+from .checkpoints.hub import HubError, default_cache_dir  # noqa: E402
+from .io.images import load_image  # noqa: E402
+from .io.tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
+from .amg.mask_utils import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, rle_to_mask  # noqa: E402
+from .io.overlay import draw_overlay  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
@@ -277,7 +277,7 @@ class _ProgressBar:
 
 
 def cmd_everything(args: argparse.Namespace) -> None:
-    from .automatic_mask_generator import SamAutomaticMaskGenerator
+    from .amg.automatic_mask_generator import SamAutomaticMaskGenerator
 
     images = _expand_images([args.images])
     model = _load_model(args)
@@ -310,8 +310,8 @@ def cmd_everything(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from mlx.utils import tree_flatten
 
-    from ._blas import blas_description
-    from .token_bands import band_count
+    from .ops.blas import blas_description
+    from .ops.bands import band_count
 
     print(f"sam_mlx {sam_mlx.__version__}")
     print(f"mlx {mx.__version__} (default device: {mx.default_device()})")

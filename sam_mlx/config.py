@@ -65,7 +65,7 @@ class SamConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SamConfig":
-        from .tiny_vit import TinyViTConfig
+        from .modeling.tiny_vit import TinyViTConfig
 
         kinds = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
         kind = data.get("encoder_kind")

@@ -13,15 +13,15 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ._blas import single_threaded
-from .image_io import as_rgb_array
-from .layers import keep_prompt_buffers
-from .prompt_encoder import PADDING_LABEL, prompt_batch_size
-from .resize import upscale_mask_logits, upscaled_masks_above
-from .token_bands import parallel_bands
-from .sam import Sam
+from .ops.blas import single_threaded
+from .io.images import as_rgb_array
+from .ops.layers import keep_prompt_buffers
+from .modeling.prompt_encoder import PADDING_LABEL, prompt_batch_size
+from .fast.masks import upscale_mask_logits, upscaled_masks_above
+from .ops.bands import parallel_bands
+from .modeling.sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
-from .two_way_transformer import ImageSide
+from .modeling.two_way_transformer import ImageSide
 
 MASK_THRESHOLD = 0.0
 

@@ -17,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .resize import linear_taps
-from .sam import PIXEL_MEAN, PIXEL_STD
+from .fast.masks import linear_taps
+from .modeling.sam import PIXEL_MEAN, PIXEL_STD
 
 PATCH = 16
 SIZINGS = ("original", "stretch")

@@ -107,7 +107,7 @@ def worker_mlx(args) -> dict:
     import numpy as np
 
     import sam_mlx
-    from sam_mlx.image_io import load_image
+    from sam_mlx.io.images import load_image
 
     image = load_image(args.image)
     predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
@@ -120,7 +120,7 @@ def worker_mlx(args) -> dict:
     stretch.predict(coords, labels)
     result["prompt_stretch512_s"] = timed(lambda: stretch.predict(coords, labels), 20)
     if args.worker_everything:
-        from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
+        from sam_mlx.amg.automatic_mask_generator import SamAutomaticMaskGenerator
 
         time_everything(SamAutomaticMaskGenerator(predictor.model), image, result)
     return result
@@ -269,7 +269,7 @@ def make_checkpoints(models: list[str], folder: Path) -> dict[str, str]:
 
 
 def machine() -> dict:
-    import sam_mlx._blas as blas  # before mlx: loads OpenBLAS as sam_mlx does
+    import sam_mlx.ops.blas as blas  # before mlx: loads OpenBLAS as sam_mlx does
 
     blas.load_system_blas()
     import mlx.core as mx

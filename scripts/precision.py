@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import sam_mlx  # noqa: E402  (before mlx: loads OpenBLAS on Linux)
 import mlx.core as mx  # noqa: E402
-from sam_mlx.checkpoint import DTYPES  # noqa: E402
+from sam_mlx.checkpoints.load import DTYPES  # noqa: E402
 
 
 @contextlib.contextmanager

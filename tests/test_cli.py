@@ -22,11 +22,12 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import sam_mlx
-from sam_mlx import checkpoint, cli
-from sam_mlx.checkpoint import load_checkpoint
-from sam_mlx.image_tokens import read_image_tokens
-from sam_mlx.mask_utils import coco_decode_rle
-from sam_mlx.token_bands import band_count
+from sam_mlx import cli
+from sam_mlx.checkpoints import load as checkpoint
+from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.tokens import read_image_tokens
+from sam_mlx.amg.mask_utils import coco_decode_rle
+from sam_mlx.ops.bands import band_count
 
 MODEL = str(MOBILE_SAM)
 DOG = str(IMAGES / "dog.jpg")

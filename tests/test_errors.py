@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 import sam_mlx
 from sam_mlx import CheckpointError
-from sam_mlx.torch_pickle import read_torch_checkpoint
+from sam_mlx.checkpoints.torch_pickle import read_torch_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def _modes(tmp_path):
 
 
 def test_image_modes(tmp_path):
-    from sam_mlx.image_io import as_rgb_array
+    from sam_mlx.io.images import as_rgb_array
 
     for mode, image in _modes(tmp_path):
         array = as_rgb_array(image)
@@ -243,7 +243,7 @@ def test_exif_rotated_photo(tmp_path, predictor):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(rgb).save(path, exif=exif.tobytes(), quality=95)
-    from sam_mlx.image_io import load_image
+    from sam_mlx.io.images import load_image
 
     seen = load_image(path)
     assert seen.shape == (60, 40, 3)

@@ -19,7 +19,7 @@ from precision import PHOTOS, best_mask_ious, gpu_branches, shared_prompt_output
 from reference import build_reference_sam
 
 import sam_mlx
-from sam_mlx import layers
+from sam_mlx.ops import layers
 
 HALF_PRECISION_PHOTOS = ("groceries",)  # a float16 encoding takes ~25 s on the CPU; bfloat16 did worst here
 
@@ -107,8 +107,8 @@ def test_gpu_branches_equal_the_cpu_branches_with_a_vit(tmp_path, sizing, size):
 def test_tiny_vit_activations_stay_far_below_the_float16_limit(monkeypatch):
     """Why float16 is safe for TinyViT: every layer's output, in float32, on the shared photos, noise, black
     and white, stays under 1/16 of float16's largest value, 65504 (measured: ~900 at most, on noise)."""
-    from sam_mlx import tiny_vit
-    from sam_mlx.image_io import as_rgb_array
+    from sam_mlx.modeling import tiny_vit
+    from sam_mlx.io.images import as_rgb_array
     from sam_mlx.transforms import image_geometry, preprocess
 
     largest = []
@@ -133,7 +133,7 @@ def test_tiny_vit_activations_stay_far_below_the_float16_limit(monkeypatch):
 
 def test_segment_everything_on_the_gpu_branches():
     """Segment everything (an 8 x 8 grid), whose batches a GPU decodes whole."""
-    from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_mlx.amg.automatic_mask_generator import SamAutomaticMaskGenerator
 
     model = sam_mlx.load(str(MOBILE_SAM))
 

@@ -19,7 +19,7 @@ from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 from precision import mask_iou
 
 import sam_mlx
-from sam_mlx.prompt_encoder import MaskHintEncoder
+from sam_mlx.modeling.prompt_encoder import MaskHintEncoder
 
 NAMES = ("truck", "dog", "groceries")
 

@@ -20,12 +20,12 @@ import pytest
 from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 
 import sam_mlx
-from sam_mlx.checkpoint import load_checkpoint
+from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.config import ViTConfig
-from sam_mlx.coordinate_encoder import CoordinateEncoder
-from sam_mlx.image_encoder import ImageEncoderViT, relative_position_table
-from sam_mlx.image_io import as_rgb_array
-from sam_mlx.token_bands import parallel_bands
+from sam_mlx.modeling.coordinate_encoder import CoordinateEncoder
+from sam_mlx.modeling.image_encoder import ImageEncoderViT, relative_position_table
+from sam_mlx.io.images import as_rgb_array
+from sam_mlx.ops.bands import parallel_bands
 from sam_mlx.transforms import image_geometry, preprocess
 
 NAMES = ("dog", "groceries", "truck")

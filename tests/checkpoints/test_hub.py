@@ -22,8 +22,8 @@ from mlx.utils import tree_flatten
 from reference import build_reference_sam
 
 import sam_mlx
-from sam_mlx import hub
-from sam_mlx.checkpoint import CheckpointError, load_checkpoint
+from sam_mlx.checkpoints import hub
+from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint
 
 
 @pytest.fixture(scope="module")

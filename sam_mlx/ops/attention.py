@@ -25,7 +25,7 @@ import operator
 import mlx.core as mx
 
 from .layers import estrin, fused, on_cpu
-from .token_bands import chunk_streams, per_band
+from .bands import chunk_streams, per_band
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32

@@ -18,8 +18,8 @@ import torch
 from conftest import IMAGES, MOBILE_SAM, REFERENCE
 from PIL import Image
 
-from sam_mlx import token_bands
-from sam_mlx.tiny_vit import (
+from sam_mlx.ops import bands as token_bands
+from sam_mlx.modeling.tiny_vit import (
     TinyViTConfig,
     TinyViTImageEncoder,
     convert_tiny_vit_weights,

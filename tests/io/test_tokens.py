@@ -20,8 +20,8 @@ from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 from reference import build_reference_sam
 
 import sam_mlx
-from sam_mlx.checkpoint import load_checkpoint, save_model
-from sam_mlx.image_tokens import (
+from sam_mlx.checkpoints.load import load_checkpoint, save_model
+from sam_mlx.io.tokens import (
     ImageTokensError,
     load_image_tokens,
     model_fingerprint,
@@ -90,11 +90,11 @@ def test_second_process_loads_tokens(encoded, tmp_path):
     out = tmp_path / "masks.npz"
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(Path(__file__).resolve().parents[1])!r}]
         import numpy as np, sam_mlx
-        from sam_mlx.checkpoint import load_checkpoint
-        from sam_mlx.image_tokens import load_image_tokens, model_fingerprint
-        from test_image_tokens import predict_all
+        from sam_mlx.checkpoints.load import load_checkpoint
+        from sam_mlx.io.tokens import load_image_tokens, model_fingerprint
+        from test_tokens import predict_all
         predictor = sam_mlx.SamPredictor(load_checkpoint({str(MOBILE_SAM)!r}))
         load_image_tokens(predictor, {str(path)!r})
         np.savez({str(out)!r}, fingerprint=model_fingerprint(predictor.model), **predict_all(predictor))

@@ -18,9 +18,9 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention, banded_attention, softmax
-from .layers import LayerNorm, Linear
-from .token_bands import per_band
+from ..ops.attention import attention, banded_attention, softmax
+from ..ops.layers import LayerNorm, Linear
+from ..ops.bands import per_band
 
 
 class ImageSide(NamedTuple):

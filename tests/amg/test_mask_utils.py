@@ -1,4 +1,4 @@
-"""Tests for sam_mlx.mask_utils against Meta's amg.py, pycocotools, OpenCV and simple references."""
+"""Tests for sam_mlx.amg.mask_utils against Meta's amg.py, pycocotools, OpenCV and simple references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sam_mlx import mask_utils as mu
+from sam_mlx.amg import mask_utils as mu
 
 # --------------------------------------------------------------------------- #
 # Test-only references (installed by .ci/run)

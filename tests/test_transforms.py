@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import sam_mlx  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
-from sam_mlx.resize import (  # noqa: E402
+from sam_mlx.fast.masks import (  # noqa: E402
     linear_resize_matrix, mask_resize_matrix, upscale_mask_logits, upscaled_masks_above,
 )
 from sam_mlx.transforms import PATCH, image_geometry  # noqa: E402
@@ -205,7 +205,7 @@ def test_masks_above_keep_batch_axes():
 @pytest.mark.parametrize("mostly_edges", [0.0, 1.0], ids=["every-pixel", "edge-blocks"])
 def test_masks_above_either_way(monkeypatch, mostly_edges):
     """Interpolating every pixel and only the edge blocks give the same masks, for smooth and noisy logits."""
-    monkeypatch.setattr(sam_mlx.resize, "_MOSTLY_EDGES", mostly_edges)
+    monkeypatch.setattr(sam_mlx.fast.masks, "_MOSTLY_EDGES", mostly_edges)
     rng = np.random.default_rng(3)
     y, x = np.meshgrid(np.linspace(-1, 1, 256), np.linspace(-1, 1, 256), indexing="ij")
     logits = np.stack([8 * (0.6 - np.hypot(y, x)), rng.normal(size=(256, 256)) * 3]).astype(np.float32)

@@ -27,7 +27,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .checkpoint import DTYPES, load_checkpoint, remove_abandoned_temporaries, save_model
+from .load import DTYPES, load_checkpoint, remove_abandoned_temporaries, save_model
 
 #: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights.
 MODEL_NAMES: dict[str, tuple[str, str]] = {

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._blas import single_threaded
+from ..ops.blas import single_threaded
 
 
 def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

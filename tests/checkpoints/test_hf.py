@@ -13,7 +13,7 @@ from conftest import IMAGES
 from PIL import Image
 
 import sam_mlx
-from sam_mlx.hf_format import hf_to_meta
+from sam_mlx.checkpoints.hf import hf_to_meta
 from sam_mlx.transforms import image_geometry, preprocess
 
 import transformers  # noqa: E402  (a test reference, installed by .ci/run)

@@ -30,8 +30,8 @@ from pycocotools import mask as coco_mask
 from reference import reference_generator_class, segment_anything_modeling
 
 import sam_mlx
-from sam_mlx import mask_utils
-from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_mlx.amg import mask_utils
+from sam_mlx.amg.automatic_mask_generator import SamAutomaticMaskGenerator
 
 FULL = os.environ.get("SAM_MLX_AMG_FULL", "") == "1"
 POINTS_PER_SIDE = 32 if FULL else 8  # 32 is the default

@@ -29,11 +29,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention import attention
-from .checkpoint import CheckpointError, checked_shape
-from .config import _from_dict
-from .layers import LayerNorm, gelu, layer_norm_2d
-from .token_bands import across_rows
+from ..ops.attention import attention
+from ..checkpoints.load import CheckpointError, checked_shape
+from ..config import _from_dict
+from ..ops.layers import LayerNorm, gelu, layer_norm_2d
+from ..ops.bands import across_rows
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, as in the original
 _LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the attention and MLP norms

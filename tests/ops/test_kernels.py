@@ -13,18 +13,22 @@ import pytest
 import torch
 from conftest import MOBILE_SAM
 
-from sam_mlx import SamPredictor, _blas, layers, mask_decoder, token_bands
-from sam_mlx import attention as attention_module
+from sam_mlx import SamPredictor
+from sam_mlx.modeling import mask_decoder
+from sam_mlx.ops import bands as token_bands
+from sam_mlx.ops import blas as _blas
+from sam_mlx.ops import layers
+from sam_mlx.ops import attention as attention_module
 from sam_mlx import predictor as predictor_module
-from sam_mlx.attention import attention, banded_attention, shifted_exp, softmax
-from sam_mlx.checkpoint import load_checkpoint
+from sam_mlx.ops.attention import attention, banded_attention, shifted_exp, softmax
+from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.config import PromptDecoderConfig, ViTConfig
-from sam_mlx.image_encoder import ImageEncoderViT
-from sam_mlx.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
-from sam_mlx.mask_decoder import MaskDecoder
-from sam_mlx.prompt_encoder import PromptEncoder
+from sam_mlx.modeling.image_encoder import ImageEncoderViT
+from sam_mlx.ops.layers import LayerNorm, Linear, gelu, keep_prompt_buffers, on_cpu
+from sam_mlx.modeling.mask_decoder import MaskDecoder
+from sam_mlx.modeling.prompt_encoder import PromptEncoder
 from sam_mlx.transforms import image_geometry
-from sam_mlx.two_way_transformer import DownsampledAttention
+from sam_mlx.modeling.two_way_transformer import DownsampledAttention
 
 RNG = np.random.default_rng(0)
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 
 from . import mask_utils as mu
-from .image_io import as_rgb_array
-from .predictor import MASK_THRESHOLD, SamPredictor
-from .sam import Sam
+from ..io.images import as_rgb_array
+from ..predictor import MASK_THRESHOLD, SamPredictor
+from ..modeling.sam import Sam
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 ProgressCallback = Callable[[int, int], None]

@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import PromptDecoderConfig, SamConfig, ViTConfig
-from .layers import on_cpu
+from ..config import PromptDecoderConfig, SamConfig, ViTConfig
+from ..ops.layers import on_cpu
 from .torch_pickle import CheckpointError, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
@@ -173,7 +173,7 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         encoder = infer_vit_config(state)
         rest = state
     elif any(k.startswith("image_encoder.layers.") for k in state):
-        from .tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
+        from ..modeling.tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
 
         encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
         weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
@@ -210,7 +210,7 @@ def _image_size(encoder) -> int:
 def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
     """Any supported foreign state dict -> (sam_mlx weights, config)."""
     if detect_format(state) == "hf":
-        from .hf_format import hf_to_meta
+        from .hf import hf_to_meta
 
         state = hf_to_meta(state)
     return convert_meta(state)
@@ -258,7 +258,7 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
     and the small prompt encoder and mask decoder stay in float32.
     """
-    from .sam import Sam
+    from ..modeling.sam import Sam
 
     try:
         model = Sam(config)

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import PromptDecoderConfig
+from ..config import PromptDecoderConfig
 from .coordinate_encoder import CoordinateEncoder
-from .layers import gelu, layer_norm_2d
-from .token_bands import across_rows
+from ..ops.layers import gelu, layer_norm_2d
+from ..ops.bands import across_rows
 
 BACKGROUND, FOREGROUND, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 0, 1, 2, 3
 PADDING_LABEL = -1

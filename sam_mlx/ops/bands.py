@@ -28,7 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import _blas
+from . import blas as _blas
 from .layers import on_cpu
 
 # Measured on 2 cores only (2 bands: a prompt's decode ~34 -> ~27 ms, a ViT-B encoding ~11 -> ~8.7 s);

@@ -14,10 +14,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import PromptDecoderConfig
-from .layers import MLP, gelu, layer_norm_2d, on_cpu
+from ..config import PromptDecoderConfig
+from ..ops.layers import MLP, gelu, layer_norm_2d, on_cpu
 from .prompt_encoder import MaskHint
-from .token_bands import band_count, per_band, row_bands, top_left_bands
+from ..ops.bands import band_count, per_band, row_bands, top_left_bands
 from .two_way_transformer import ImageSide, TwoWayTransformer
 
 

@@ -15,11 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention import attention
-from .config import ViTConfig
-from .layers import LayerNorm, gelu, layer_norm_2d
-from .resize import linear_resize_matrix
-from .token_bands import across_rows
+from ..ops.attention import attention
+from ..config import ViTConfig
+from ..ops.layers import LayerNorm, gelu, layer_norm_2d
+from ..fast.masks import linear_resize_matrix
+from ..ops.bands import across_rows
 
 
 def relative_position_table(table: mx.array, size: int, frame: int) -> mx.array:
