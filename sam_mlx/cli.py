@@ -18,16 +18,19 @@ from pathlib import Path
 
 import sam_mlx  # before mlx: loads OpenBLAS first
 
+# isort: split
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoints.load import atomic_write, load_checkpoint, save_model  # noqa: E402
-from .checkpoints.hub import HubError, default_cache_dir  # noqa: E402
-from .io.images import load_image  # noqa: E402
-from .io.tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
 from .amg.mask_utils import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, rle_to_mask  # noqa: E402
+from .checkpoints.hub import HubError, default_cache_dir  # noqa: E402
+from .checkpoints.load import load_checkpoint, save_model  # noqa: E402
+from .io.atomic import atomic_write  # noqa: E402
+from .io.images import load_image  # noqa: E402
 from .io.overlay import draw_overlay  # noqa: E402
+from .io.tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
@@ -277,11 +280,9 @@ class _ProgressBar:
 
 
 def cmd_everything(args: argparse.Namespace) -> None:
-    from .amg.automatic_mask_generator import SamAutomaticMaskGenerator
-
     images = _expand_images([args.images])
     model = _load_model(args)
-    generator = SamAutomaticMaskGenerator(
+    generator = sam_mlx.SamAutomaticMaskGenerator(
         model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
         crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
@@ -310,8 +311,8 @@ def cmd_everything(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from mlx.utils import tree_flatten
 
-    from .ops.blas import blas_description
     from .ops.bands import band_count
+    from .ops.blas import blas_description
 
     print(f"sam_mlx {sam_mlx.__version__}")
     print(f"mlx {mx.__version__} (default device: {mx.default_device()})")
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     enc = commands.add_parser("encode", parents=[debug, model], help="save an image's tokens for later prompting",
                               description="Run the image encoder once and save the image tokens (safetensors) "
-                              "for `sam-mlx segment --tokens` or sam_mlx.image_tokens.load_image_tokens.")
+                              "for `sam-mlx segment --tokens` or sam_mlx.load_image_tokens.")
     enc.add_argument("image", metavar="IMAGE")
     enc.add_argument("--out", required=True, metavar="FILE", help="tokens file to write (.safetensors)")
     enc.set_defaults(func=cmd_encode)

@@ -153,7 +153,9 @@ def worker_prompts(args) -> dict:
     if args.worker == "prompts-mlx":
         import sam_mlx  # first: it loads OpenBLAS before mlx
 
+        # isort: split
         import mlx.core as mx
+
         from sam_mlx.transforms import image_geometry
 
         predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
@@ -178,7 +180,7 @@ def worker_prompts(args) -> dict:
         options["prompt_hint_s"] = {"mask_input": low_res[[np.argmax(scores)]], "multimask_output": False}
         for key, kwargs in options.items():
             predictor.predict(coords, labels, **kwargs)  # warm-up
-            result[key] = timed(lambda: predictor.predict(coords, labels, **kwargs), 12)
+            result[key] = timed(lambda kwargs=kwargs: predictor.predict(coords, labels, **kwargs), 12)
     return result
 
 
@@ -191,7 +193,7 @@ def _rgb(path: Path):
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def _torch_sam(args, decoder_only: bool = False) -> "torch.nn.Module":
+def _torch_sam(args, decoder_only: bool = False) -> torch.nn.Module:
     """Meta's Sam with the checkpoint's weights. With ``decoder_only`` (always for MobileSAM) only its prompt
     encoder and mask decoder are loaded, and its image encoder returns sam_mlx's saved embedding."""
     import numpy as np

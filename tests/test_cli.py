@@ -17,16 +17,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM
 from mlx.utils import tree_flatten
 from PIL import Image
 
 import sam_mlx
+from helpers import IMAGES, MOBILE_SAM
 from sam_mlx import cli
+from sam_mlx.amg.mask_utils import coco_decode_rle
 from sam_mlx.checkpoints import load as checkpoint
 from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.io.tokens import read_image_tokens
-from sam_mlx.amg.mask_utils import coco_decode_rle
 from sam_mlx.ops.bands import band_count
 
 MODEL = str(MOBILE_SAM)

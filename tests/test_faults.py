@@ -19,14 +19,15 @@ from pathlib import Path
 
 import sam_mlx  # first: loads OpenBLAS before mlx
 
+# isort: split
 import huggingface_hub  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from reference import build_reference_sam  # noqa: E402
 
+from reference import build_reference_sam  # noqa: E402
 from sam_mlx.checkpoints import hub  # noqa: E402
 from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint  # noqa: E402
 from sam_mlx.io.tokens import ImageTokensError, read_image_tokens  # noqa: E402

@@ -11,14 +11,17 @@ and then between crops. Options, filters and output records are those of Meta's
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
-from . import mask_utils as mu
+from ..fast import EncodedImage, FastSam
 from ..io.images import as_rgb_array
-from ..predictor import MASK_THRESHOLD, SamPredictor
 from ..modeling.sam import Sam
+from ..transforms import MASK_THRESHOLD, checked_size, image_geometry
+from . import mask_utils as mu
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 ProgressCallback = Callable[[int, int], None]
@@ -42,7 +45,7 @@ class SamAutomaticMaskGenerator:
     ``crop_n_points_downscale_factor**i`` times fewer points a side;
     ``min_mask_region_area`` > 0 fills holes and drops islands smaller than that;
     ``output_mode`` is ``"binary_mask"``, ``"uncompressed_rle"`` or ``"coco_rle"``.
-    ``sizing``/``size`` are passed to the ``SamPredictor``.
+    ``sizing``/``size`` are those of ``SamPredictor``. SAM runs through the fast path (``FastSam``).
     """
 
     def __init__(
@@ -79,7 +82,8 @@ class SamAutomaticMaskGenerator:
             if len(grids) < crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 for g in grids):
                 raise ValueError(f"point_grids must hold one N x 2 array per crop layer ({crop_n_layers + 1})")
         self.point_grids = grids
-        self.predictor = SamPredictor(model, sizing=sizing, size=size)
+        self.sizing, self.size = sizing, checked_size(sizing, model.config.image_size if size is None else size)
+        self._sam = FastSam(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -144,14 +148,13 @@ class SamAutomaticMaskGenerator:
     ) -> mu.MaskData:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1]
-        self.predictor.set_image(crop)
+        encoded = self._sam.encode_image(crop, image_geometry(crop.shape[:2], self.sizing, self.size))
         points = self.point_grids[layer] * np.array(crop.shape[:2])[None, ::-1]
 
         data = mu.MaskData()
         for (batch,) in mu.batch_iterator(self.points_per_batch, points):
-            data.cat(self._process_batch(batch, crop_box, orig_size))
+            data.cat(self._process_batch(encoded, batch, crop_box, orig_size))
             tick(len(batch))
-        self.predictor.reset_image()
 
         keep = mu.batched_box_nms(
             data["boxes"].astype(np.float32), data["iou_preds"], np.zeros(len(data["rles"])), self.box_nms_thresh
@@ -163,13 +166,12 @@ class SamAutomaticMaskGenerator:
         return data
 
     def _process_batch(
-        self, points: np.ndarray, crop_box: list[int], orig_size: tuple[int, int]
+        self, image: EncodedImage, points: np.ndarray, crop_box: list[int], orig_size: tuple[int, int]
     ) -> mu.MaskData:
         """Decode one batch of grid points (crop pixels) and keep the good, whole masks."""
-        predictor = self.predictor
-        crop_size = predictor.original_size
-        prompts = predictor.prepare_prompts(points[:, None, :], np.ones((len(points), 1), np.int32), None, None)
-        low_res, iou = predictor.decode_numpy(*prompts, multimask_output=True, full_grid=False)  # the tokens read
+        crop_size = image.geometry.original_size
+        prompts = (mx.array(image.geometry.to_input_coords(points[:, None, :])), mx.ones((len(points), 1), mx.int32))
+        low_res, iou = self._sam.decode(image, prompts, None, None, multimask_output=True, read_grid_only=True)
         low_res = low_res.reshape(-1, *low_res.shape[-2:])  # (points x 3) masks, point-major
         iou = iou.reshape(-1)
         points = np.repeat(points, len(iou) // len(points), axis=0)
@@ -180,7 +182,7 @@ class SamAutomaticMaskGenerator:
         step = max(1, _UPSCALE_PIXELS // (crop_size[0] * crop_size[1]))
         for start in range(0, len(keep), step):
             chunk = keep[start : start + step]
-            score, binary = self._stability_and_masks(low_res[chunk])
+            score, binary = self._stability_and_masks(image, low_res[chunk])
             if self.stability_score_thresh > 0.0:
                 stable = score >= self.stability_score_thresh
                 chunk, score, binary = chunk[stable], score[stable], binary[stable]
@@ -197,15 +199,15 @@ class SamAutomaticMaskGenerator:
         data["rles"] = [mu.mask_to_rle(mu.uncrop_masks(m[None], crop_box, *orig_size))[0] for m in masks[inside]]
         return data
 
-    def _stability_and_masks(self, low_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _stability_and_masks(self, image: EncodedImage, low_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K low-res logits -> (stability scores K float32, binary masks K x H x W at the crop size).
 
         The masks at the three thresholds are the original's upscaled logits compared with
-        each (``predictor.masks_above``); the pixel counts are exact.
+        each (``FastSam.masks_above``); the pixel counts are exact.
         """
         offset = self.stability_score_offset
-        inner, masks, outer = self.predictor.masks_above(
-            low_res, (MASK_THRESHOLD + offset, MASK_THRESHOLD, MASK_THRESHOLD - offset)
+        inner, masks, outer = self._sam.masks_above(
+            image, low_res, (MASK_THRESHOLD + offset, MASK_THRESHOLD, MASK_THRESHOLD - offset)
         )
         return mu.stability_score_of_masks(inner, outer), masks
 

@@ -23,9 +23,10 @@ Coordinates are ``(x, y)``; boxes are ``XYXY`` unless a name says otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator, ItemsView, Sequence
 from copy import deepcopy
 from itertools import product
-from typing import Any, Dict, Generator, ItemsView, List, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ __all__ = [
     "uncrop_points",
 ]
 
-RLE = Dict[str, Any]
+RLE = dict[str, Any]
 
 
 # --------------------------------------------------------------------------- #
@@ -77,7 +78,7 @@ class MaskData:
     def __init__(self, **kwargs: Any) -> None:
         for key, value in kwargs.items():
             self._check(key, value)
-        self._stats: Dict[str, Any] = dict(kwargs)
+        self._stats: dict[str, Any] = dict(kwargs)
 
     @staticmethod
     def _check(key: str, value: Any) -> None:
@@ -100,7 +101,7 @@ class MaskData:
     def items(self) -> ItemsView[str, Any]:
         return self._stats.items()
 
-    def filter(self, keep: Union[np.ndarray, Sequence[int], Sequence[bool]]) -> None:
+    def filter(self, keep: np.ndarray | Sequence[int] | Sequence[bool]) -> None:
         """Keep the given entries: ``keep`` is a bool mask (N,) or integer indices (K,)."""
         keep = np.asarray(keep)
         if keep.dtype == bool:
@@ -115,7 +116,7 @@ class MaskData:
             else:
                 self._stats[key] = [value[i] for i in idx.tolist()]
 
-    def cat(self, new_stats: "MaskData") -> None:
+    def cat(self, new_stats: MaskData) -> None:
         """Append the entries of ``new_stats`` (keys missing here are copied)."""
         for key, value in new_stats.items():
             mine = self._stats.get(key)
@@ -129,7 +130,7 @@ class MaskData:
                 raise TypeError(f"MaskData key {key!r} has an unsupported type {type(value)}.")
 
 
-def batch_iterator(batch_size: int, *args: Sequence[Any]) -> Generator[List[Any], None, None]:
+def batch_iterator(batch_size: int, *args: Sequence[Any]) -> Generator[list[Any], None, None]:
     """Yield ``[a[i:i+batch_size] for a in args]`` over equally long sequences."""
     if not args or any(len(a) != len(args[0]) for a in args):
         raise ValueError("batch_iterator needs one or more sequences of the same length.")
@@ -154,7 +155,7 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[np.ndarray]:
     """One grid per crop layer ``0..n_layers``; layer ``i`` has ``int(n / scale**i)`` points a side.
 
     Returns a list of ``n_layers + 1`` arrays of shape ``(k_i*k_i, 2)``.
@@ -165,8 +166,8 @@ def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer:
 
 
 def generate_crop_boxes(
-    im_size: Tuple[int, ...], n_layers: int, overlap_ratio: float
-) -> Tuple[List[List[int]], List[int]]:
+    im_size: tuple[int, ...], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
     """Crop boxes for the full image and ``n_layers`` zoomed layers.
 
     ``im_size`` is ``(h, w)``.  Layer ``i >= 1`` tiles the image with
@@ -176,8 +177,8 @@ def generate_crop_boxes(
     """
     im_h, im_w = im_size
     short_side = min(im_h, im_w)
-    boxes: List[List[int]] = [[0, 0, im_w, im_h]]
-    layers: List[int] = [0]
+    boxes: list[list[int]] = [[0, 0, im_w, im_h]]
+    layers: list[int] = [0]
 
     for layer in range(1, n_layers + 1):
         n_side = 2**layer
@@ -380,7 +381,7 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.n
     zero = boxes.dtype.type(0)
     thr = float(iou_threshold)
 
-    keep: List[int] = []
+    keep: list[int] = []
     alive = np.arange(order.shape[0])  # positions (in visiting order) not yet suppressed
     while alive.shape[0]:
         i = alive[0]
@@ -435,7 +436,7 @@ def batched_box_nms(
 # --------------------------------------------------------------------------- #
 
 
-def mask_to_rle(masks: np.ndarray) -> List[RLE]:
+def mask_to_rle(masks: np.ndarray) -> list[RLE]:
     """Encode masks ``(N, H, W)`` as COCO uncompressed RLEs.
 
     Each RLE is ``{"size": [H, W], "counts": [...]}``: alternating run lengths
@@ -448,7 +449,7 @@ def mask_to_rle(masks: np.ndarray) -> List[RLE]:
         raise ValueError("mask_to_rle expects masks of shape (N, H, W).")
     n, h, w = masks.shape
     total = h * w
-    out: List[RLE] = []
+    out: list[RLE] = []
     for k in range(n):
         flat = np.ravel(masks[k].astype(bool, copy=False), order="F")
         if total == 0:
@@ -494,7 +495,7 @@ def rle_to_coco_string(counts: Sequence[int]) -> str:
     follow" and bit 0x10 of the last group is the sign.
     """
     vals = [int(c) for c in counts]
-    chars: List[str] = []
+    chars: list[str] = []
     for i, value in enumerate(vals):
         x = value - vals[i - 2] if i > 2 else value
         while True:
@@ -507,7 +508,7 @@ def rle_to_coco_string(counts: Sequence[int]) -> str:
     return "".join(chars)
 
 
-def coco_string_to_counts(s: Union[str, bytes]) -> List[int]:
+def coco_string_to_counts(s: str | bytes) -> list[int]:
     """Inverse of :func:`rle_to_coco_string` (pycocotools ``rleFrString``).
 
     Raises ValueError on characters outside ``'0'..'o'``, on a truncated last
@@ -515,7 +516,7 @@ def coco_string_to_counts(s: Union[str, bytes]) -> List[int]:
     """
     if isinstance(s, (bytes, bytearray)):
         s = s.decode("ascii")
-    counts: List[int] = []
+    counts: list[int] = []
     x = shift = 0
     for ch in s:
         code = ord(ch) - 48
@@ -566,7 +567,7 @@ def coco_rle_area(rle: RLE) -> int:
 # --------------------------------------------------------------------------- #
 
 
-def _row_runs(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _row_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Horizontal runs of True in a bool ``(H, W)`` mask, in raster order.
 
     Returns ``(row, start, end)`` int64 arrays (``end`` exclusive).
@@ -618,7 +619,7 @@ def _run_components(row: np.ndarray, start: np.ndarray, end: np.ndarray, width: 
     return parent
 
 
-def connected_components(mask: np.ndarray) -> Tuple[int, np.ndarray]:
+def connected_components(mask: np.ndarray) -> tuple[int, np.ndarray]:
     """8-connected components of a bool mask ``(H, W)``.
 
     Returns ``(n, labels)``: labels int32 ``(H, W)``, 0 for background and
@@ -651,7 +652,7 @@ def _paint_runs(h: int, w: int, row: np.ndarray, start: np.ndarray, end: np.ndar
     return np.ascontiguousarray(painted.reshape(h, stride)[:, :w])
 
 
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> Tuple[np.ndarray, bool]:
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
     """Fill small holes or drop small islands of a bool mask ``(H, W)`` (amg.remove_small_regions).
 
     Regions are 8-connected components (of ``~mask`` for ``mode="holes"``,

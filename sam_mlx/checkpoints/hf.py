@@ -15,54 +15,60 @@ and stores the coordinate encoder's Gaussian matrix 2 x 128 exactly as Meta does
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from .torch_pickle import CheckpointError
+from .errors import CheckpointError, few
+from .names import NameTable
 
 _TIED_PE = "prompt_encoder.shared_embedding.positional_embedding"
 
-# transformers name (full match) -> Meta name; first match wins. MLP renumbering is done after.
-_RENAMES: list[tuple[str, str]] = [
-    (r"shared_image_embedding\.positional_embedding", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
-    (r"vision_encoder\.pos_embed", "image_encoder.pos_embed"),
-    (r"vision_encoder\.patch_embed\.projection\.(weight|bias)", r"image_encoder.patch_embed.proj.\1"),
-    (r"vision_encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"image_encoder.blocks.\1.norm\2.\3"),
-    (r"vision_encoder\.layers\.(\d+)\.attn\.(rel_pos_[hw]|(?:qkv|proj)\.(?:weight|bias))",
-     r"image_encoder.blocks.\1.attn.\2"),
-    (r"vision_encoder\.layers\.(\d+)\.mlp\.(lin[12]\.(?:weight|bias))", r"image_encoder.blocks.\1.mlp.\2"),
-    (r"vision_encoder\.neck\.conv1\.weight", "image_encoder.neck.0.weight"),
-    (r"vision_encoder\.neck\.layer_norm1\.(weight|bias)", r"image_encoder.neck.1.\1"),
-    (r"vision_encoder\.neck\.conv2\.weight", "image_encoder.neck.2.weight"),
-    (r"vision_encoder\.neck\.layer_norm2\.(weight|bias)", r"image_encoder.neck.3.\1"),
-    (r"prompt_encoder\.point_embed\.(\d+)\.weight", r"prompt_encoder.point_embeddings.\1.weight"),
-    (r"prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight", r"prompt_encoder.\1.weight"),
-    (r"prompt_encoder\.mask_embed\.conv1\.(weight|bias)", r"prompt_encoder.mask_downscaling.0.\1"),
-    (r"prompt_encoder\.mask_embed\.layer_norm1\.(weight|bias)", r"prompt_encoder.mask_downscaling.1.\1"),
-    (r"prompt_encoder\.mask_embed\.conv2\.(weight|bias)", r"prompt_encoder.mask_downscaling.3.\1"),
-    (r"prompt_encoder\.mask_embed\.layer_norm2\.(weight|bias)", r"prompt_encoder.mask_downscaling.4.\1"),
-    (r"prompt_encoder\.mask_embed\.conv3\.(weight|bias)", r"prompt_encoder.mask_downscaling.6.\1"),
-    (r"mask_decoder\.(iou_token|mask_tokens)\.weight", r"mask_decoder.\1.weight"),
-    (
-        r"mask_decoder\.transformer\.(layers\.\d+\.(?:self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
-        r"|final_attn_token_to_image)\.((?:q|k|v|out)_proj\.(?:weight|bias))",
-        r"mask_decoder.transformer.\1.\2",
-    ),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.layer_norm([1-4])\.(weight|bias)",
-     r"mask_decoder.transformer.layers.\1.norm\2.\3"),
-    (r"mask_decoder\.transformer\.layers\.(\d+)\.mlp\.(lin[12]\.(?:weight|bias))",
-     r"mask_decoder.transformer.layers.\1.mlp.\2"),
-    (r"mask_decoder\.transformer\.layer_norm_final_attn\.(weight|bias)",
-     r"mask_decoder.transformer.norm_final_attn.\1"),
-    (r"mask_decoder\.upscale_conv1\.(weight|bias)", r"mask_decoder.output_upscaling.0.\1"),
-    (r"mask_decoder\.upscale_layer_norm\.(weight|bias)", r"mask_decoder.output_upscaling.1.\1"),
-    (r"mask_decoder\.upscale_conv2\.(weight|bias)", r"mask_decoder.output_upscaling.3.\1"),
-    # Left in transformers' MLP naming here; renumbered below once each MLP's depth is known.
-    (r"mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.((?:proj_in|proj_out|layers\.\d+)\."
-     r"(?:weight|bias))", r"mask_decoder.\1.\2"),
-]
-_RENAMES_RE = [(re.compile(p), r) for p, r in _RENAMES]
+# transformers name -> Meta name. Each MLP's layers are renumbered after (``{mlp}``: proj_in, layers.i, proj_out).
+HF_NAMES = NameTable([
+    # image encoder
+    ("vision_encoder.patch_embed.projection.{p}", "image_encoder.patch_embed.proj.{p}"),
+    ("vision_encoder.pos_embed", "image_encoder.pos_embed"),
+    ("vision_encoder.layers.{i}.layer_norm1.{p}", "image_encoder.blocks.{i}.norm1.{p}"),
+    ("vision_encoder.layers.{i}.attn.qkv.{p}", "image_encoder.blocks.{i}.attn.qkv.{p}"),
+    ("vision_encoder.layers.{i}.attn.proj.{p}", "image_encoder.blocks.{i}.attn.proj.{p}"),
+    ("vision_encoder.layers.{i}.attn.rel_pos_h", "image_encoder.blocks.{i}.attn.rel_pos_h"),
+    ("vision_encoder.layers.{i}.attn.rel_pos_w", "image_encoder.blocks.{i}.attn.rel_pos_w"),
+    ("vision_encoder.layers.{i}.layer_norm2.{p}", "image_encoder.blocks.{i}.norm2.{p}"),
+    ("vision_encoder.layers.{i}.mlp.lin1.{p}", "image_encoder.blocks.{i}.mlp.lin1.{p}"),
+    ("vision_encoder.layers.{i}.mlp.lin2.{p}", "image_encoder.blocks.{i}.mlp.lin2.{p}"),
+    ("vision_encoder.neck.conv1.weight", "image_encoder.neck.0.weight"),
+    ("vision_encoder.neck.layer_norm1.{p}", "image_encoder.neck.1.{p}"),
+    ("vision_encoder.neck.conv2.weight", "image_encoder.neck.2.weight"),
+    ("vision_encoder.neck.layer_norm2.{p}", "image_encoder.neck.3.{p}"),
+    # coordinate encoder, prompt encoder
+    ("shared_image_embedding.positional_embedding", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    ("prompt_encoder.point_embed.{i}.weight", "prompt_encoder.point_embeddings.{i}.weight"),
+    ("prompt_encoder.not_a_point_embed.weight", "prompt_encoder.not_a_point_embed.weight"),
+    ("prompt_encoder.no_mask_embed.weight", "prompt_encoder.no_mask_embed.weight"),
+    ("prompt_encoder.mask_embed.conv1.{p}", "prompt_encoder.mask_downscaling.0.{p}"),
+    ("prompt_encoder.mask_embed.layer_norm1.{p}", "prompt_encoder.mask_downscaling.1.{p}"),
+    ("prompt_encoder.mask_embed.conv2.{p}", "prompt_encoder.mask_downscaling.3.{p}"),
+    ("prompt_encoder.mask_embed.layer_norm2.{p}", "prompt_encoder.mask_downscaling.4.{p}"),
+    ("prompt_encoder.mask_embed.conv3.{p}", "prompt_encoder.mask_downscaling.6.{p}"),
+    # mask decoder
+    ("mask_decoder.iou_token.weight", "mask_decoder.iou_token.weight"),
+    ("mask_decoder.mask_tokens.weight", "mask_decoder.mask_tokens.weight"),
+    *[(f"mask_decoder.transformer.layers.{{i}}.{attention}.{{proj}}.{{p}}",
+       f"mask_decoder.transformer.layers.{{i}}.{attention}.{{proj}}.{{p}}")
+      for attention in ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")],
+    ("mask_decoder.transformer.layers.{i}.layer_norm{n}.{p}", "mask_decoder.transformer.layers.{i}.norm{n}.{p}"),
+    ("mask_decoder.transformer.layers.{i}.mlp.lin1.{p}", "mask_decoder.transformer.layers.{i}.mlp.lin1.{p}"),
+    ("mask_decoder.transformer.layers.{i}.mlp.lin2.{p}", "mask_decoder.transformer.layers.{i}.mlp.lin2.{p}"),
+    ("mask_decoder.transformer.final_attn_token_to_image.{proj}.{p}",
+     "mask_decoder.transformer.final_attn_token_to_image.{proj}.{p}"),
+    ("mask_decoder.transformer.layer_norm_final_attn.{p}", "mask_decoder.transformer.norm_final_attn.{p}"),
+    ("mask_decoder.upscale_conv1.{p}", "mask_decoder.output_upscaling.0.{p}"),
+    ("mask_decoder.upscale_layer_norm.{p}", "mask_decoder.output_upscaling.1.{p}"),
+    ("mask_decoder.upscale_conv2.{p}", "mask_decoder.output_upscaling.3.{p}"),
+    ("mask_decoder.output_hypernetworks_mlps.{i}.{mlp}.{p}", "mask_decoder.output_hypernetworks_mlps.{i}.{mlp}.{p}"),
+    ("mask_decoder.iou_prediction_head.{mlp}.{p}", "mask_decoder.iou_prediction_head.{mlp}.{p}"),
+])
 _MLP = re.compile(
     r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\."
 )
@@ -106,10 +112,6 @@ _GROUPS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
 def _check_complete(state: Mapping[str, np.ndarray], keys: set[str]) -> None:
     missing = [k for k in _REQUIRED if k not in keys]
     # One hypernetwork MLP per mask token.
@@ -124,26 +126,19 @@ def _check_complete(state: Mapping[str, np.ndarray], keys: set[str]) -> None:
         for i in range(max(max(by_index, default=0) + 1, least.get(prefix, 0))):
             missing += [f"{prefix}.{i}.{s}" for s in sorted(needed - by_index.get(i, set()))]
     if missing:
-        raise CheckpointError(f"Hugging Face SAM checkpoint: missing key(s) {_few(missing)}")
+        raise CheckpointError(f"Hugging Face SAM checkpoint: missing key(s) {few(missing)}")
 
 
 def hf_to_meta(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """transformers SamModel state dict (the `model.safetensors` of facebook/sam-vit-{base,large,huge}) -> Meta names.
 
-    Raise sam_mlx.torch_pickle.CheckpointError naming the key for anything unmapped or missing.
+    Raise CheckpointError naming the key for anything unmapped or missing.
     """
     keys = set(state) - {_TIED_PE}
-    unmapped = []
-    renamed: dict[str, str] = {}
-    for key in sorted(keys):
-        for pattern, replacement in _RENAMES_RE:
-            if pattern.fullmatch(key):
-                renamed[key] = pattern.sub(replacement, key)
-                break
-        else:
-            unmapped.append(key)
+    renamed = {key: HF_NAMES.ours(key) for key in sorted(keys)}
+    unmapped = [key for key, name in renamed.items() if name is None]
     if unmapped:
-        raise CheckpointError(f"Hugging Face SAM checkpoint: unexpected key(s) {_few(unmapped)}")
+        raise CheckpointError(f"Hugging Face SAM checkpoint: unexpected key(s) {few(unmapped)}")
     _check_complete(state, keys)
 
     # transformers MLP (proj_in, layers.0..k-1, proj_out) -> Meta MLP (layers.0..k+1).

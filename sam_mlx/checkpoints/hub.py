@@ -9,9 +9,10 @@ result cached, so later loads read a ready file with no conversion and no networ
   <cache>/downloads/<owner>--<name>/                         where to drop a manually downloaded
                                                              Hub file on an offline machine
 
-``<code>`` hashes sam_mlx's own source, so a conversion made by other code (another
-release, or a converter being edited) is never reused; writing a new conversion
-deletes the stale ones beside it.
+``<code>`` hashes sam_mlx's own source (every module of every sub-package), so a conversion
+made by other code (another release, or a converter being edited) is never reused, and a
+cached file of another format version is converted again; writing a new conversion deletes
+the stale ones beside it.
 
 ``<cache>`` is the ``cache_dir`` argument, else ``$SAM_MLX_CACHE``, else ``$HF_HOME/sam_mlx``.
 Downloads go through ``huggingface_hub.hf_hub_download`` (its own progress bars and its
@@ -27,7 +28,8 @@ import re
 import warnings
 from pathlib import Path
 
-from .load import DTYPES, load_checkpoint, remove_abandoned_temporaries, save_model
+from ..io.atomic import remove_abandoned_temporaries
+from .load import DTYPES, FORMAT_VERSION, load_checkpoint, save_model
 
 #: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights.
 MODEL_NAMES: dict[str, tuple[str, str]] = {
@@ -117,15 +119,22 @@ def _pick_checkpoint(files: list[str], where: str) -> str:
     raise HubError(f"{where} has no checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)} file); it has {shown}")
 
 
-def _is_sam_mlx_file(path: Path) -> bool:
-    """True for a safetensors file written by ``save_model`` (only its header is read)."""
+def _sam_mlx_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata of a safetensors file written by ``save_model``, else None (only its header is read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return "sam_mlx_config" in (f.metadata() or {})
+            metadata = f.metadata() or {}
     except Exception:  # not safetensors at all: conversion will report what it is
-        return False
+        return None
+    return metadata if "sam_mlx_config" in metadata else None
+
+
+def _is_current_conversion(path: Path) -> bool:
+    """A cached conversion this sam_mlx can load as it is."""
+    metadata = _sam_mlx_metadata(path) if path.is_file() else None
+    return metadata is not None and metadata.get("format_version") == FORMAT_VERSION
 
 
 def _hash(text: str, digits: int = 16) -> str:
@@ -134,21 +143,22 @@ def _hash(text: str, digits: int = 16) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of sam_mlx's Python source: part of every cache key (read once per process)."""
+    """Hash of sam_mlx's Python source, every sub-package's too: part of every cache key (read once per process)."""
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def _convert_local(path: Path, cache: Path) -> Path:
     """Convert a local foreign checkpoint once; the cache key changes whenever the file or sam_mlx does."""
-    if _is_sam_mlx_file(path):
+    if _sam_mlx_metadata(path) is not None:
         return path
     resolved, stat = path.resolve(), path.stat()
     folder = cache / "local" / f"{path.stem}-{_hash(str(resolved), 12)}"
     target = folder / f"{_hash(f'{stat.st_size}:{stat.st_mtime_ns}:{code_version()}')}.safetensors"
-    if target.is_file():
+    if _is_current_conversion(target):
         return target
     return _convert(path, target, source=str(resolved))
 
@@ -194,7 +204,7 @@ def _from_hub(repo: str, filename: str | None, cache: Path, explicit_file: bool)
     """Cached conversion of a Hub checkpoint, else find it (local copies first), download and convert."""
     folder = cache / "hub" / (f"{_slug(repo)}--{_slug(filename)}" if explicit_file else _slug(repo))
     target = folder / f"{code_version()}.safetensors"
-    if target.is_file():
+    if _is_current_conversion(target):
         return target
     source = _manual_download(repo, filename, cache) or _download(repo, filename, cache)
     return _convert(source, target, source=f"hf://{repo}/{source.name}")

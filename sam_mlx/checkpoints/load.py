@@ -1,60 +1,33 @@
-"""Checkpoints: read Meta / Hugging Face / sam_mlx files, infer the config, convert, save.
+"""Checkpoints: read Meta / Hugging Face / sam_mlx files, convert, build the model, save.
 
-Every format is first brought to Meta's original key names (the lingua franca of SAM
-checkpoints), then mapped to sam_mlx's module names with conv kernels moved to MLX's
-channels-last layout. sam_mlx's own files are plain safetensors whose metadata holds
-the config (JSON) and the source they were converted from.
+Every foreign format is first brought to Meta's original key names (the lingua franca of SAM
+checkpoints, ``hf``), then to sam_mlx's parameters (``meta``). sam_mlx's own files are plain
+safetensors of those parameters, whose metadata holds the config (JSON), the format version and
+the source they were converted from.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import PromptDecoderConfig, SamConfig, ViTConfig
-from ..ops.layers import on_cpu
-from .torch_pickle import CheckpointError, read_torch_checkpoint
+from ..config import SamConfig
+from ..io.atomic import atomic_write
+from ..modeling.sam import Sam
+from ..ops import backend
+from .errors import CheckpointError, few
+from .meta import convert_meta
+from .torch_pickle import read_torch_checkpoint
 
-FORMAT_VERSION = "1"
+# 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
+# encoder in the mask decoder, mask generator, IoU MLP); version 1's files are refused, not renamed.
+FORMAT_VERSION = "2"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-# Meta name pattern -> sam_mlx name (applied to the names of the prompt encoder and mask decoder,
-# and of the ViT encoder); the TinyViT encoder has its own converter.
-_RENAMES: list[tuple[str, str]] = [
-    (r"^image_encoder\.patch_embed\.proj\.", "image_encoder.patch_embed."),
-    (r"^image_encoder\.neck\.0\.", "image_encoder.neck.conv1."),
-    (r"^image_encoder\.neck\.1\.", "image_encoder.neck.norm1."),
-    (r"^image_encoder\.neck\.2\.", "image_encoder.neck.conv2."),
-    (r"^image_encoder\.neck\.3\.", "image_encoder.neck.norm2."),
-    (r"^prompt_encoder\.pe_layer\.", "prompt_encoder.coordinate_encoder."),
-    (r"^prompt_encoder\.not_a_point_embed\.weight$", "prompt_encoder.not_a_point_embed"),
-    (r"^prompt_encoder\.no_mask_embed\.weight$", "prompt_encoder.no_mask_embed"),
-    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_hint_encoder.conv1."),
-    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_hint_encoder.norm1."),
-    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_hint_encoder.conv2."),
-    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_hint_encoder.norm2."),
-    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_hint_encoder.conv3."),
-    (r"^mask_decoder\.iou_token\.weight$", "mask_decoder.iou_token"),
-    (r"^mask_decoder\.mask_tokens\.weight$", "mask_decoder.mask_tokens"),
-    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscaler.conv1."),
-    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscaler.norm."),
-    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscaler.conv2."),
-    (r"^mask_decoder\.output_hypernetworks_mlps\.", "mask_decoder.hypernetworks."),
-    (r"^mask_decoder\.iou_prediction_head\.", "mask_decoder.iou_head."),
-]
-_CONV = re.compile(
-    r"^(image_encoder\.patch_embed|image_encoder\.neck\.conv\d|prompt_encoder\.mask_hint_encoder\.conv\d)\.weight$"
-)
-_CONV_TRANSPOSE = re.compile(r"^mask_decoder\.upscaler\.conv\d\.weight$")
-_POINT_EMBEDDING = re.compile(r"^prompt_encoder\.point_embeddings\.(\d)\.weight$")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -99,114 +72,6 @@ def detect_format(state: Mapping[str, object]) -> str:
     )
 
 
-def checked_shape(state: Mapping[str, np.ndarray], key: str, ndim: int, expected: str) -> tuple[int, ...]:
-    """The shape of ``state[key]``: it must exist and have ``ndim`` non-zero dimensions, described by ``expected``."""
-    if key not in state:
-        raise CheckpointError(f"missing key {key!r}")
-    shape = tuple(state[key].shape)
-    if len(shape) != ndim or not all(shape):
-        raise CheckpointError(f"{key} has shape {shape}, expected {expected}")
-    return shape
-
-
-def infer_vit_config(state: Mapping[str, np.ndarray]) -> ViTConfig:
-    """Infer a ViT encoder config from Meta-format ``image_encoder.*`` weights."""
-    embed_dim, _, patch_size, _ = checked_shape(state, "image_encoder.patch_embed.proj.weight", 4,
-                                                "embed_dim x 3 x patch x patch")
-    pos = checked_shape(state, "image_encoder.pos_embed", 4, f"1 x g x g x {embed_dim}")
-    if pos[3] != embed_dim:
-        raise CheckpointError(f"image_encoder.pos_embed has shape {pos}, expected 1 x g x g x {embed_dim}")
-    depth = len({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))})
-    if depth == 0:
-        raise CheckpointError("no image_encoder.blocks.* keys")
-    if "image_encoder.blocks.0.attn.rel_pos_h" not in state:
-        raise CheckpointError("image encoder without relative position tables is not a SAM v1 encoder")
-    grid = pos[1]
-    global_blocks, window = [], 0
-    for i in range(depth):  # a table spanning the whole grid marks a global-attention block
-        rows, head_dim = checked_shape(state, f"image_encoder.blocks.{i}.attn.rel_pos_h", 2,
-                                       "(2 x window - 1) x head_dim")
-        size = (rows + 1) // 2
-        if size == grid:
-            global_blocks.append(i)
-        else:
-            window = size
-    return ViTConfig(
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=embed_dim // head_dim,
-        global_attention_blocks=tuple(global_blocks),
-        window_size=window,
-        patch_size=patch_size,
-        pretrain_grid=grid,
-        mlp_dim=checked_shape(state, "image_encoder.blocks.0.mlp.lin1.weight", 2, "mlp_dim x embed_dim")[0],
-        out_chans=checked_shape(state, "image_encoder.neck.0.weight", 4, "out_chans x embed_dim x 1 x 1")[0],
-        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
-        use_rel_pos=True,
-    )
-
-
-def infer_decoder_config(state: Mapping[str, np.ndarray]) -> PromptDecoderConfig:
-    """Infer the prompt encoder / mask decoder config from Meta-format weights."""
-    # The head count is not visible in the weights; every SAM v1 decoder uses 8.
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
-    return PromptDecoderConfig(
-        embed_dim=checked_shape(state, "mask_decoder.iou_token.weight", 2, "1 x embed_dim")[1],
-        mask_in_chans=checked_shape(state, "prompt_encoder.mask_downscaling.3.weight", 4,
-                                    "mask_in_chans x mask_in_chans/4 x 2 x 2")[0],
-        num_multimask_outputs=checked_shape(state, "mask_decoder.mask_tokens.weight", 2,
-                                            "(multimask outputs + 1) x embed_dim")[0] - 1,
-        transformer_depth=len(layers),
-        transformer_mlp_dim=checked_shape(state, "mask_decoder.transformer.layers.0.mlp.lin1.weight", 2,
-                                          "mlp_dim x embed_dim")[0],
-        iou_head_depth=len({k for k in state if re.match(r"mask_decoder\.iou_prediction_head\.layers\.\d+\.weight$", k)}),
-        iou_head_hidden_dim=checked_shape(state, "mask_decoder.iou_prediction_head.layers.0.weight", 2,
-                                          "hidden_dim x embed_dim")[0],
-    )
-
-
-def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
-    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config)."""
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    weights: dict[str, np.ndarray] = {}
-    if "image_encoder.patch_embed.proj.weight" in state:
-        encoder = infer_vit_config(state)
-        rest = state
-    elif any(k.startswith("image_encoder.layers.") for k in state):
-        from ..modeling.tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
-
-        encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
-        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
-        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
-    else:
-        raise CheckpointError("no image encoder weights (image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
-    config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder))
-
-    points: dict[int, np.ndarray] = {}
-    for key, value in rest.items():
-        if m := _POINT_EMBEDDING.match(key):
-            points[int(m.group(1))] = value
-            continue
-        name = key
-        for pattern, replacement in _RENAMES:
-            name, n = re.subn(pattern, replacement, name)
-            if n:
-                break
-        if _CONV.match(name):
-            value = value.transpose(0, 2, 3, 1)
-        elif _CONV_TRANSPOSE.match(name):
-            value = value.transpose(1, 2, 3, 0)
-        weights[name] = value
-    if sorted(points) != [0, 1, 2, 3]:
-        raise CheckpointError(f"expected prompt_encoder.point_embeddings.0..3, found indices {sorted(points)}")
-    weights["prompt_encoder.point_embeddings"] = np.concatenate([points[i] for i in range(4)], axis=0)
-    return weights, config
-
-
-def _image_size(encoder) -> int:
-    return encoder.pretrain_grid * encoder.patch_size if encoder.kind == "vit" else 1024
-
-
 def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
     """Any supported foreign state dict -> (sam_mlx weights, config)."""
     if detect_format(state) == "hf":
@@ -216,24 +81,19 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
     return convert_meta(state)
 
 
-def check_weights(model, weights: Mapping[str, object], source: str) -> None:
+def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> None:
     """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing:
-        raise CheckpointError(f"{source}: missing weights {_few(missing)}")
+        raise CheckpointError(f"{source}: missing weights {few(missing)}")
     if extra:
-        raise CheckpointError(f"{source}: unexpected weights {_few(extra)}")
+        raise CheckpointError(f"{source}: unexpected weights {few(extra)}")
     for key, shape in expected.items():
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
-
-
-def _few(names: list[str]) -> str:
-    shown = ", ".join(names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
@@ -247,19 +107,17 @@ def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
     issue #540), so the ViT keeps bfloat16, which has float32's range. On MLX's CPU backend
     half-precision matmuls and transcendental functions are slower than float32.
     """
-    if on_cpu():
+    if backend.on_cpu():
         return mx.float32
     return mx.bfloat16 if config.encoder.kind == "vit" else mx.float16
 
 
-def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None):
+def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None) -> Sam:
     """Instantiate Sam from converted weights, checking every name and shape first.
 
     ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
     and the small prompt encoder and mask decoder stay in float32.
     """
-    from ..modeling.sam import Sam
-
     try:
         model = Sam(config)
     except ValueError as exc:
@@ -279,7 +137,7 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     return model
 
 
-def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None):
+def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> Sam:
     """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
     path = Path(path)
     state, metadata = read_state_dict(path)
@@ -308,7 +166,7 @@ def _sam_mlx_config(metadata: Mapping[str, str], path: Path) -> SamConfig:
         raise CheckpointError(f"{path}: invalid sam_mlx metadata ({exc})") from exc
 
 
-def save_model(model, path: str | Path, dtype: str = "float32", source: str = "") -> Path:
+def save_model(model: Sam, path: str | Path, dtype: str = "float32", source: str = "") -> Path:
     """Write the model's weights as safetensors (config and source in the metadata), atomically."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -321,71 +179,3 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
         "dtype": dtype,
     }
     return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=metadata), suffix=".safetensors")
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
-
-    The temporary (hidden: ``.<name>.<random>.tmp<suffix>``) is locked while written, so
-    ``remove_abandoned_temporaries`` deletes those of killed writers but never a live one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-        if not _lock(fd, blocking=True):  # no locks here (e.g. Windows): write it unlocked and closed
-            os.close(fd)
-            fd = None
-            break
-        if _still_named(fd, tmp):
-            break
-        os.close(fd)  # removed as abandoned between its creation and its locking: make another
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_abandoned_temporaries(folder: Path) -> None:
-    """Delete ``atomic_write`` temporaries in ``folder`` that nobody is writing (their writer was killed)."""
-    for tmp in folder.glob(".*.tmp*"):
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            if _lock(fd, blocking=False):
-                tmp.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
-
-
-def _lock(fd: int, blocking: bool) -> bool:
-    """Exclusive flock on ``fd``; False if held elsewhere (non-blocking) or locks are unavailable."""
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        return True
-    except (ImportError, OSError):  # Windows, file systems without locks, or held by a live writer
-        return False
-
-
-def _still_named(fd: int, tmp: str) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(tmp))
-    except FileNotFoundError:
-        return False

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CheckpointError
+
 # torch storage class name -> (numpy dtype of the raw bytes, bytes per element)
 _STORAGE_DTYPES = {
     "FloatStorage": np.dtype("<f4"),
@@ -30,10 +32,6 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.dtype("u1"),
     "BoolStorage": np.dtype("?"),
 }
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable SAM checkpoint; the message names the file and the fault."""
 
 
 class _StorageType:

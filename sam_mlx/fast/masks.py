@@ -1,10 +1,12 @@
-"""Linear/bilinear resizing written as matrix products.
+"""SAM's mask post-processing, fast: low-res logits -> masks at the image's size.
 
-A bilinear resize with PyTorch's ``align_corners=False`` convention (no antialias)
-is separable: ``out = Ry @ x @ Rx.T`` with one small interpolation matrix per axis.
-As matmuls it runs on the fast BLAS/GPU path, composes (two resizes and a crop
-become one matrix per axis) and needs no gather. Used for position-encoding and
-relative-position tables and for upscaling masks.
+The reference is ``transforms.upscale_masks``: ``Ry @ logits @ Rx.T`` with one interpolation matrix per
+axis (``transforms.mask_resize_matrix``: upscale to the padded input, crop, resize to the image). Here:
+- each matrix is applied band by band: a block of 64 output rows reads only a narrow band of input
+  rows, so a gather and one batched product replace the dense one (``upscale_mask_logits``);
+- binary masks are interpolated only in the blocks at their edge: every output is a weighted mean of its
+  band's logits, so a block whose band lies wholly above or below the threshold is decided without
+  interpolating (``upscaled_masks_above``).
 """
 
 from __future__ import annotations
@@ -17,49 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..ops.blas import single_threaded
-
-
-def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """1-D linear interpolation, half-pixel centres: for each output sample, the two input samples
-    it reads (lo, hi) and the weight of hi (float64; lo's is 1 - that)."""
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, src - lo
-
-
-@lru_cache(maxsize=256)
-def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32 matrix of 1-D linear interpolation, half-pixel centres.
-
-    Row i holds the weights of input samples for output sample i, as
-    ``torch.nn.functional.interpolate(mode="linear"/"bilinear", align_corners=False)``.
-    """
-    lo, hi, frac = linear_taps(in_size, out_size)
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    rows = np.arange(out_size)
-    np.add.at(matrix, (rows, lo), 1.0 - frac)
-    np.add.at(matrix, (rows, hi), frac)
-    return matrix.astype(np.float32)
-
-
-@lru_cache(maxsize=64)
-def mask_resize_matrix(low_res: int, padded: int, valid: int, original: int) -> np.ndarray:
-    """(original, low_res) matrix: upscale to ``padded``, keep the first ``valid``, resize to ``original``.
-
-    This is SAM's mask post-processing (two bilinear interpolations and a crop)
-    folded into a single matrix per axis. Like each interpolation, its rows are
-    non-negative and sum to 1: every output is a weighted mean of its inputs.
-    The second interpolation is applied as its two taps per row, not as a matrix product:
-    numpy's BLAS would run that product on all cores and leave its threads spinning for
-    ~0.1 s afterwards, which slowed the next two prompts' decode by ~15 ms each.
-    """
-    up = linear_resize_matrix(low_res, padded)[:valid].astype(np.float64)
-    lo, hi, frac = linear_taps(valid, original)
-    return ((1.0 - frac)[:, None] * up[lo] + frac[:, None] * up[hi]).astype(np.float32)
+from ..transforms import mask_resize_matrix
 
 
 @lru_cache(maxsize=64)
@@ -107,8 +67,7 @@ def upscale_mask_logits(
     1. Columns: every row of every mask, cut into blocks of output columns -> nCol x (N h) x 64.
     2. Rows: each block of output rows gathers its band of input rows from all column blocks
        in turn, which lays the column blocks side by side: the transpose between the two passes
-       happens inside that gather (a separate transpose of the 3 x 1800 x 256 intermediate took
-       2 ms, more than both matmuls).
+       happens inside that gather (a separate transpose of the intermediate costs more than both matmuls).
     The result is cropped from the blocks' padding to H x W (a view).
     """
     *batch, h, w = logits.shape
@@ -134,8 +93,8 @@ def upscale_mask_logits(
     return out[..., : original_size[0], : original_size[1]]
 
 
-# Above this fraction of blocks at a mask's edge, ``upscaled_masks_above`` interpolates every pixel (break-even
-# measured for 3 masks of 1800 x 1200: ~0.4 of the blocks with one threshold, ~0.25 with three).
+# Above this fraction of blocks at a mask's edge, ``upscaled_masks_above`` interpolates every pixel (the break-even
+# of three thresholds, docs/performance.md).
 _MOSTLY_EDGES = 0.25
 
 
@@ -151,9 +110,9 @@ def upscaled_masks_above(
     Each output is a weighted mean of the low-res logits in its band (``mask_resize_matrix``),
     so a block of 64 x 64 outputs whose band window holds only logits above t is all above t,
     and one with none above t is all at or below it. Only the blocks whose window straddles a
-    threshold, the mask's edge, are interpolated (~13% of them for a 1800 x 1200 photo): ~3x
-    faster than thresholding every interpolated pixel. In numpy, as the masks are wanted there;
-    when most blocks straddle (``_MOSTLY_EDGES``), every pixel is interpolated instead.
+    threshold, the mask's edge (a small share of a real mask's blocks), are interpolated. In numpy,
+    as the masks are wanted there; when most blocks straddle (``_MOSTLY_EDGES``), every pixel is
+    interpolated instead.
     """
     low_res = np.asarray(low_res, dtype=np.float32)
     *batch, h, w = low_res.shape
@@ -170,7 +129,7 @@ def upscaled_masks_above(
     if np.count_nonzero(straddling) > _MOSTLY_EDGES * straddling.size:  # e.g. noise: interpolating all is cheaper
         logits = upscale_mask_logits(mx.array(low_res), padded_size, input_size, original_size)
         masks = [logits > t for t in thresholds]
-        with single_threaded():  # see ``single_threaded``: ~0.5 ms slower here, but no core lost to the next prompt
+        with single_threaded():  # slower here, but no core lost to OpenBLAS's spinning threads for the next prompt
             mx.eval(masks)
         return [np.array(m) for m in masks]
     mask, i, j = np.nonzero(straddling)

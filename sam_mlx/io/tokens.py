@@ -18,8 +18,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..checkpoints.load import atomic_write
 from ..transforms import ImageGeometry
+from .atomic import atomic_write
 
 FORMAT = "sam_mlx_image_tokens"
 # 2: stretch sizing encodes at one scale for both axes (version 1's stretch tokens were made with

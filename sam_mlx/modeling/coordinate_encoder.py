@@ -25,17 +25,18 @@ class CoordinateEncoder(nn.Module):
     def __init__(self, num_features: int = 128):
         super().__init__()
         # Filled from the checkpoint; zeros here so a model with unloaded weights is obviously wrong.
-        self.positional_encoding_gaussian_matrix = mx.zeros((2, num_features))
+        self.gaussian_matrix = mx.zeros((2, num_features))
 
     def encode(self, xy: mx.array) -> mx.array:
         """xy: ... x 2 in 0..1 (x first) -> ... x 2*num_features."""
-        f = (2.0 * xy - 1.0) @ self.positional_encoding_gaussian_matrix
+        f = (2.0 * xy - 1.0) @ self.gaussian_matrix
         f = 2.0 * math.pi * f
         return mx.concatenate([mx.sin(f), mx.cos(f)], axis=-1)
 
     def encode_points(self, points: mx.array, image_size: tuple[int, int]) -> mx.array:
-        """points: ... x 2 pixel coordinates (x, y) of an image of ``image_size`` (H, W)."""
-        return self.encode(points * (1.0 / max(image_size)))
+        """points: ... x 2 pixel coordinates (x, y) of an image of ``image_size`` (H, W), taken at the
+        pixels' centres -> ... x 2*num_features."""
+        return self.encode((points + 0.5) * (1.0 / max(image_size)))
 
     def grid(self, h: int, w: int) -> mx.array:
         """Position encoding of every cell centre of an h x w grid: h x w x 2*num_features."""

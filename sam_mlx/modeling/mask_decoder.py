@@ -1,12 +1,12 @@
-"""SAM's mask decoder: image tokens + prompt embeddings -> 4 candidate masks and their IoU scores.
+"""SAM's mask decoder: image tokens + prompt tokens -> 4 candidate masks and their predicted IoU.
 
-Learned output tokens (one IoU token, four mask tokens) are prepended to the prompt
-tokens and run through the two-way transformer with the image tokens. The image
-tokens are then upscaled 4x by two transposed convolutions (the mask generator), and
-each mask token, passed through its own hypernetwork MLP, is dot-multiplied with every
-upscaled pixel to give that candidate's logits. An MLP on the IoU token predicts each
-candidate's mask quality. The image tokens go through in row bands (``token_bands``):
-on the CPU, one band per core.
+- the mask hint encoder turns a low-res mask from an earlier prediction (or, without one, the learned
+  "no mask" embedding) into one embedding per image token, added to the image tokens;
+- learned output tokens (one IoU token, four mask tokens) are put before the prompt tokens, and the
+  two-way transformer updates them and the image tokens;
+- the mask generator upscales the image tokens 4x (two transposed convs) and dots every upscaled pixel
+  with each mask token, passed through its own MLP: one candidate mask per mask token;
+- the IoU MLP turns the IoU token into each candidate's predicted mask quality.
 """
 
 from __future__ import annotations
@@ -15,66 +15,63 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import PromptDecoderConfig
-from ..ops.layers import MLP, gelu, layer_norm_2d, on_cpu
-from .prompt_encoder import MaskHint
-from ..ops.bands import band_count, per_band, row_bands, top_left_bands
-from .two_way_transformer import ImageSide, TwoWayTransformer
+from .common import MLP, layer_norm_2d
+from .two_way_transformer import TwoWayTransformer
 
 
-class PixelUpscale2x(nn.Module):
-    """A 2x2, stride-2 transposed convolution, keeping each pixel's 2 x 2 output block apart.
+class MaskHintEncoder(nn.Module):
+    """B x 4h x 4w x 1 mask logits -> B x h x w x D, added to the image tokens (two stride-2 convs, then a 1x1);
+    without a mask, the learned "no mask" embedding on every token."""
 
-    ... x I -> ... x 2 x 2 x O: each input pixel independently paints a 2 x 2 block, so the
-    layer is one matmul to 4*O channels (MLX's general transposed conv is many times slower
-    on the CPU). The block axes are left in place; ``interleave_blocks`` turns them into
-    rows and columns once, on the final masks. Weight layout as ``nn.ConvTranspose2d``: O x 2 x 2 x I.
-    """
-
-    def __init__(self, in_chans: int, out_chans: int):
+    def __init__(self, dim: int, mask_in_chans: int):
         super().__init__()
-        self.weight = mx.zeros((out_chans, 2, 2, in_chans))
-        self.bias = mx.zeros((out_chans,))
+        mid = mask_in_chans // 4
+        self.conv1 = nn.Conv2d(1, mid, kernel_size=2, stride=2)
+        self.norm1 = layer_norm_2d(mid)
+        self.conv2 = nn.Conv2d(mid, mask_in_chans, kernel_size=2, stride=2)
+        self.norm2 = layer_norm_2d(mask_in_chans)
+        self.conv3 = nn.Conv2d(mask_in_chans, dim, kernel_size=1)
+        self.no_mask_embedding = mx.zeros((1, dim))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        o, _, _, i = self.weight.shape
-        y = x @ self.weight.transpose(3, 1, 2, 0).reshape(i, 4 * o)
-        return y.reshape(*x.shape[:-1], 2, 2, o) + self.bias
+    def __call__(self, mask: mx.array | None, grid: tuple[int, int], batch: int) -> mx.array:
+        """``batch`` masks B x 4h x 4w x 1, or None (no hint) -> B x h x w x D."""
+        if mask is None:
+            d = self.no_mask_embedding.shape[-1]
+            return mx.broadcast_to(self.no_mask_embedding.reshape(1, 1, 1, d), (batch, *grid, d))
+        x = nn.gelu(self.norm1(self.conv1(mask)))
+        x = nn.gelu(self.norm2(self.conv2(x)))
+        return self.conv3(x)
 
 
-class MaskUpscaler(nn.Module):
-    """Image tokens B x h x w x D -> per-pixel features of the 4h x 4w mask grid (D/8 channels).
-
-    Two stride-2 transposed convs with LayerNorm and GELU, all pixel-local, so the
-    features stay in block layout B x h x w x 2 x 2 x 2 x 2 x D/8 (axes: coarse row and
-    column offset, then fine ones) and only the final masks are interleaved, by
-    ``interleave_blocks``; that skips reshuffling the 64- and 32-channel maps.
-    """
+class ImageUpscaler(nn.Module):
+    """B x h x w x D image tokens -> B x 4h x 4w x D/8 features: two 2x2 stride-2 transposed convs,
+    LayerNorm and GELU between, GELU after."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv1 = PixelUpscale2x(dim, dim // 4)
+        self.conv1 = nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2)
         self.norm = layer_norm_2d(dim // 4)
-        self.conv2 = PixelUpscale2x(dim // 4, dim // 8)
+        self.conv2 = nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu(self.conv2(gelu(self.norm(self.conv1(x)))))
+        return nn.gelu(self.conv2(nn.gelu(self.norm(self.conv1(x)))))
 
 
-def interleave_blocks(blocks: mx.array) -> mx.array:
-    """B x h x w x 2 x 2 x 2 x 2 x C (from ``MaskUpscaler``) -> B x C x 4h x 4w.
+class MaskGenerator(nn.Module):
+    """Image tokens and mask tokens -> one mask per mask token: the upscaled image features dotted with
+    each mask token's MLP output."""
 
-    Pixel (4i + 2a + c, 4j + 2b + d) is blocks[:, i, j, a, b, c, d].
-    """
-    b, h, w = blocks.shape[:3]
-    return blocks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, blocks.shape[-1], 4 * h, 4 * w)
+    def __init__(self, dim: int, num_mask_tokens: int):
+        super().__init__()
+        self.upscaler = ImageUpscaler(dim)
+        self.mask_token_mlps = [MLP(dim, dim, dim // 8, 3) for _ in range(num_mask_tokens)]
 
-
-# On the CPU, prompts are decoded this many at a time, each group after the last: a prompt carries
-# 4096 x 256 image-side floats through the transformer, and one prompt's stay in cache. Batching
-# saves nothing else, and MLX evaluates independent groups interleaved, so all of them would be in
-# flight at once (32 one-point prompts on the 2-core test machine, before row bands: ~35 ms per prompt one after
-# another against ~45 ms in independent groups of 1, 2 or 4).
-_CPU_PROMPT_GROUP = 1
+    def __call__(self, image: mx.array, mask_tokens: mx.array) -> mx.array:
+        """image: B x h x w x D, mask_tokens: B x M x D -> masks B x M x 4h x 4w."""
+        features = self.upscaler(image)  # B x 4h x 4w x D/8
+        weights = mx.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.mask_token_mlps)], axis=1)
+        b, h, w, c = features.shape
+        return (weights @ features.reshape(b, h * w, c).swapaxes(1, 2)).reshape(b, -1, h, w)
 
 
 class MaskDecoder(nn.Module):
@@ -84,86 +81,34 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = config.num_multimask_outputs + 1
         self.iou_token = mx.zeros((1, d))
         self.mask_tokens = mx.zeros((self.num_mask_tokens, d))
-        self.transformer = TwoWayTransformer(
-            config.transformer_depth, d, config.transformer_heads, config.transformer_mlp_dim
-        )
-        self.upscaler = MaskUpscaler(d)
-        self.hypernetworks = [MLP(d, d, d // 8, 3) for _ in range(self.num_mask_tokens)]
-        self.iou_head = MLP(d, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
+        self.mask_hint_encoder = MaskHintEncoder(d, config.mask_in_chans)
+        self.transformer = TwoWayTransformer(config.transformer_depth, d, config.transformer_heads,
+                                             config.transformer_mlp_dim)
+        self.mask_generator = MaskGenerator(d, self.num_mask_tokens)
+        self.iou_mlp = MLP(d, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
 
     def __call__(
         self,
         image_tokens: mx.array,
         image_pe: mx.array,
-        sparse: mx.array,
-        dense: mx.array | None,
+        prompt_tokens: mx.array,
+        mask_hint: mx.array | None,
         multimask_output: bool,
-        image_side: ImageSide | None = None,
-        read_grid: tuple[int, int] | None = None,
-        hint: MaskHint | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Decode masks.
+        """image_tokens: 1 x h x w x D (one image, shared by the B prompts); image_pe: their h x w x D position
+        encoding; prompt_tokens: B x N x D; mask_hint: B x 4h x 4w x 1 low-res logits, or None.
 
-        image_tokens: 1 x h x w x D (one image, shared by the B prompts) or B x h x w x D;
-        image_pe: h x w x D; sparse: B x N x D; dense: B x h x w x D, or None with ``image_side``.
-        ``image_side``: ``project_image`` of these tokens, if the caller keeps it; it stands for ``dense`` being the
-        "no mask" embedding, and ``dense`` goes unused. ``hint``: the prompts' mask hints
-        (``PromptEncoder.mask_hint``), which then shift it.
-        ``read_grid``: (rows, cols) to compute the masks of the top-left rows x cols tokens only (the mask
-        generator is per token, so those equal the full masks' part); the whole grid if None.
-        Returns low-res logits B x C x 4 rows x 4 cols and IoU predictions B x C, where C is 3
-        (masks 1..3) with ``multimask_output`` and 1 (mask 0) without, as in the original.
+        Returns low-res logits B x C x 4h x 4w and IoU predictions B x C, where C is 3 (masks 1..3) with
+        ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
-        b = sparse.shape[0]
-        if b > _CPU_PROMPT_GROUP and on_cpu():
-            groups: list[tuple[mx.array, mx.array]] = []
-            given = {"sparse": sparse, "dense": dense, "hint": None if hint is None else hint.features}
-            for i in range(0, b, _CPU_PROMPT_GROUP):
-                part = slice(i, i + _CPU_PROMPT_GROUP)
-                prompts = {key: x[part] for key, x in given.items() if x is not None}
-                if groups:  # start after the previous group
-                    prompts = dict(zip(prompts, mx.depends(list(prompts.values()), list(groups[-1]))))
-                tokens = image_tokens if image_tokens.shape[0] == 1 else image_tokens[part]
-                part_hint = None if hint is None else hint._replace(features=prompts["hint"])
-                groups.append(self(tokens, image_pe, prompts["sparse"], prompts.get("dense"), multimask_output,
-                                   image_side, read_grid, part_hint))
-            return mx.concatenate([m for m, _ in groups]), mx.concatenate([q for _, q in groups])
+        b = prompt_tokens.shape[0]
         h, w, d = image_pe.shape
-        out_tokens = mx.concatenate([self.iou_token, self.mask_tokens], axis=0)
-        tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), sparse], axis=1)
-        bands = band_count() if image_side is None else len(image_side.image)
-        pos = row_bands(image_pe[None], bands)
-        if image_side is None:
-            src = per_band(mx.add, row_bands(image_tokens, bands), row_bands(dense, bands))
-        else:
-            if hint is not None:
-                image_side = self.transformer.layers[0].shift_image(
-                    image_side, row_bands(hint.features, bands), hint.weight, hint.offset)
-            src = image_side.image
+        output_tokens = mx.concatenate([self.iou_token, self.mask_tokens])
+        tokens = mx.concatenate([mx.broadcast_to(output_tokens, (b, *output_tokens.shape)), prompt_tokens], axis=1)
+        image = image_tokens + self.mask_hint_encoder(mask_hint, (h, w), b)  # B x h x w x D
 
-        chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
-        # the IoU token, then the chosen mask tokens: the other tokens' final attention is never read
-        tokens, src = self.transformer(src, pos, tokens, image_side, outputs=[0, *(1 + i for i in chosen)])
-        iou_out = tokens[:, 0]
-        hyper = mx.stack([self.hypernetworks[i](tokens[:, 1 + j]) for j, i in enumerate(chosen)], axis=2)  # B x d/8 x C
-
-        rows, cols = read_grid or (h, w)
-
-        def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x n/cols x cols x 2 x 2 x 2 x 2 x C
-            features = self.upscaler(band.reshape(b, -1, cols, d))  # B x n/cols x cols x 2 x 2 x 2 x 2 x d/8
-            masks = features.reshape(b, -1, features.shape[-1]) @ hyper
-            return masks.reshape(*features.shape[:-1], len(chosen))
-
-        masks = interleave_blocks(mx.concatenate(per_band(band_masks, top_left_bands(src, w, rows, cols)), axis=1))
-        return masks, self.iou_head(iou_out)[:, chosen.start : chosen.stop]
-
-    def project_image(self, image_tokens: mx.array, image_pe: mx.array, no_mask: mx.array) -> ImageSide:
-        """What the first transformer layer computes from the image alone, for prompts without a mask hint
-        (``TwoWayAttentionBlock.shift_image`` adapts it to one).
-
-        image_tokens: 1 x h x w x D, image_pe: h x w x D, no_mask: the prompt encoder's 1 x D "no mask" embedding.
-        The result is in as many bands as ``band_count()`` gives now; decodes with it use the same.
-        """
-        bands = band_count()
-        src = per_band(lambda band: band + no_mask, row_bands(image_tokens, bands))
-        return self.transformer.layers[0].project_image(src, row_bands(image_pe[None], bands))
+        tokens, image = self.transformer(image, image_pe, tokens)
+        masks = self.mask_generator(image.reshape(b, h, w, d), tokens[:, 1 : 1 + self.num_mask_tokens])
+        iou = self.iou_mlp(tokens[:, 0])
+        chosen = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, chosen], iou[:, chosen]

@@ -2,14 +2,12 @@
 
 On a GPU this is ``mx.fast.scaled_dot_product_attention`` (one fused kernel). On the
 CPU that kernel falls back to matmul, softmax, matmul over the whole logit tensor,
-and two things make it slow: MLX's CPU ``exp`` (about 80 M values/s on x86, where each
-of its polynomial terms is a library ``fma`` call) and logit tensors far larger than
-the caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
+and two things make it slow: MLX's CPU ``exp`` and logit tensors far larger than the
+caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
 
 - the logits are computed in chunks of ~2 MB (rows of queries, heads, batch entries),
   and each chunk goes through bias, max, exp, sum and the value matmul while in cache;
-- exp is computed as 2^n * e^r with a polynomial for e^r in ops that ``mx.compile``
-  fuses into a vectorised loop (accurate to ~2e-7 relative).
+- exp is ``elementwise.shifted_exp``, a fused polynomial (accurate to ~2e-7 relative).
 
 SAM's decomposed relative-position term is added per chunk from its two per-axis
 parts, so the full Lq x Lk bias is never built.
@@ -19,44 +17,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import operator
 
 import mlx.core as mx
 
-from .layers import estrin, fused, on_cpu
+from . import backend
 from .bands import chunk_streams, per_band
+from .elementwise import fused, shifted_exp
 
-_LOG2E = 1.4426950408889634
-_LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
-_ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds a float32 |t| < 2**22 to an integer
-_EXP_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(8))  # e^r, |r| <= ln(2) / 2: error < 6e-9
 _CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
-
-
-@fused
-def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
-    """exp(x) = e^r * 2^n for x in [-88, 89]: (e^r, float32 bit pattern of 2^n).
-
-    n = round(x / ln 2), r = x - n ln 2 with ln 2 in two parts (Cody-Waite), so r keeps
-    full precision for every x; 2^n is built from its exponent bits (n = -127 gives 0,
-    n = 128 infinity).
-    """
-    n = (x * _LOG2E + _ROUND) - _ROUND
-    r = (x - n * _LN2_HI) - n * _LN2_LO
-    return estrin(_EXP_TAYLOR, r), (n.astype(mx.int32) + 127) << 23
-
-
-def shifted_exp(z: mx.array, shift: mx.array) -> mx.array:
-    """exp(z - shift) for float32 z <= shift, as a softmax's maximum (~2e-7 relative), fused and vectorised on the CPU.
-
-    Only for float32: the rounding constant overflows float16 and is too coarse for bfloat16.
-    z - shift is kept from below -88, where exp underflows, by a plain MLX op: MLX's float
-    min/max inside a fused CPU kernel test each element for NaN and keep the loop from
-    vectorising. As z - shift <= 0, no bound from above is needed (one pass fewer over the logits).
-    """
-    fraction, exponent_bits = _exp_parts(mx.maximum(z - shift, -88.0))
-    return fraction * exponent_bits.view(mx.float32)
 
 
 @fused
@@ -67,7 +36,7 @@ def _add_decomposed(logits: mx.array, bias_h: mx.array, bias_w: mx.array) -> mx.
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax along ``axis``, with the fused exp on the CPU (computed in float32, returned in x's dtype)."""
-    if not on_cpu():
+    if not backend.on_cpu():
         return mx.softmax(x, axis=axis, precise=True)
     x32 = x.astype(mx.float32)
     weights = shifted_exp(x32, x32.max(axis=axis, keepdims=True))
@@ -90,10 +59,10 @@ def attention(
     rel_pos: (bias_h, bias_w) of shapes B x heads x Lq x Kh and B x heads x Lq x Kw with
     Kh * Kw = Lk (keys laid out row-major on a Kh x Kw grid): the logit of query i and key
     (y, x) gets bias_h[i, y] + bias_w[i, x].
-    ``spread``: on the CPU, deal the chunks out over the ``token_bands`` streams, one per core
+    ``spread``: on the CPU, deal the chunks out over the row bands' streams (``bands``), one per core
     (for a caller whose ops are not already in bands).
     """
-    if not on_cpu():
+    if not backend.on_cpu():
         if rel_pos is not None:
             bias_h, bias_w = rel_pos
             full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)
@@ -109,7 +78,7 @@ def attention(
 
 
 def banded_attention(q: mx.array, keys: list[mx.array], values: list[mx.array], scale: float) -> mx.array:
-    """softmax(q k^T * scale) v for a few queries over keys and values cut in bands (``token_bands``).
+    """softmax(q k^T * scale) v for a few queries over keys and values cut in row bands (``bands``).
 
     q: ... x Lq x d; keys[i], values[i]: ... x n_i x d (batch axes broadcast) -> ... x Lq x d.
     Each band computes, on its own stream, its logits' maximum m_i, the sum s_i of exp(logit - m_i)
@@ -135,7 +104,7 @@ def banded_attention(q: mx.array, keys: list[mx.array], values: list[mx.array], 
 
 def _exp_below(x: mx.array, top: mx.array) -> mx.array:
     """exp(x - top) for float32 x <= top (broadcast): ``shifted_exp`` on the CPU."""
-    return shifted_exp(x, top) if on_cpu() else mx.exp(x - top)
+    return shifted_exp(x, top) if backend.on_cpu() else mx.exp(x - top)
 
 
 def _chunk_sizes(batch: int, heads: int, queries: int, keys: int) -> tuple[int, int, int]:

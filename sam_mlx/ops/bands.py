@@ -2,15 +2,15 @@
 
 MLX's CPU backend runs each op on one core (BLAS aside), so the other cores idle through
 every elementwise op, norm and softmax: most of a prompt's decode (~700 ops over 4096 x 256
-image tokens) and, measured with ViT-B, over half of an encoding. But most of that work is per
-token: projections, residuals, LayerNorm, MLPs, the mask upscaler. So that work runs in row bands,
-each on its own MLX stream, and every CPU stream has its own thread:
+image tokens) and over half of an encoding. But most of that work is per token: projections,
+residuals, LayerNorm, MLPs, the mask upscaler. So that work runs in row bands, each on its own
+MLX stream, and every CPU stream has its own thread:
 
-- the mask decoder keeps the image tokens as bands from start to end; only the prompt -> image
+- the fast mask decoder keeps the image tokens as bands from start to end; only the prompt -> image
   attention spans all tokens, and each band computes its part of it, joined from small per-band
   results (``attention.banded_attention``);
-- the image encoders run their per-token layers ``across_rows`` and deal the independent chunks of
-  their attention (windows, heads, query rows) out to the same streams (``chunk_streams``).
+- the fast image encoders run their per-token layers ``across_rows`` and deal the independent chunks
+  of their attention (windows, heads, query rows) out to the same streams (``chunk_streams``).
 
 OpenBLAS serialises concurrent multi-threaded calls, so bands pay off with BLAS single-threaded
 while they are evaluated: ``parallel_bands`` sets that up. On a GPU, or with one core, there is
@@ -28,11 +28,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import blas as _blas
-from .layers import on_cpu
+from . import backend, blas
 
-# Measured on 2 cores only (2 bands: a prompt's decode ~34 -> ~27 ms, a ViT-B encoding ~11 -> ~8.7 s);
-# more cores get more bands, up to this many.
+# one band per core up to this many (measured on 2 cores only: docs/performance.md)
 _MAX_BANDS = 8
 _extra_streams: list[mx.Stream] = []
 _streams_lock = threading.Lock()
@@ -41,7 +39,7 @@ _streams_lock = threading.Lock()
 def band_count() -> int:
     """How many row bands the image tokens are cut into: 1 on a GPU; on the CPU, ``SAM_MLX_BANDS`` if set
     (1 turns bands off, and BLAS keeps its threads), else the cores (capped)."""
-    if not on_cpu():
+    if not backend.on_cpu():
         return 1
     choice = os.environ.get("SAM_MLX_BANDS", "").strip()
     if choice:
@@ -124,12 +122,12 @@ def across_rows(fn: Callable[..., mx.array], *grids: mx.array) -> mx.array:
 def parallel_bands() -> Iterator[None]:
     """Evaluate banded work inside this block: BLAS is single-threaded meanwhile, when there are bands.
 
-    With two bands on 2 cores and OpenBLAS at its usual 2 threads, a decode is slower than with one band
-    (~38 against ~34 ms); single-threaded, ~27 ms. Evaluate the encoder and decoder inside it, as
-    ``SamPredictor`` does.
+    With two bands on 2 cores and OpenBLAS at its usual 2 threads, a decode is slower than with one band;
+    single-threaded, bands pay off (docs/performance.md). The fast path (``sam_mlx.fast``) evaluates the
+    encoders and the decoder inside it.
     """
     if band_count() == 1:
         yield
         return
-    with _blas.single_threaded():
+    with blas.single_threaded():
         yield

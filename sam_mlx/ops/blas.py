@@ -70,7 +70,7 @@ def single_threaded() -> Iterator[None]:
 
     For work that MLX already spreads over the cores with its own streams, and for small products between
     prompts: after a multi-threaded product OpenBLAS's worker threads spin for a while (~0.1 s) before they
-    sleep, taking a core from whatever runs next (measured: ~0.5-0.8 of a core through a loop of prompts).
+    sleep, taking a core from whatever runs next (docs/performance.md).
     Blocks may overlap (several predictors in several threads): the first one in sets one thread, the last
     one out restores the count. Without a loaded OpenBLAS (bundled BLAS, Accelerate), nothing changes.
     """

@@ -24,14 +24,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, MOBILE_SAM
 from PIL import Image
 from pycocotools import mask as coco_mask
-from reference import reference_generator_class, segment_anything_modeling
 
 import sam_mlx
+from helpers import IMAGES, MOBILE_SAM
+from reference import reference_generator_class, segment_anything_modeling
+from sam_mlx import SamAutomaticMaskGenerator
 from sam_mlx.amg import mask_utils
-from sam_mlx.amg.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_mlx.fast import FastSam
 
 FULL = os.environ.get("SAM_MLX_AMG_FULL", "") == "1"
 POINTS_PER_SIDE = 32 if FULL else 8  # 32 is the default
@@ -61,26 +62,27 @@ class _TokenLookup(torch.nn.Module):
 
 
 class Setup:
-    """sam_mlx's MobileSAM (recording its image tokens) and the reference generator class and model."""
+    """sam_mlx's MobileSAM (its fast path's encoder recording the image tokens) and the reference generator
+    class and model."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.model = sam_mlx.load_checkpoint(str(MOBILE_SAM))
         # Encoder input digest -> (input, tokens): what the reference looks up, and a cache
         # (runs on the same image or crop encode it once).
         self.encoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.encode_seconds = 0.0
-        encode = self.model.encode_image
+        encode = FastSam.encode
 
-        def recording_encode(image):
+        def recording_encode(fast, image):
             array = np.array(image)
             key = hashlib.sha1(array.tobytes()).hexdigest()
             if key not in self.encoded:
                 start = time.perf_counter()
-                self.encoded[key] = (array, np.array(encode(image)))
+                self.encoded[key] = (array, np.array(encode(fast, image)))
                 self.encode_seconds += time.perf_counter() - start
             return mx.array(self.encoded[key][1])
 
-        self.model.encode_image = recording_encode
+        monkeypatch.setattr(FastSam, "encode", recording_encode)
 
         m = segment_anything_modeling()
         self.reference_class = reference_generator_class()
@@ -120,7 +122,8 @@ class Setup:
 def setup() -> Setup:
     if not MOBILE_SAM.is_file():
         pytest.fail(f"MobileSAM weights not found at {MOBILE_SAM}")
-    return Setup()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield Setup(monkeypatch)
 
 
 def _image(name: str) -> np.ndarray:

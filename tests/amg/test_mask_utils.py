@@ -6,20 +6,18 @@ import importlib.util
 from collections import deque
 from pathlib import Path
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from sam_mlx.amg import mask_utils as mu
-
 # --------------------------------------------------------------------------- #
 # Test-only references (installed by .ci/run)
 # --------------------------------------------------------------------------- #
-
 import cv2
+import numpy as np
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pycocotools import mask as coco_mask
+
+from sam_mlx.amg import mask_utils as mu
 
 
 def _load_amg():

@@ -2,21 +2,22 @@
 
 A small random ``transformers.SamModel`` is written with ``save_pretrained`` (the
 ``model.safetensors`` layout of facebook/sam-vit-*), loaded by ``sam_mlx.load`` and both
-run the same preprocessed image and the same prompts in the 1024 input frame.
+run the same preprocessed image and the same prompts in the 1024 input frame: sam_mlx's
+plain reference model and its fast path (what the predictor runs).
 """
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES
+import transformers  # noqa: E402  (a test reference, installed by .ci/run)
 from PIL import Image
 
 import sam_mlx
+from helpers import IMAGES
 from sam_mlx.checkpoints.hf import hf_to_meta
-from sam_mlx.transforms import image_geometry, preprocess
-
-import transformers  # noqa: E402  (a test reference, installed by .ci/run)
+from sam_mlx.fast import FastSam
+from sam_mlx.transforms import ImageGeometry, image_geometry, preprocess
 
 # Window attention (14x14 windows, grid padded 64 -> 70) in blocks 0 and 2, global in 1 and 3.
 VISION = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, global_attn_indexes=[1, 3], window_size=14)
@@ -59,15 +60,17 @@ def models(tmp_path_factory):
     ours = sam_mlx.load(str(folder / "model.safetensors"))
     with torch.no_grad():
         hf_embedding = hf.get_image_embeddings(torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2))
-    tokens = ours.encode_image(pixels)
+    fast = FastSam(ours)
+    tokens = {"plain": ours.encode_image(pixels), "fast": fast.encode(pixels)}
     mx.eval(tokens)
-    return hf, hf_embedding, ours, tokens, folder / "model.safetensors"
+    frame = ImageGeometry((1024, 1024), (1024, 1024), (1024, 1024))  # prompts in the encoder input's pixels
+    return hf, hf_embedding, ours, tokens, folder / "model.safetensors", fast.prepare(tokens["fast"], frame)
 
 
 def test_saved_file_is_hf_format(models):
     from safetensors import safe_open
 
-    *_, path = models
+    path = models[4]
     with safe_open(str(path), framework="numpy") as f:
         keys = set(f.keys())
     assert "shared_image_embedding.positional_embedding" in keys
@@ -75,15 +78,16 @@ def test_saved_file_is_hf_format(models):
 
 
 def test_config_inferred(models):
-    _, _, ours, _, _ = models
+    ours = models[2]
     enc = ours.config.encoder
     assert (enc.embed_dim, enc.depth, enc.num_heads, enc.window_size) == (96, 4, 3, 14)
     assert enc.global_attention_blocks == (1, 3)
 
 
-def test_image_embedding(models):
-    _, hf_embedding, _, tokens, _ = models
-    got = np.array(tokens).transpose(0, 3, 1, 2)
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_image_embedding(models, path):
+    _, hf_embedding, _, tokens, *_ = models
+    got = np.array(tokens[path]).transpose(0, 3, 1, 2)
     assert got.shape == tuple(hf_embedding.shape) == (1, 256, 64, 64)
     assert np.abs(got - hf_embedding.numpy()).max() <= 1e-3
 
@@ -101,22 +105,26 @@ def _hf_decode(hf, embedding, prompt, multimask):
     return out.pred_masks[:, 0].numpy(), out.iou_scores[:, 0].numpy()  # B x C x 256 x 256, B x C
 
 
-def _our_decode(ours, tokens, prompt, multimask):
+def _our_decode(models, path, prompt, multimask):
+    _, _, ours, tokens, _, image = models
     points = None
     if "points" in prompt:
         coords, labels = prompt["points"]
         points = (mx.array([coords], dtype=mx.float32), mx.array([labels], dtype=mx.int32))
     boxes = mx.array([prompt["box"]], dtype=mx.float32) if "box" in prompt else None
-    logits, iou = ours.decode(tokens, (1024, 1024), points=points, boxes=boxes, multimask_output=multimask)
+    if path == "fast":
+        return FastSam(ours).decode(image, points, boxes, None, multimask)
+    logits, iou = ours.decode(tokens["plain"], (1024, 1024), points=points, boxes=boxes, multimask_output=multimask)
     return np.array(logits), np.array(iou)
 
 
+@pytest.mark.parametrize("path", ["plain", "fast"])
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("prompt", sorted(PROMPTS))
-def test_prompt_outputs(models, prompt, multimask):
-    hf, hf_embedding, ours, tokens, _ = models
+def test_prompt_outputs(models, prompt, multimask, path):
+    hf, hf_embedding = models[:2]
     ref_logits, ref_iou = _hf_decode(hf, hf_embedding, PROMPTS[prompt], multimask)
-    logits, iou = _our_decode(ours, tokens, PROMPTS[prompt], multimask)
+    logits, iou = _our_decode(models, path, PROMPTS[prompt], multimask)
     assert logits.shape == ref_logits.shape == (1, 3 if multimask else 1, 256, 256)
     assert iou.shape == ref_iou.shape
     assert np.abs(logits - ref_logits).max() <= 1e-3

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from reference import build_reference_sam
 
 import sam_mlx
+from reference import build_reference_sam
 from sam_mlx.checkpoints import hub
-from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint
+from sam_mlx.checkpoints.load import FORMAT_VERSION, CheckpointError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +220,35 @@ def test_conversions_by_other_sam_mlx_code_are_not_reused(checkpoints, cache, mo
     assert new[0].name == "0123456789abcdef.safetensors"
 
 
+def test_code_version_hashes_every_sub_package(monkeypatch, tmp_path):
+    """An edit to any module of the package, in a sub-package too, changes the cache key."""
+    package = Path(hub.__file__).resolve().parents[1]
+    copy = tmp_path / "sam_mlx"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(hub, "__file__", str(copy / "checkpoints" / "hub.py"))
+    versions = []
+    for edited in (None, "modeling/mask_decoder.py", "fast/sam.py", "ops/attention.py", "config.py"):
+        if edited:
+            (copy / edited).write_text((copy / edited).read_text() + "\n# edited\n")
+        hub.code_version.cache_clear()
+        versions.append(hub.code_version())
+    hub.code_version.cache_clear()
+    assert len(set(versions)) == len(versions)
+
+
+def test_cached_file_of_another_format_version_is_converted_again(checkpoints, cache, monkeypatch, tmp_path):
+    """A cached conversion under the current key but in another format version (say, written by a sam_mlx whose
+    hash collided) is not loaded as it is: it is converted again in place."""
+    install(monkeypatch, tmp_path, {("facebook/sam-vit-base", "model.safetensors"): checkpoints["hf"]})
+    for name in ("sam-vit-base", checkpoints["meta"]):
+        target = hub.resolve_checkpoint(name)
+        arrays, metadata = mx.load(str(target), return_metadata=True)
+        mx.save_safetensors(str(target), arrays, metadata={**metadata, "format_version": "1"})
+        assert hub.resolve_checkpoint(name) == target
+        assert mx.load(str(target), return_metadata=True)[1]["format_version"] == FORMAT_VERSION
+        load_checkpoint(target)
+
+
 def test_local_sam_mlx_file_and_folder(checkpoints, cache, tmp_path):
     converted = hub.resolve_checkpoint(checkpoints["meta"])
     assert hub.resolve_checkpoint(converted) == converted  # already sam_mlx: used as it is
@@ -292,7 +321,8 @@ def test_other_repo_offline_drop_in(checkpoints, cache, monkeypatch, tmp_path):
     drop_in = cache / "downloads" / "someone--tiny-sam"
     drop_in.mkdir(parents=True)
     shutil.copyfile(checkpoints["meta"], drop_in / "sam_tiny.pth")
-    assert same_weights(load_checkpoint(hub.resolve_checkpoint("someone/tiny-sam")), load_checkpoint(checkpoints["meta"]))
+    converted = load_checkpoint(hub.resolve_checkpoint("someone/tiny-sam"))
+    assert same_weights(converted, load_checkpoint(checkpoints["meta"]))
 
 
 def test_network_failure_while_listing(cache, monkeypatch, tmp_path):

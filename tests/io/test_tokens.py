@@ -16,10 +16,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
-from reference import build_reference_sam
 
 import sam_mlx
+from helpers import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
+from reference import build_reference_sam
 from sam_mlx.checkpoints.load import load_checkpoint, save_model
 from sam_mlx.io.tokens import (
     ImageTokensError,
