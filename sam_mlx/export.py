@@ -296,11 +296,11 @@ class Exporter:
         """Write the run-level files: the COCO file(s) and, with labels, YOLO's classes.txt; return their paths."""
         written = []
         categories = [{"id": index + 1, "name": label, "supercategory": ""} for label, index in self.categories.items()]
-        for name, annotations in self._coco_annotations.items():
+        for name, entries in self._coco_annotations.items():
             dataset = {
                 "info": {"description": "masks by sam_mlx (Segment Anything in MLX)",
                          "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-                "licenses": [], "images": self._coco_images, "annotations": annotations, "categories": categories,
+                "licenses": [], "images": self._coco_images, "annotations": entries, "categories": categories,
             }
             written.append(self._text(_json(dataset), Path(COCO_FILES[name])))
         if "yolo" in self.formats and self.labelled:
@@ -342,7 +342,7 @@ class Exporter:
                   outlines: dict[int, list[np.ndarray]]) -> None:
         image_id = len(self._coco_images) + 1
         self._coco_images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for name, annotations in self._coco_annotations.items():
+        for name, entries in self._coco_annotations.items():
             for i, obj in kept:
                 mask = np.asarray(obj.mask, dtype=bool)
                 x1, y1, x2, y2 = (int(v) for v in batched_mask_to_box(mask))
@@ -351,12 +351,12 @@ class Exporter:
                 else:
                     segmentation = coco_encode_rle(mask_to_rle(mask[None])[0])
                 annotation = {
-                    "id": len(annotations) + 1, "image_id": image_id, "category_id": self._category(obj.label) + 1,
+                    "id": len(entries) + 1, "image_id": image_id, "category_id": self._category(obj.label) + 1,
                     "segmentation": segmentation, "area": int(mask.sum()), "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1],
                     "iscrowd": 0, "score": obj.score, "predicted_iou": obj.score,
                     "stability_score": obj.stability_score,
                 }
-                annotations.append({**annotation, **_extra(obj, _COCO_KEYS)})
+                entries.append({**annotation, **_extra(obj, _COCO_KEYS)})
 
     def _yolo_line(self, obj: ExportObject, polygons: list[np.ndarray], width: int, height: int) -> str:
         polygon = bridged(polygons).astype(np.float64)

@@ -25,7 +25,7 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 from sam_mlx import export
-from sam_mlx.export import DEFAULT_SIMPLIFY, FORMATS, ExportObject, Exporter, parse_formats
+from sam_mlx.export import DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, parse_formats
 
 # pycocotools trips numpy deprecation warnings inside itself.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -134,8 +134,7 @@ def test_hole_is_cut_into_pieces_without_holes():
     for piece, x0, y0 in pieces:
         assert not (union[y0:y0 + piece.shape[0], x0:x0 + piece.shape[1]] & piece).any(), "pieces overlap"
         union[y0:y0 + piece.shape[0], x0:x0 + piece.shape[1]] |= piece
-        contours, hierarchy = cv2.findContours(np.pad(piece, 1).astype(np.uint8), cv2.RETR_CCOMP,
-                                               cv2.CHAIN_APPROX_SIMPLE)
+        _, hierarchy = cv2.findContours(np.pad(piece, 1).astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
         assert (hierarchy[0][:, 3] == -1).all(), "a piece has a hole"
     assert np.array_equal(union, EDGE_CASES["island in a hole"])
 
