@@ -8,7 +8,11 @@ The export API of the ``sam-mlx`` command and the local app::
 
 ``add`` writes an image's files and returns their paths; ``close`` writes the files that
 cover the whole run (COCO, the YOLO classes) and returns theirs. Every file is written
-atomically (``checkpoint.atomic_write``). The files, in ``out_dir``:
+atomically (``checkpoint.atomic_write``). Beyond the contract's names: ``ExportObject.group``,
+``Exporter(labels=...)`` (categories known up front), ``add(file_name=...)`` (COCO's file name),
+``Exporter.selected`` (what ``best_only`` keeps), ``Exporter.object_files`` (a mask's PNG names),
+``parse_formats``, ``require_opencv`` and the polygon functions ``mask_polygons``, ``hole_free_pieces``,
+``piece_outline``, ``piece_boundary`` and ``bridged``. The files, in ``out_dir``:
 
   png       ``{stem}_mask{i}.png``     0/255 mask; ``i`` is the object's index in ``add``'s list
   cutout    ``{stem}_cutout{i}.png``   RGBA: the image with the mask as alpha (background removed)
