@@ -81,6 +81,7 @@ LABELME_VERSION = "5.5.0"  # the LabelMe file format these files follow
 _COCO_KEYS = {"id", "image_id", "category_id", "segmentation", "area", "bbox", "iscrowd", "score",
               "predicted_iou", "stability_score"}
 _YOLO_DECIMALS = 6
+_TREE_VERTICES = 4000  # YOLO's bridges: the shortest tree up to this many vertices, a chain beyond
 
 
 @dataclass
@@ -198,17 +199,48 @@ def mask_polygons(mask: np.ndarray, simplify: float = DEFAULT_SIMPLIFY, outline:
 
 
 def bridged(polygons: Sequence[np.ndarray]) -> np.ndarray:
-    """One polygon from several, joined by the shortest bridges: a tree (Prim's) over their vertices.
+    """One polygon from several, joined by short bridges.
 
-    Each polygon is entered from its vertex closest to those already joined and walked round, then
-    the bridge is walked back, so a bridge encloses no area: even-odd and non-zero fills see each
-    polygon as before, plus the bridge's own pixels where a rasteriser draws edges.
+    Each further polygon is entered from a vertex of one already joined, walked round, and left by the same
+    bridge, so a bridge encloses no area: even-odd and non-zero fills see each polygon as before, plus the
+    bridge's own pixels where a rasteriser draws edges. The bridges are the shortest tree between the vertices
+    (Prim's), or, past ``_TREE_VERTICES`` vertices (a cost of their square), a chain in reading order.
     """
     if len(polygons) == 1:
         return polygons[0]
     points = np.concatenate(polygons).astype(np.int64)
-    owner = np.repeat(np.arange(len(polygons)), [len(p) for p in polygons])
     first = np.concatenate([[0], np.cumsum([len(p) for p in polygons])[:-1]])
+    root, bridges = (_shortest_tree if len(points) <= _TREE_VERTICES else _reading_chain)(polygons, points, first)
+    values: list[int] = []  # the path as a linked list: values[node], and the node after it
+    after: list[int] = []
+    node_of: dict[int, int] = {}  # a vertex's first node
+
+    def splice(node: int, vertices: Sequence[int]) -> None:
+        for vertex in vertices:
+            values.append(int(vertex))
+            after.append(after[node] if node >= 0 else -1)
+            if node >= 0:
+                after[node] = len(values) - 1
+            node = len(values) - 1
+            node_of.setdefault(int(vertex), node)
+
+    def walk(piece: int, start: int) -> list[int]:
+        size = len(polygons[piece])
+        return [first[piece] + (start - first[piece] + k) % size for k in range(size)]
+
+    splice(-1, walk(root, first[root]))
+    for piece, entry, anchor in bridges:  # each anchor is on a polygon joined before
+        splice(node_of[anchor], [*walk(piece, entry), entry, anchor])
+    path, node = [], 0
+    while node != -1:
+        path.append(values[node])
+        node = after[node]
+    return points[path]
+
+
+def _shortest_tree(polygons, points: np.ndarray, first: np.ndarray) -> tuple[int, list[tuple[int, int, int]]]:
+    """Prim's tree over the polygons by their closest vertices: (root, [(polygon, entry vertex, anchor vertex)])."""
+    owner = np.repeat(np.arange(len(polygons)), [len(p) for p in polygons])
     nearest = np.full(len(points), np.inf)  # squared distance to the joined polygons' vertices ...
     anchor = np.zeros(len(points), dtype=np.int64)  # ... and which vertex that is
     joined = np.zeros(len(polygons), dtype=bool)
@@ -222,15 +254,25 @@ def bridged(polygons: Sequence[np.ndarray]) -> np.ndarray:
         anchor[closer] = members[distances.argmin(axis=1)[closer]]
 
     join(0)
-    path = list(range(len(polygons[0])))
+    bridges = []
     for _ in range(len(polygons) - 1):
         entry = int(np.argmin(np.where(joined[owner], np.inf, nearest)))
-        piece, size = owner[entry], len(polygons[owner[entry]])
-        loop = [first[piece] + (entry - first[piece] + k) % size for k in range(size)]
-        at = path.index(anchor[entry]) + 1
-        path[at:at] = [*loop, entry, int(anchor[entry])]
-        join(piece)
-    return points[path]
+        bridges.append((int(owner[entry]), entry, int(anchor[entry])))
+        join(int(owner[entry]))
+    return 0, bridges
+
+
+def _reading_chain(polygons, points: np.ndarray, first: np.ndarray) -> tuple[int, list[tuple[int, int, int]]]:
+    """The polygons in reading order (bands of 16 rows, then x), each bridged to the one before at their closest
+    vertices: (root, [(polygon, entry vertex, anchor vertex)])."""
+    tops = [(int(p[:, 1].min()) // 16, int(p[:, 0].min())) for p in polygons]
+    order = sorted(range(len(polygons)), key=tops.__getitem__)
+    bridges = []
+    for before, piece in zip(order, order[1:]):
+        distances = ((polygons[before][:, None, :] - polygons[piece][None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(np.argmin(distances), distances.shape)
+        bridges.append((piece, int(first[piece] + j), int(first[before] + i)))
+    return order[0], bridges
 
 
 # ---------------------------------------------------------------- the exporter
@@ -271,7 +313,8 @@ class Exporter:
         height, width = image.shape[:2]
         for i, obj in enumerate(objects):
             if np.shape(obj.mask) != (height, width):
-                raise ValueError(f"{image_path}: mask {i} has shape {np.shape(obj.mask)}, the image is {height}x{width}")
+                raise ValueError(f"{image_path}: mask {i} has shape {np.shape(obj.mask)}, "
+                                 f"the image is {height}x{width}")
         stem = stem or image_path.stem
         chosen = self.selected(objects)
         written: list[Path] = []

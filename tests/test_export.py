@@ -139,6 +139,28 @@ def test_hole_is_cut_into_pieces_without_holes():
     assert np.array_equal(union, EDGE_CASES["island in a hole"])
 
 
+@pytest.mark.parametrize("tree_vertices", [4000, 0], ids=["shortest tree", "reading chain"])
+def test_bridged_polygon_covers_every_part(tree_vertices, monkeypatch):
+    """YOLO's one polygon per object: filled by ultralytics, it covers every part, plus only its bridges' pixels."""
+    monkeypatch.setattr(export, "_TREE_VERTICES", tree_vertices)
+    mask = np.random.default_rng(1).random((40, 60)) < 0.08
+    mask[5:20, 5:30] = True
+    polygons = export.mask_polygons(mask, 0, outline=False)
+    joined = export.bridged(polygons)
+    assert len(polygons) > 20 and len(joined) == sum(map(len, polygons)) + 2 * (len(polygons) - 1)
+    filled = np.zeros(mask.shape, np.uint8)
+    cv2.fillPoly(filled, [joined.astype(np.int32)], 1)
+    assert not (mask & ~filled.astype(bool)).any()
+    lines = np.zeros(mask.shape, np.uint8)  # the bridges: the segments between consecutive polygons' vertices
+    path = joined.tolist()
+    for a, b in zip(path, path[1:]):
+        if max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 1:
+            cv2.line(lines, tuple(a), tuple(b), 1)
+    outlines = np.zeros(mask.shape, np.uint8)
+    cv2.polylines(outlines, [p.astype(np.int32) for p in polygons], True, 1)
+    assert not (filled.astype(bool) & ~mask & ~lines.astype(bool) & ~outlines.astype(bool)).any()
+
+
 def test_one_pixel_polygons():
     pixel = EDGE_CASES["one pixel"]
     assert export.mask_polygons(pixel, 0, outline=True)[0].tolist() == [[1, 1], [1, 2], [2, 2], [2, 1]]
