@@ -15,7 +15,8 @@ atomically (``checkpoint.atomic_write``). Beyond the contract's names: ``ExportO
 ``piece_outline``, ``piece_boundary`` and ``bridged``. The files, in ``out_dir``:
 
   png       ``{stem}_mask{i}.png``     0/255 mask; ``i`` is the object's index in ``add``'s list
-  cutout    ``{stem}_cutout{i}.png``   RGBA: the image with the mask as alpha (background removed)
+  cutout    ``{stem}_cutout{i}.png``   RGBA: the image with the mask as alpha (background removed: transparent
+                                       pixels are black, and PNG's fastest compression level is used)
   coco      ``coco.json``              one COCO instances file for the run, polygon segmentation
   coco-rle  ``coco_rle.json``          the same with compressed RLE segmentation
   yolo      ``yolo/{stem}.txt``        YOLO segmentation labels, one line per object:
@@ -128,7 +129,11 @@ def hole_free_pieces(mask: np.ndarray) -> Iterator[tuple[np.ndarray, int, int]]:
     through the middle of the hole's bounding box, and the halves are split again until no piece has a hole.
     """
     cv2 = require_opencv()
-    queue = [(np.ascontiguousarray(mask, dtype=np.uint8), 0, 0)]
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return
+    x1, y1, x2, y2 = (int(v) for v in batched_mask_to_box(mask))  # labelling only the mask's box is cheaper
+    queue = [(np.ascontiguousarray(mask[y1:y2 + 1, x1:x2 + 1], dtype=np.uint8), x1, y1)]
     while queue:
         region, x0, y0 = queue.pop(0)
         count, labels, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
@@ -323,8 +328,9 @@ class Exporter:
             files = self.object_files(stem, i)
             if "png" in files:
                 written.append(self._png(Image.fromarray(alpha), files["png"]))
-            if "cutout" in files:
-                written.append(self._png(Image.fromarray(np.dstack([image, alpha]), "RGBA"), files["cutout"]))
+            if "cutout" in files:  # transparent pixels black: ~3x smaller and faster to compress than the photo
+                rgba = np.dstack([image * objects[i].mask[..., None].astype(np.uint8), alpha])
+                written.append(self._png(Image.fromarray(rgba, "RGBA"), files["cutout"], compress_level=1))
         kept = [(i, objects[i]) for i in chosen if np.any(objects[i].mask)]
         outlines = {i: mask_polygons(obj.mask, self.simplify, outline=True) for i, obj in kept} \
             if "coco" in self.formats else {}
@@ -378,8 +384,11 @@ class Exporter:
         name = DEFAULT_LABEL if label is None else str(label)
         return self.categories.setdefault(name, len(self.categories))
 
-    def _png(self, picture: Image.Image, name: str) -> Path:
-        return atomic_write(self.out_dir / name, lambda tmp: picture.save(tmp, format="PNG"), suffix=".png")
+    def _png(self, picture: Image.Image, name: str, compress_level: int = 6) -> Path:
+        def save(tmp: str) -> None:
+            picture.save(tmp, format="PNG", compress_level=compress_level)
+
+        return atomic_write(self.out_dir / name, save, suffix=".png")
 
     def _text(self, text: str, relative: Path) -> Path:
         path = self.out_dir / relative

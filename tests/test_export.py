@@ -247,7 +247,7 @@ def test_every_format_of_a_run(dog, tmp_path):
     # png and cutout
     assert np.array_equal(np.asarray(Image.open(tmp_path / "dog_mask0.png")), first.astype(np.uint8) * 255)
     cutout = np.asarray(Image.open(tmp_path / "dog_cutout1.png"))
-    assert cutout.shape == (height, width, 4) and np.array_equal(cutout[..., :3], dog)
+    assert cutout.shape == (height, width, 4) and np.array_equal(cutout[..., :3], dog * second[..., None])
     assert np.array_equal(cutout[..., 3], second.astype(np.uint8) * 255)
 
     # COCO: the empty mask is left out; labels are categories in order of first appearance
