@@ -17,12 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as coco_mask
 
+from reference import require
 from sam_mlx.amg import mask_utils as mu
 
 
 def _load_amg():
     """Import segment_anything/utils/amg.py without the package __init__ (which needs torchvision)."""
-    spec = importlib.util.find_spec("segment_anything")
+    spec = require("segment_anything", "Meta's segment-anything")
     path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "amg.py"
     mod_spec = importlib.util.spec_from_file_location("_sam_original_amg", path)
     module = importlib.util.module_from_spec(mod_spec)
