@@ -42,7 +42,9 @@ class SamPredictor:
         array = as_rgb_array(image)
         if image_format == "BGR":
             array = np.ascontiguousarray(array[..., ::-1])
-        self._image = self._sam.encode_image(array, image_geometry(array.shape[:2], self.sizing, self.size))
+        geometry = image_geometry(array.shape[:2], self.sizing, self.size)
+        self.reset_image()  # the last image's tokens are not kept while the next one is encoded
+        self._image = self._sam.encode_image(array, geometry)
 
     def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
         """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
