@@ -120,9 +120,7 @@ def worker_mlx(args) -> dict:
     stretch.predict(coords, labels)
     result["prompt_stretch512_s"] = timed(lambda: stretch.predict(coords, labels), 20)
     if args.worker_everything:
-        from sam_mlx.amg.automatic_mask_generator import SamAutomaticMaskGenerator
-
-        time_everything(SamAutomaticMaskGenerator(predictor.model), image, result)
+        time_everything(sam_mlx.SamAutomaticMaskGenerator(predictor.model), image, result)
     return result
 
 

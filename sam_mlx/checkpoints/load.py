@@ -100,12 +100,11 @@ def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
     """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU (Apple
     Silicon) half precision, which halves the encoder's memory traffic there.
 
-    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits: on
-    sam_mlx's GPU branches with MobileSAM's real weights (``scripts/precision.py``), its image tokens
-    are ~10x closer to float32's than bfloat16's, and TinyViT's largest activation (~900, on noise)
-    is far below float16's 65504. Meta's ViT-H is reported to overflow float16 (segment-anything
-    issue #540), so the ViT keeps bfloat16, which has float32's range. On MLX's CPU backend
-    half-precision matmuls and transcendental functions are slower than float32.
+    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits, and
+    TinyViT's activations stay far below its range (README's Parity, ``scripts/precision.py``). Meta's
+    ViT-H is reported to overflow float16 (segment-anything issue #540), so the ViT keeps bfloat16, which
+    has float32's range. On MLX's CPU backend half-precision matmuls and transcendental functions are
+    slower than float32.
     """
     if backend.on_cpu():
         return mx.float32
