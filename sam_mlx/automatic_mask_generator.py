@@ -102,7 +102,8 @@ class SamAutomaticMaskGenerator:
         (XYWH). ``progress(done, total)`` is called as point prompts are decoded.
         """
         image = as_rgb_array(image)
-        data = self._generate_masks(image, progress)
+        with self.predictor.lock:  # one image's crops at a time, whichever threads call
+            data = self._generate_masks(image, progress)
         if self.min_mask_region_area > 0:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
             data = self._remove_small_regions(data, self.min_mask_region_area, nms_thresh)

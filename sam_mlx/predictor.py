@@ -7,8 +7,10 @@ upscaling of the chosen masks to the image's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -24,6 +26,18 @@ from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
 
 MASK_THRESHOLD = 0.0
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: _Method) -> _Method:
+    """Run the method holding the predictor's ``lock``: calls from several threads take turns."""
+
+    @functools.wraps(method)
+    def locked(self: SamPredictor, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class SamPredictor:
@@ -31,9 +45,14 @@ class SamPredictor:
 
     ``sizing``/``size``: ``"original"`` (default: longest side resized to 1024 and padded,
     exactly as Meta's SAM) or ``"stretch"`` (resized to multiples of 16, no padding).
+
+    Any thread may call it, several threads too: each call holds ``lock`` (hold it yourself to make a
+    sequence of calls, such as ``set_image`` then ``predict``, one). Several predictors, one per thread,
+    compute at the same time.
     """
 
     def __init__(self, model: Sam, sizing: str = "original", size: int | tuple[int, int] | None = None):
+        self.lock = threading.RLock()
         self.model = model
         self.sizing = sizing
         self.size = _size(model.config.image_size if size is None else size)
@@ -42,6 +61,7 @@ class SamPredictor:
         self.reset_image()
 
     # ---------------------------------------------------------------- image
+    @_one_call_at_a_time
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
         """Encode an image (H x W x 3 uint8 array, PIL image or path) and keep its tokens."""
         if image_format not in ("RGB", "BGR"):
@@ -55,6 +75,7 @@ class SamPredictor:
             mx.eval(tokens)
         self.set_image_tokens(tokens, geometry)
 
+    @_one_call_at_a_time
     def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
         """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
         expected = (1, *geometry.grid_size)
@@ -68,6 +89,7 @@ class SamPredictor:
             mx.eval(self.image_pe, self.image_side)
         self.is_image_set = True
 
+    @_one_call_at_a_time
     def reset_image(self) -> None:
         self.features: mx.array | None = None
         self.geometry: ImageGeometry | None = None
@@ -83,6 +105,7 @@ class SamPredictor:
     def input_size(self) -> tuple[int, int]:
         return self._require_image().input_size
 
+    @_one_call_at_a_time
     def get_image_embedding(self) -> np.ndarray:
         """The image tokens as the original returns them: 1 x C x h x w float32."""
         self._require_image()
@@ -133,6 +156,7 @@ class SamPredictor:
         )
         return masks[0], iou[0], None if low_res is None else low_res[0]
 
+    @_one_call_at_a_time
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -170,6 +194,7 @@ class SamPredictor:
         low_res = np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32) if return_low_res else None
         return masks, np.zeros((0, count), np.float32), low_res
 
+    @_one_call_at_a_time
     def prepare_prompts(
         self,
         point_coords: np.ndarray | None,
@@ -238,6 +263,7 @@ class SamPredictor:
         return self.model.decode(self.features, g.padded_size, points, boxes, masks, multimask_output, self.image_pe,
                                  self.image_side, None if full_grid else g.read_grid)
 
+    @_one_call_at_a_time
     def decode_numpy(
         self,
         points: tuple[mx.array, mx.array] | None,
@@ -252,12 +278,14 @@ class SamPredictor:
             mx.eval(low_res, iou)
         return np.array(low_res), np.array(iou)
 
+    @_one_call_at_a_time
     def upscale(self, low_res_logits: mx.array) -> mx.array:
         """... x h x w low-res logits (whole grid, or ``decode(full_grid=False)``'s part) -> ... x H x W logits
         at the original image size."""
         g = self._low_res_geometry(low_res_logits.shape)
         return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
 
+    @_one_call_at_a_time
     def masks_above(self, low_res_logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
         """``upscale(low_res_logits) > t`` for each threshold t: bool ... x H x W masks, upscaled only near their edges."""
         g = self._low_res_geometry(low_res_logits.shape)

@@ -33,6 +33,7 @@ from .attention import attention
 from .checkpoint import CheckpointError, checked_shape
 from .config import _from_dict
 from .layers import LayerNorm, gelu, layer_norm_2d
+from .mlx_threads import compiled
 from .token_bands import across_rows
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, as in the original
@@ -91,7 +92,7 @@ class ConvBN(nn.Module):
         return mx.conv2d(x, self.weight, stride=self.stride, padding=k // 2) + self.bias
 
 
-@mx.compile
+@compiled
 def _depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
     """B x H x W x C (*) C x k x k x 1 depthwise conv, padding k // 2, as k*k fused shifted multiply-adds."""
     k, s = weight.shape[1], stride
