@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from .config import PromptDecoderConfig, SamConfig, ViTConfig
 from .layers import on_cpu
-from .torch_pickle import CheckpointError, read_torch_checkpoint
+from .torch_pickle import CheckpointError, LazyTensor, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -57,8 +57,11 @@ _CONV_TRANSPOSE = re.compile(r"^mask_decoder\.upscaler\.conv\d\.weight$")
 _POINT_EMBEDDING = re.compile(r"^prompt_encoder\.point_embeddings\.(\d)\.weight$")
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read any supported checkpoint file into ``({name: array}, safetensors metadata)``."""
+def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Read any supported checkpoint file's header into ``({name: LazyTensor}, safetensors metadata)``.
+
+    No tensor data is read: ``np.asarray`` reads a tensor once its name, shape and dtype were checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -71,17 +74,46 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     raise CheckpointError(f"{path}: not a PyTorch (.pth) or safetensors checkpoint")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+# safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsTensor(LazyTensor):
+    """A tensor of a safetensors file: ``nbytes`` bytes at byte ``start`` of the file."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], stored_type: str, start: int):
+        raw = np.dtype(_SAFETENSORS_DTYPES.get(stored_type, "V1"))
+        super().__init__(str(path), name, shape, np.dtype(np.float32) if stored_type == "BF16" else raw, stored_type)
+        self.path, self.raw_dtype, self.start = path, raw, start
+
+    def load(self) -> np.ndarray:
+        count = int(np.prod(self.stored_shape))
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            raw = f.read(count * self.raw_dtype.itemsize)
+        if len(raw) != count * self.raw_dtype.itemsize:
+            raise CheckpointError(f"{self.path}: weight {self.name} runs past the end of the file (truncated?)")
+        array = np.frombuffer(raw, self.raw_dtype).reshape(self.stored_shape)
+        return (array.astype(np.uint32) << 16).view(np.float32) if self.stored_type == "BF16" else array.copy()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """The header of a safetensors file (checked by the safetensors library: every tensor's bytes lie in the file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            if metadata.get("sam_mlx_config"):  # our own file: keep bf16 etc. exact, through MLX
-                return {k: v for k, v in mx.load(str(path)).items()}, metadata
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        return {
+            name: SafetensorsTensor(path, name, tuple(entry["shape"]), entry["dtype"], 8 + length + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"
+        }, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def detect_format(state: Mapping[str, object]) -> str:
@@ -166,25 +198,37 @@ def infer_decoder_config(state: Mapping[str, np.ndarray]) -> PromptDecoderConfig
 
 
 def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
-    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config)."""
+    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config).
+
+    The config is inferred from names and shapes alone and the model's size checked before any weight is
+    read (lazy tensors stay lazy through renaming and transposing).
+    """
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    weights: dict[str, np.ndarray] = {}
-    if "image_encoder.patch_embed.proj.weight" in state:
+    tiny_vit = "image_encoder.patch_embed.proj.weight" not in state
+    if not tiny_vit:
         encoder = infer_vit_config(state)
-        rest = state
     elif any(k.startswith("image_encoder.layers.") for k in state):
-        from .tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
+        from .tiny_vit import infer_tiny_vit_config
 
         encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
-        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
-        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     else:
         raise CheckpointError("no image encoder weights (image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
     config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder))
+    check_model_fits(config)
+    weights: dict[str, np.ndarray] = {}
+    rest = state
+    if tiny_vit:
+        from .tiny_vit import convert_tiny_vit_weights
+
+        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
+        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
 
     points: dict[int, np.ndarray] = {}
     for key, value in rest.items():
         if m := _POINT_EMBEDDING.match(key):
+            if tuple(value.shape) != (1, config.decoder.embed_dim):
+                raise CheckpointError(f"{key} has shape {tuple(value.shape)}, expected (1, {config.decoder.embed_dim})")
+            require_float(value, key)
             points[int(m.group(1))] = value
             continue
         name = key
@@ -199,8 +243,23 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         weights[name] = value
     if sorted(points) != [0, 1, 2, 3]:
         raise CheckpointError(f"expected prompt_encoder.point_embeddings.0..3, found indices {sorted(points)}")
-    weights["prompt_encoder.point_embeddings"] = np.concatenate([points[i] for i in range(4)], axis=0)
+    weights["prompt_encoder.point_embeddings"] = np.concatenate([np.asarray(points[i]) for i in range(4)], axis=0)
     return weights, config
+
+
+def check_model_fits(config: SamConfig, model=None) -> None:
+    """Refuse a config whose float32 weights alone would exceed this machine's memory: a crafted or damaged
+    file can describe a model of any size, and nothing of it is read before this check."""
+    from .resources import format_bytes, machine_memory
+    from .sam import Sam
+
+    model = Sam(config) if model is None else model  # parameters not evaluated: no memory yet
+    count = sum(v.size for _, v in tree_flatten(model.parameters()))
+    available = machine_memory()
+    if available is not None and 4 * count > available:
+        raise CheckpointError(f"the weights describe a {config.name} model of {count / 1e6:.0f} M parameters "
+                              f"({format_bytes(4 * count)} as float32), more than this machine's memory "
+                              f"({format_bytes(available)})")
 
 
 def _image_size(encoder) -> int:
@@ -217,7 +276,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
 
 
 def check_weights(model, weights: Mapping[str, object], source: str) -> None:
-    """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
+    """Raise CheckpointError naming any missing, unexpected, mis-shaped or non-float parameter (nothing is read)."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -229,6 +288,16 @@ def check_weights(model, weights: Mapping[str, object], source: str) -> None:
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
+        require_float(weights[key], key, f"{source}: ")
+
+
+def require_float(value: object, key: str, prefix: str = "") -> None:
+    """Raise CheckpointError unless ``value`` (an mlx or numpy array or a LazyTensor, unread) holds floats:
+    integer or boolean bytes read as weights would give plausible-looking garbage."""
+    dtype = value.dtype
+    if not (mx.issubdtype(dtype, mx.floating) if isinstance(dtype, mx.Dtype) else np.issubdtype(dtype, np.floating)):
+        stored, name = getattr(value, "stored_type", dtype), getattr(value, "name", key)  # the file's own name
+        raise CheckpointError(f"{prefix}weight {name} holds {stored} values; SAM weights are floating point")
 
 
 def _few(names: list[str]) -> str:
@@ -264,8 +333,15 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    try:
+        check_model_fits(config, model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
-    arrays = [(k, v if isinstance(v, mx.array) else mx.array(v)) for k, v in weights.items()]
+    arrays = [(k, v if isinstance(v, mx.array) else mx.array(np.asarray(v))) for k, v in weights.items()]
+    non_finite = [k for k, v in arrays if not mx.isfinite(v).all().item()]
+    if non_finite:
+        raise CheckpointError(f"{source}: weights with NaN or infinite values: {_few(sorted(non_finite))}")
     if dtype is not None:
         arrays = [(k, v.astype(dtype)) for k, v in arrays]
     else:
