@@ -25,6 +25,7 @@ from .torch_pickle import CheckpointError, LazyTensor, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_FLOAT16_MAX = 65504.0
 
 # Meta name pattern -> sam_mlx name (applied to the names of the prompt encoder and mask decoder,
 # and of the ViT encoder); the TinyViT encoder has its own converter.
@@ -338,8 +339,17 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
-    arrays = [(k, v if isinstance(v, mx.array) else mx.array(np.asarray(v))) for k, v in weights.items()]
-    non_finite = [k for k, v in arrays if not mx.isfinite(v).all().item()]
+    arrays, non_finite = [], []
+    for key, value in weights.items():  # read one at a time; numpy's finiteness test is ~10x faster than MLX's CPU one
+        if isinstance(value, mx.array):
+            finite = mx.isfinite(value).all().item()
+        else:
+            value = np.asarray(value)
+            finite = bool(np.isfinite(value).all())
+            value = mx.array(value)
+        arrays.append((key, value))
+        if not finite:
+            non_finite.append(key)
     if non_finite:
         raise CheckpointError(f"{source}: weights with NaN or infinite values: {_few(sorted(non_finite))}")
     if dtype is not None:
@@ -388,7 +398,13 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
     """Write the model's weights as safetensors (config and source in the metadata), atomically."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in tree_flatten(model.parameters())}
+    params = tree_flatten(model.parameters())
+    if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
+        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        if too_large:
+            raise ValueError(f"weights {_few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
+                             "become infinite: save as bfloat16 or float32")
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
     metadata = {
         "format": "sam_mlx",
         "format_version": FORMAT_VERSION,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -62,6 +63,26 @@ def _point(text: str) -> tuple[float, ...]:
 
 def _box(text: str) -> tuple[float, ...]:
     return _numbers(text, 4, "box", "X1,Y1,X2,Y2")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -148,8 +169,20 @@ def _save_png(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
 
 
+def _strict_json(value: object) -> object:
+    """``value`` with non-finite floats as null: bare NaN and Infinity are not JSON, and strict parsers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _write_json(data: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), suffix=".json")
+    text = json.dumps(_strict_json(data), indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
 
 
 def _remove_old_masks(out_dir: Path, stem: str) -> None:
@@ -187,10 +220,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
         height, width = image.shape[:2]
         _check_prompts(points, boxes, width, height, path.name)
         if args.tokens:
-            loaded = load_image_tokens(predictor, args.tokens)
-            if loaded.geometry.original_size != (height, width):
-                h, w = loaded.geometry.original_size
+            if saved.geometry.original_size != (height, width):
+                h, w = saved.geometry.original_size
                 raise CliError(f"{args.tokens} was encoded from a {w}x{h} image, but {path} is {width}x{height}")
+            load_image_tokens(predictor, args.tokens, image, image_name=str(path))
         else:
             predictor.set_image(image)
         report = _segment(predictor, image, points, labels, boxes, multimask, stem, out_dir)
@@ -245,7 +278,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     predictor = _predictor(args, _load_model(args))
     start = time.perf_counter()
     predictor.set_image(image)
-    path = save_image_tokens(predictor, args.out)
+    path = save_image_tokens(predictor, args.out, image_name=str(args.image))
     h, w = predictor.geometry.grid_size
     _log(f"{args.image}: {h}x{w} image tokens in {time.perf_counter() - start:.1f} s -> {path}")
 
@@ -392,13 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N x N grid of point prompts (default: 32)")
     every.add_argument("--points-per-batch", type=_positive_int, default=64, metavar="N",
                        help="point prompts decoded together (default: 64)")
-    every.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T",
+    every.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
                        help="keep masks whose predicted IoU exceeds T (default: 0.88)")
-    every.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="T",
+    every.add_argument("--stability-score-thresh", type=_fraction, default=0.95, metavar="T",
                        help="keep masks whose stability score is at least T (default: 0.95)")
-    every.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
+    every.add_argument("--crop-n-layers", type=_count, default=0, metavar="N",
                        help="also run on N layers of zoomed-in crops (default: 0)")
-    every.add_argument("--min-mask-region-area", type=int, default=0, metavar="A",
+    every.add_argument("--min-mask-region-area", type=_count, default=0, metavar="A",
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 

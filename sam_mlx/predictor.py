@@ -16,16 +16,19 @@ import mlx.core as mx
 import numpy as np
 
 from ._blas import single_threaded
-from .image_io import as_rgb_array
-from .layers import keep_prompt_buffers
+from .image_io import as_rgb_array, pixel_fingerprint
+from .layers import keep_prompt_buffers, on_cpu
 from .prompt_encoder import PADDING_LABEL, prompt_batch_size
 from .resize import upscale_mask_logits, upscaled_masks_above
+from .resources import check_encoding_fits
 from .token_bands import parallel_bands
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
 
 MASK_THRESHOLD = 0.0
+# SAM's low-res logits lie within about +-100; far larger hints would overflow float32 in the hint encoder
+_MASK_INPUT_LIMIT = 1e6
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
@@ -56,7 +59,10 @@ class SamPredictor:
         self.model = model
         self.sizing = sizing
         self.size = _size(model.config.image_size if size is None else size)
-        image_geometry((1, 1), sizing, self.size)  # validate the sizing early
+        widest = image_geometry((1, 1), sizing, self.size)  # validates the sizing early
+        if sizing == "stretch" and isinstance(self.size, int):  # the largest grid an image can get: a square
+            widest = image_geometry((self.size, self.size), sizing, self.size)
+        check_encoding_fits(model.config, widest.padded_size, on_cpu())
         keep_prompt_buffers()
         self.reset_image()
 
@@ -73,16 +79,18 @@ class SamPredictor:
         with parallel_bands():
             tokens = self.model.encode_image(preprocess(array, geometry))
             mx.eval(tokens)
-        self.set_image_tokens(tokens, geometry)
+        self.set_image_tokens(tokens, geometry, pixel_fingerprint(array))
 
     @_one_call_at_a_time
-    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
-        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
+    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry, image_fingerprint: str | None = None) -> None:
+        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry`` (whose pixels have
+        ``image_io.pixel_fingerprint`` ``image_fingerprint``, if known)."""
         expected = (1, *geometry.grid_size)
         if tuple(tokens.shape[:3]) != expected:
             raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
         self.features = tokens
         self.geometry = geometry
+        self.image_fingerprint = image_fingerprint
         self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
         with parallel_bands():
             self.image_side = self.model.project_image(tokens, self.image_pe)
@@ -95,6 +103,7 @@ class SamPredictor:
         self.geometry: ImageGeometry | None = None
         self.image_pe: mx.array | None = None
         self.image_side: ImageSide | None = None
+        self.image_fingerprint: str | None = None
         self.is_image_set = False
 
     @property
@@ -244,6 +253,9 @@ class SamPredictor:
             raise ValueError(f"mask_input must be B x {' x '.join(map(str, expected))} low-res logits, got {mask_input.shape}")
         if not np.isfinite(mask_input).all():
             raise ValueError("mask_input contains NaN or infinite values")
+        largest = float(np.abs(mask_input).max(initial=0))
+        if largest > _MASK_INPUT_LIMIT:  # e.g. a float64 1e300: inf in float32, NaN masks after
+            raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), got {largest:g}")
         return mx.array(mask_input[:, 0].astype(np.float32))
 
     def decode(

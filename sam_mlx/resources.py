@@ -77,3 +77,40 @@ def format_bytes(count: float) -> str:
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count / 1e6:.2f} MB"
+
+
+def check_encoding_fits(config, padded_size: tuple[int, int], cpu: bool) -> None:
+    """Raise ValueError, with the estimate, if encoding at ``padded_size`` would need more memory than there is."""
+    need, available = encoding_memory(config, padded_size, cpu), machine_memory()
+    if available is not None and need > available:
+        h, w = padded_size
+        raise ValueError(f"encoding an image at {w}x{h} would need about {format_bytes(need)} of memory, more than "
+                         f"this machine's {format_bytes(available)}: use a smaller size")
+
+
+def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> int:
+    """An estimate of the bytes that encoding one image padded to ``padded_size`` (H, W) takes beyond the weights.
+
+    Counted in float32: the image (resized, normalised, padded: ~36 bytes a pixel); for the ViT, each token's
+    activations (about 10 widths and 2 MLP widths) and, in global-attention blocks, the per-axis
+    relative-position logits (2 x heads x tokens x (rows + columns)), or on a GPU the full mask of the fused
+    attention kernel (heads x tokens^2, half precision); for TinyViT, its first stage's MBConv activations at
+    a quarter of the resolution. Doubled for MLX's buffer cache and copies between row bands, plus 200 MB
+    fixed: on the development machine's CPU that lies between the measured growth of the peak RSS while
+    encoding and twice it, for MobileSAM at 256..2048 pixels square and a ViT-B at 256..1024.
+    """
+    h, w = padded_size
+    pixels, rows, cols = h * w, h // 16, w // 16
+    tokens = rows * cols
+    need = 36 * pixels
+    encoder = config.encoder
+    if encoder.kind == "vit":
+        need += 4 * tokens * (10 * encoder.embed_dim + 2 * encoder.mlp_dim)
+        if encoder.global_attention_blocks:
+            need += 8 * encoder.num_heads * tokens * (rows + cols)
+            if not cpu:
+                need += 2 * encoder.num_heads * tokens * tokens
+    else:
+        dim, expand = encoder.embed_dims[0], encoder.mbconv_expand_ratio
+        need += int(4 * (pixels // 16) * dim * (2 + 2 * expand))
+    return 2 * need + (200 << 20)
