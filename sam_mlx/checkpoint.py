@@ -8,10 +8,14 @@ the config (JSON) and the source they were converted from.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -21,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from .config import PromptDecoderConfig, SamConfig, ViTConfig
 from .layers import on_cpu
+from .resources import format_bytes
 from .torch_pickle import CheckpointError, LazyTensor, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
@@ -251,7 +256,7 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
 def check_model_fits(config: SamConfig, model=None) -> None:
     """Refuse a config whose float32 weights alone would exceed this machine's memory: a crafted or damaged
     file can describe a model of any size, and nothing of it is read before this check."""
-    from .resources import format_bytes, machine_memory
+    from .resources import machine_memory
     from .sam import Sam
 
     model = Sam(config) if model is None else model  # parameters not evaluated: no memory yet
@@ -416,12 +421,37 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file (``atomic_write_all``)."""
+    return atomic_write_all([(path, write, suffix)])[0]
 
-    The temporary (hidden: ``.<name>.<random>.tmp<suffix>``) is locked while written, so
+
+def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[str], None], str]]) -> list[Path]:
+    """Write several files as one set: each ``(path, write, suffix)`` is written by ``write(tmp_path)`` to its own
+    temporary, and only when every write succeeded are all renamed into place; if one fails, no file is replaced
+    and no temporary is left. A failed write (MLX raises RuntimeError, e.g. on a full disk) is an OSError naming
+    the file and the space left in its folder.
+
+    The temporaries (hidden: ``.<name>.<random>.tmp<suffix>``) are locked while written, so
     ``remove_abandoned_temporaries`` deletes those of killed writers but never a live one.
     """
-    path = Path(path)
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(_locked_temporary(Path(path), suffix)) for path, _, suffix in files]
+        for (path, write, _), tmp in zip(files, temporaries):
+            try:
+                write(tmp)
+            except (OSError, RuntimeError) as exc:
+                folder = Path(path).parent
+                free = format_bytes(shutil.disk_usage(folder).free)
+                raise OSError(f"could not write {path}: {exc} ({free} free in {folder})") from exc
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        for (path, _, _), tmp in zip(files, temporaries):
+            os.replace(tmp, path)
+    return [Path(path) for path, _, _ in files]
+
+
+@contextlib.contextmanager
+def _locked_temporary(path: Path, suffix: str) -> Iterator[str]:
+    """A new hidden temporary beside ``path``, locked (where locks exist) until the block ends; removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -433,16 +463,29 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
             break
         os.close(fd)  # removed as abandoned between its creation and its locking: make another
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
+        yield tmp
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
         if fd is not None:
             os.close(fd)
-    return path
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (where the system has such locks) while the block runs: processes
+    writing sets of files into one folder take turns."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder: no lock
+        yield
+        return
+    try:
+        _lock(fd, blocking=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:
@@ -451,9 +494,11 @@ def _umask() -> int:
     return mask
 
 
-def remove_abandoned_temporaries(folder: Path) -> None:
-    """Delete ``atomic_write`` temporaries in ``folder`` that nobody is writing (their writer was killed)."""
-    for tmp in folder.glob(".*.tmp*"):
+def remove_abandoned_temporaries(folder: Path, name: str | None = None) -> None:
+    """Delete ``atomic_write`` temporaries in ``folder`` (only those of the file ``name``, if given: the folder may
+    be the user's) that nobody is writing (their writer was killed)."""
+    pattern = ".*.tmp*" if name is None else f".{glob.escape(name)}.*.tmp*"
+    for tmp in folder.glob(pattern):
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:

@@ -7,6 +7,7 @@ arguments); ``--debug`` re-raises it with its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,7 +24,13 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint import atomic_write, load_checkpoint, save_model  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    atomic_write_all,
+    load_checkpoint,
+    locked_folder,
+    remove_abandoned_temporaries,
+    save_model,
+)
 from .hub import HubError, default_cache_dir  # noqa: E402
 from .image_io import load_image  # noqa: E402
 from .image_tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
@@ -165,10 +172,6 @@ def _mask_record(mask: np.ndarray) -> dict:
     return {"area": int(mask.sum()), "bbox": box_xyxy_to_xywh(batched_mask_to_box(mask)).tolist()}
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
-
-
 def _strict_json(value: object) -> object:
     """``value`` with non-finite floats as null: bare NaN and Infinity are not JSON, and strict parsers refuse them."""
     if isinstance(value, float):
@@ -180,17 +183,38 @@ def _strict_json(value: object) -> object:
     return value
 
 
-def _write_json(data: dict, path: Path) -> None:
-    text = json.dumps(_strict_json(data), indent=1, allow_nan=False) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), suffix=".json")
+def _json_text(data: dict) -> str:
+    return json.dumps(_strict_json(data), indent=1, allow_nan=False) + "\n"
 
 
-def _remove_old_masks(out_dir: Path, stem: str) -> None:
-    """Delete ``{stem}_mask<n>.png`` of an earlier run, so none outlives the JSON that lists them."""
-    pattern = re.compile(rf"{re.escape(stem)}_mask\d+\.png")
-    for path in out_dir.iterdir():
-        if pattern.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+def _write_outputs(out_dir: Path, stem: str, images: dict[str, Image.Image], report: dict) -> None:
+    """Replace an image's outputs in ``out_dir`` (PNGs by name, and ``{stem}.json`` holding ``report``) as one set.
+
+    Every file is written under a temporary name first and all are renamed into place only when all were
+    written, so a failed run (a full disk) leaves the previous set whole; then the files the previous run's own
+    JSON listed and this set does not reuse are deleted, and no other. Runs writing into one folder at once
+    take turns on a lock of the folder, so each set on disk is one run's.
+    """
+    json_path = out_dir / f"{stem}.json"
+    with locked_folder(out_dir):
+        previous = _files_listed(json_path, stem)
+        for name in [*images, json_path.name]:
+            remove_abandoned_temporaries(out_dir, name)  # those of killed runs
+        files = [(out_dir / name, functools.partial(image.save, format="PNG"), ".png") for name, image in images.items()]
+        atomic_write_all([*files, (json_path, lambda tmp: Path(tmp).write_text(_json_text(report)), ".json")])
+        for name in previous - set(images):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _files_listed(json_path: Path, stem: str) -> set[str]:
+    """The mask and overlay files an earlier run's ``{stem}.json`` lists (only names this command gives them)."""
+    try:
+        report = json.loads(json_path.read_text())
+        names = [m["file"] for m in report.get("masks", [])] + [report["overlay"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none, or not ours: delete nothing
+        return set()
+    ours = re.compile(rf"{re.escape(stem)}_(mask\d+|overlay)\.png")
+    return {name for name in names if isinstance(name, str) and ours.fullmatch(name)}
 
 
 def _log(message: str) -> None:
@@ -226,8 +250,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
             load_image_tokens(predictor, args.tokens, image, image_name=str(path))
         else:
             predictor.set_image(image)
-        report = _segment(predictor, image, points, labels, boxes, multimask, stem, out_dir)
-        _write_json({"image": str(path), **report}, out_dir / f"{stem}.json")
+        pngs, report = _segment(predictor, image, points, labels, boxes, multimask, stem)
+        _write_outputs(out_dir, stem, pngs, {"image": str(path), **report})
         seconds, count = time.perf_counter() - start, len(report["masks"])
         _log(f"[{i}/{len(images)}] {path}: {count} masks in {seconds:.1f} s -> {out_dir / report['overlay']}")
 
@@ -240,9 +264,8 @@ def _segment(
     boxes: np.ndarray,
     multimask: bool,
     stem: str,
-    out_dir: Path,
-) -> dict:
-    """Decode the prompts on the predictor's image, write the mask PNGs and the overlay; return the JSON report.
+) -> tuple[dict[str, Image.Image], dict]:
+    """Decode the prompts on the predictor's image -> ({file name: mask PNGs and the overlay}, the JSON report).
 
     points: N x 2 with labels N (shared by every prompt); boxes: B x 4. Every box is one
     prompt (with all the points), all B decoded as one batch; no box is one prompt of points.
@@ -255,22 +278,21 @@ def _segment(
         multimask_output=multimask,
         return_low_res=False,
     )  # masks: n_prompts x C x H x W
-    _remove_old_masks(out_dir, stem)
-    records = []
+    images, records = {}, []
     for b in range(n_prompts):
         box = boxes[b].tolist() if len(boxes) else None
         prompt = {"points": points.tolist(), "labels": labels.tolist(), "box": box}
         for c in range(masks.shape[1]):
             name = f"{stem}_mask{len(records)}.png"
-            _save_png(Image.fromarray(masks[b, c].astype(np.uint8) * 255), out_dir / name)
+            images[name] = Image.fromarray(masks[b, c].astype(np.uint8) * 255)
             records.append({"file": name, "prompt_index": b, "mask_index": c, "score": float(scores[b, c]),
                             **_mask_record(masks[b, c]), "prompt": prompt})
     overlay = f"{stem}_overlay.png"
-    drawn = draw_overlay(image, list(masks.reshape(-1, *masks.shape[2:])), points, labels, boxes)
-    _save_png(drawn, out_dir / overlay)
+    images[overlay] = draw_overlay(image, list(masks.reshape(-1, *masks.shape[2:])), points, labels, boxes)
     height, width = image.shape[:2]
-    return {"width": width, "height": height, "model": model_identity(predictor.model), "sizing": predictor.sizing,
-            "size": predictor.size, "multimask": multimask, "overlay": overlay, "masks": records}
+    return images, {"width": width, "height": height, "model": model_identity(predictor.model),
+                    "sizing": predictor.sizing, "size": predictor.size, "multimask": multimask, "overlay": overlay,
+                    "masks": records}
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -288,7 +310,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
     # float32, not the device's default (a half-precision encoder on a GPU): --dtype alone decides the precision.
     model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
-    path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
+    out = Path(args.out).expanduser()
+    if out.parent.is_dir():
+        remove_abandoned_temporaries(out.parent, out.name)  # those a killed convert left
+    path = save_model(model, out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -328,14 +353,12 @@ def cmd_everything(args: argparse.Namespace) -> None:
         progress = _ProgressBar(f"[{i}/{len(images)}] {path}")
         records = generator.generate(image, progress=progress)
         overlay = f"{stem}_overlay.png"
-        _save_png(draw_overlay(image, [rle_to_mask(r["segmentation"]) for r in records]), out_dir / overlay)
+        drawn = draw_overlay(image, [rle_to_mask(r["segmentation"]) for r in records])
         annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
         height, width = image.shape[:2]
-        _write_json(
-            {"image": str(path), "width": width, "height": height, "model": model_identity(model),
-             "overlay": overlay, "annotations": annotations},
-            out_dir / f"{stem}.json",
-        )
+        _write_outputs(out_dir, stem, {overlay: drawn}, {"image": str(path), "width": width, "height": height,
+                                                          "model": model_identity(model), "overlay": overlay,
+                                                          "annotations": annotations})
         seconds = time.perf_counter() - start
         progress.finish(f"{len(records)} masks in {seconds:.1f} s -> {out_dir / overlay}")
 

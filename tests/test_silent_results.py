@@ -133,15 +133,14 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
         load_checkpoint(path)
 
 
-def test_json_outputs_are_strict(tmp_path):
+def test_json_outputs_are_strict():
     """Whatever a report holds, the file is standard JSON: no bare NaN or Infinity."""
-    path = tmp_path / "report.json"
-    cli._write_json({"masks": [{"score": math.nan, "area": 3}, {"score": math.inf}], "size": 1.5}, path)
+    text = cli._json_text({"masks": [{"score": math.nan, "area": 3}, {"score": math.inf}], "size": 1.5})
 
     def refuse(token):
         raise ValueError(f"non-standard JSON constant {token}")
 
-    report = json.loads(path.read_text(), parse_constant=refuse)
+    report = json.loads(text, parse_constant=refuse)
     assert report == {"masks": [{"score": None, "area": 3}, {"score": None}], "size": 1.5}
 
 
