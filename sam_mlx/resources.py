@@ -95,9 +95,9 @@ def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> i
     activations (about 10 widths and 2 MLP widths) and, in global-attention blocks, the per-axis
     relative-position logits (2 x heads x tokens x (rows + columns)), or on a GPU the full mask of the fused
     attention kernel (heads x tokens^2, half precision); for TinyViT, its first stage's MBConv activations at
-    a quarter of the resolution. Doubled for MLX's buffer cache and copies between row bands, plus 200 MB
+    a quarter of the resolution. Doubled for MLX's buffer cache and copies between row bands, plus 250 MB
     fixed: on the development machine's CPU that lies between the measured growth of the peak RSS while
-    encoding and twice it, for MobileSAM at 256..2048 pixels square and a ViT-B at 256..1024.
+    encoding and twice it, for MobileSAM and a ViT-B at 256..2048 pixels square (``scripts/encoding_memory.py``).
     """
     h, w = padded_size
     pixels, rows, cols = h * w, h // 16, w // 16
@@ -113,4 +113,4 @@ def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> i
     else:
         dim, expand = encoder.embed_dims[0], encoder.mbconv_expand_ratio
         need += int(4 * (pixels // 16) * dim * (2 + 2 * expand))
-    return 2 * need + (200 << 20)
+    return 2 * need + (250 << 20)
