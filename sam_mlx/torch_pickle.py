@@ -125,7 +125,8 @@ class LazyTensor:
     """
 
     def __init__(self, source: str, name: str, shape: tuple[int, ...], dtype: np.dtype, stored_type: str):
-        self.source, self.name, self.stored_shape, self.dtype, self.stored_type = source, name, shape, dtype, stored_type
+        self.source, self.name, self.stored_shape, self.dtype = source, name, shape, dtype
+        self.stored_type = stored_type
         self.shape, self.axes = shape, None
 
     @property
@@ -163,7 +164,7 @@ class StoredTensor(LazyTensor):
     def span(self) -> tuple[int, int]:
         """The lowest and highest storage element this tensor addresses (offset, shape and strides of any sign)."""
         low = high = self.offset
-        for size, stride in zip(self.stored_shape, self.stride):
+        for size, stride in zip(self.stored_shape, self.stride, strict=True):
             reach = (size - 1) * stride
             low, high = low + min(reach, 0), high + max(reach, 0)
         return low, high
@@ -191,7 +192,7 @@ class _Archive:
         try:
             return self.zip.getinfo(f"{self.root}data/{key}")
         except KeyError:
-            raise CheckpointError(f"{self.path}: storage {key!r} is missing from the archive (truncated file?)") from None
+            raise CheckpointError(f"{self.path}: storage {key!r} is missing from the archive (truncated?)") from None
 
     def read(self, tensor: StoredTensor, low: int, high: int) -> bytes:
         """The bytes of elements ``low..high`` of ``tensor``'s storage."""
@@ -206,7 +207,7 @@ class _Archive:
             raise CheckpointError(f"{self.path}: corrupt or truncated PyTorch checkpoint, tensor {tensor.name} "
                                   f"({type(exc).__name__}: {exc})") from None
         if len(raw) != (high - low + 1) * item:
-            raise CheckpointError(f"{self.path}: tensor {tensor.name} runs past the end of its storage (truncated file?)")
+            raise CheckpointError(f"{self.path}: tensor {tensor.name} runs past the end of its storage (truncated?)")
         return raw
 
 
@@ -235,7 +236,7 @@ def _read(path: Path) -> dict[str, StoredTensor]:
     if not pickles:
         raise CheckpointError(f"{path}: zip archive has no data.pkl; not a PyTorch checkpoint")
     if pickles[0].file_size > _MAX_PICKLE_BYTES:
-        raise CheckpointError(f"{path}: its data.pkl declares {pickles[0].file_size} bytes; a state dict's is far smaller")
+        raise CheckpointError(f"{path}: its data.pkl declares {pickles[0].file_size} bytes; a state dict's is smaller")
     for info in zip_file.infolist():
         if info.flag_bits & 0x1:
             raise CheckpointError(f"{path}: archive entry {info.filename} is encrypted")

@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import sam_mlx  # noqa: E402,F401  (before mlx: loads OpenBLAS on Linux)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+import sam_mlx  # noqa: E402,F401  (before mlx: loads OpenBLAS on Linux)
 from sam_mlx.checkpoint import load_checkpoint, save_model  # noqa: E402
 from sam_mlx.config import SamConfig, ViTConfig  # noqa: E402
 from sam_mlx.image_tokens import model_fingerprint  # noqa: E402

@@ -107,7 +107,7 @@ def test_the_writer_makes_loadable_checkpoints(mobile_sam, tmp_path):
     ours, real = load_checkpoint(path), load_checkpoint(MOBILE_SAM)
     from mlx.utils import tree_flatten
 
-    for (name, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(real.parameters())):
+    for (name, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(real.parameters()), strict=True):
         assert mx.array_equal(a, b).item(), name
 
 
@@ -117,7 +117,8 @@ def convert(path: Path, tmp_path: Path, limit_mb: int | None = None) -> subproce
     if limit_mb:
         script = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit_mb << 20}, {limit_mb << 20}))\n"
                   + script)
-    return subprocess.run([sys.executable, "-c", script, "convert", str(path), "--out", str(tmp_path / "out.safetensors")],
+    out = tmp_path / "out.safetensors"
+    return subprocess.run([sys.executable, "-c", script, "convert", str(path), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -186,8 +187,8 @@ def peak_rss_of_loading(path: Path) -> tuple[str, float]:
         import sam_mlx
         from pathlib import Path
         def rss():
-            lines = Path("/proc/self/status").read_text().splitlines()
-            return {{k: int(v.split()[0]) / 1024 for k, _, v in (l.partition(":") for l in lines) if k in ("VmHWM",)}}["VmHWM"]
+            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+            return int(status["VmHWM"].split()[0]) / 1024
         before = rss()
         try:
             sam_mlx.load_checkpoint({str(path)!r})

@@ -72,7 +72,8 @@ def test_segment_command_refuses_tokens_of_another_image(dog_tokens, tmp_path):
 def _tampered(path, tmp_path, tokens=None, **metadata):
     arrays, saved = mx.load(str(path), return_metadata=True)
     out = tmp_path / "tampered.safetensors"
-    mx.save_safetensors(str(out), {"tokens": arrays["tokens"] if tokens is None else tokens}, metadata={**saved, **metadata})
+    tokens = arrays["tokens"] if tokens is None else tokens
+    mx.save_safetensors(str(out), {"tokens": tokens}, metadata={**saved, **metadata})
     return out
 
 
@@ -129,7 +130,8 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
     arrays, metadata = mx.load(str(path), return_metadata=True)
     arrays["image_encoder.neck.norm1.bias"] = mx.full(arrays["image_encoder.neck.norm1.bias"].shape, value)
     mx.save_safetensors(str(path), arrays, metadata=metadata)
-    with pytest.raises(CheckpointError, match=r"good\.safetensors: weights with NaN .*image_encoder\.neck\.norm1\.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"good\.safetensors: weights with NaN .*image_encoder\.neck\.norm1\.bias"):
         load_checkpoint(path)
 
 
@@ -164,7 +166,8 @@ def test_mask_input_beyond_float32_is_refused(model):
     _, _, low_res = predictor.predict(point_coords=np.array([[400, 260]]), point_labels=np.array([1]))
     hint = low_res[[0]].astype(np.float64)
     hint[0, 5, 5] = 1e300
-    with pytest.raises(ValueError, match=r"mask_input values must lie within \+-1e\+06 \(low-res logits\), got 1e\+300"):
+    with pytest.raises(ValueError, match=r"mask_input values must lie within \+-1e\+06 \(low-res logits\), "
+                                         r"got 1e\+300"):
         predictor.predict(point_coords=np.array([[400, 260]]), point_labels=np.array([1]), mask_input=hint)
 
 

@@ -92,7 +92,7 @@ def test_one_predictor_shared_by_a_thread_pool(model, single_threaded):
     predictor.set_image(IMAGES / "truck.jpg")
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda p: prompt(predictor, p), POINTS * 4))
-    for point, got in zip(POINTS * 4, results):
+    for point, got in zip(POINTS * 4, results, strict=True):
         assert_same(got, single_threaded["truck"][POINTS.index(point)])
 
 
@@ -106,7 +106,7 @@ def test_several_predictors_in_several_threads_at_once(model, single_threaded):
         return [prompt(predictor, p) for p in POINTS]
 
     with ThreadPoolExecutor(2) as pool:
-        results = dict(zip(("truck", "dog"), pool.map(segment, ("truck", "dog"))))
+        results = dict(zip(("truck", "dog"), pool.map(segment, ("truck", "dog")), strict=True))
     for name, got in results.items():
         for one, expected in zip(got, single_threaded[name], strict=True):
             assert_same(one, expected)
@@ -120,7 +120,7 @@ def test_segment_everything_in_a_worker_thread(model):
     here = everything()
     there = in_thread(everything)
     assert len(here) == len(there) > 0
-    for a, b in zip(here, there):
+    for a, b in zip(here, there, strict=True):
         np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
         assert a["predicted_iou"] == b["predicted_iou"]
 
