@@ -9,7 +9,7 @@ the config (JSON) and the source they were converted from.
 from __future__ import annotations
 
 import contextlib
-import glob
+import contextvars
 import json
 import os
 import re
@@ -421,32 +421,55 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file (``atomic_write_all``)."""
-    return atomic_write_all([(path, write, suffix)])[0]
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
 
-
-def atomic_write_all(files: Sequence[tuple[str | Path, Callable[[str], None], str]]) -> list[Path]:
-    """Write several files as one set: each ``(path, write, suffix)`` is written by ``write(tmp_path)`` to its own
-    temporary, and only when every write succeeded are all renamed into place; if one fails, no file is replaced
-    and no temporary is left. A failed write (MLX raises RuntimeError, e.g. on a full disk) is an OSError naming
-    the file and the space left in its folder.
-
-    The temporaries (hidden: ``.<name>.<random>.tmp<suffix>``) are locked while written, so
+    Inside ``one_set_of_files`` the rename waits for the end of the set. A failed write (MLX raises
+    RuntimeError, e.g. on a full disk) is an OSError naming the file and the space left in its folder.
+    The temporary (hidden: ``.<name>.<random>.tmp<suffix>``) is locked while written, so
     ``remove_abandoned_temporaries`` deletes those of killed writers but never a live one.
     """
-    with contextlib.ExitStack() as stack:
-        temporaries = [stack.enter_context(_locked_temporary(Path(path), suffix)) for path, _, suffix in files]
-        for (path, write, _), tmp in zip(files, temporaries):
-            try:
-                write(tmp)
-            except (OSError, RuntimeError) as exc:
-                folder = Path(path).parent
-                free = format_bytes(shutil.disk_usage(folder).free)
-                raise OSError(f"could not write {path}: {exc} ({free} free in {folder})") from exc
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        for (path, _, _), tmp in zip(files, temporaries):
+    path = Path(path)
+    pending = _pending_set.get()
+    if pending is None:
+        with _locked_temporary(path, suffix) as tmp:
+            _write(path, tmp, write)
             os.replace(tmp, path)
-    return [Path(path) for path, _, _ in files]
+        return path
+    stack, renames = pending
+    tmp = stack.enter_context(_locked_temporary(path, suffix))
+    _write(path, tmp, write)
+    renames.append((tmp, path))
+    return path
+
+
+# (the open temporaries, their renames) of the innermost ``one_set_of_files`` block
+_pending_set: contextvars.ContextVar[tuple[contextlib.ExitStack, list] | None] = contextvars.ContextVar(
+    "sam_mlx_pending_set", default=None)
+
+
+@contextlib.contextmanager
+def one_set_of_files() -> Iterator[None]:
+    """Make the files ``atomic_write`` writes in this block (in this thread) one set: each goes to its temporary,
+    and only when the block ends without an error are all renamed into place; if it fails, no file is
+    replaced and no temporary is left."""
+    with contextlib.ExitStack() as stack:
+        renames: list[tuple[str, Path]] = []
+        token = _pending_set.set((stack, renames))
+        try:
+            yield
+        finally:
+            _pending_set.reset(token)
+        for tmp, path in renames:
+            os.replace(tmp, path)
+
+
+def _write(path: Path, tmp: str, write: Callable[[str], None]) -> None:
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as exc:
+        free = format_bytes(shutil.disk_usage(path.parent).free)
+        raise OSError(f"could not write {path}: {exc} ({free} free in {path.parent})") from exc
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
 
 
 @contextlib.contextmanager
@@ -494,11 +517,13 @@ def _umask() -> int:
     return mask
 
 
-def remove_abandoned_temporaries(folder: Path, name: str | None = None) -> None:
-    """Delete ``atomic_write`` temporaries in ``folder`` (only those of the file ``name``, if given: the folder may
-    be the user's) that nobody is writing (their writer was killed)."""
-    pattern = ".*.tmp*" if name is None else f".{glob.escape(name)}.*.tmp*"
-    for tmp in folder.glob(pattern):
+def remove_abandoned_temporaries(folder: Path, names: str | None = None) -> None:
+    """Delete ``atomic_write`` temporaries in ``folder`` that nobody is writing (their writer was killed): all of
+    them, or only those of files whose names match the regular expression ``names`` (the folder may be the user's)."""
+    ours = re.compile(rf"\.({names or '.+'})\.[a-z0-9_]{{8}}\.tmp.*")
+    for tmp in folder.iterdir():
+        if not ours.fullmatch(tmp.name):
+            continue
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:
