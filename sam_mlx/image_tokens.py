@@ -43,14 +43,6 @@ class _CachedFingerprint:
     value: str
 
 
-def _weight_digest(value: mx.array) -> bytes:
-    """SHA-256 of a weight's bytes in row-major order."""
-    if not memoryview(value).c_contiguous:
-        value = mx.contiguous(value)
-        mx.eval(value)
-    return hashlib.sha256(memoryview(value)).digest()
-
-
 def model_fingerprint(model) -> str:
     """16 hex digits identifying a model: its config and every weight's name, shape, dtype and bytes.
 
@@ -63,9 +55,11 @@ def model_fingerprint(model) -> str:
     cached = getattr(model, "_sam_mlx_fingerprint", None)
     if isinstance(cached, _CachedFingerprint) and cached.array_ids == ids:
         return cached.value
-    mx.eval([v for _, v in params])
+    # row-major bytes, made here: the pool's threads only read memory (no MLX work, no MLX state in them)
+    arrays = [v if memoryview(v).c_contiguous else mx.contiguous(v) for _, v in params]
+    mx.eval(arrays)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = list(pool.map(_weight_digest, [v for _, v in params]))
+        digests = list(pool.map(lambda v: hashlib.sha256(memoryview(v)).digest(), arrays))
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for (name, value), weight_digest in zip(params, digests):
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}:".encode() + weight_digest)
