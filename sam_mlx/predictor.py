@@ -8,16 +8,36 @@ input; SAM itself runs through the fast path (``sam_mlx.fast.FastSam``).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from .fast import EncodedImage, FastSam
-from .io.images import as_rgb_array
+from .io.images import as_rgb_array, pixel_fingerprint
 from .modeling.prompt_encoder import PADDING_LABEL, prompt_batch_size
 from .modeling.sam import Sam
+from .ops import backend
+from .resources import check_encoding_fits
 from .transforms import MASK_THRESHOLD, ImageGeometry, checked_size, image_geometry
+
+# SAM's low-res logits lie within about +-100; far larger hints would overflow float32 in the hint encoder
+_MASK_INPUT_LIMIT = 1e6
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: _Method) -> _Method:
+    """Run the method holding the predictor's ``lock``: calls from several threads take turns."""
+
+    @functools.wraps(method)
+    def locked(self: SamPredictor, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class SamPredictor:
@@ -25,16 +45,26 @@ class SamPredictor:
 
     ``sizing``/``size``: ``"original"`` (default: longest side resized to 1024 and padded,
     exactly as Meta's SAM) or ``"stretch"`` (resized to multiples of 16, no padding).
+
+    Any thread may call it, several threads too: each call holds ``lock`` (hold it yourself to make a
+    sequence of calls, such as ``set_image`` then ``predict``, one). Several predictors, one per thread,
+    compute at the same time.
     """
 
     def __init__(self, model: Sam, sizing: str = "original", size: int | tuple[int, int] | None = None):
+        self.lock = threading.RLock()
         self.model = model
         self.sizing = sizing
         self.size = checked_size(sizing, model.config.image_size if size is None else size)
+        widest = image_geometry((1, 1), sizing, self.size)
+        if sizing == "stretch" and isinstance(self.size, int):  # the largest grid an image can get: a square
+            widest = image_geometry((self.size, self.size), sizing, self.size)
+        check_encoding_fits(model.config, widest.padded_size, backend.on_cpu())
         self._sam = FastSam(model)
         self.reset_image()
 
     # ---------------------------------------------------------------- image
+    @_one_call_at_a_time
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
         """Encode an image (H x W x 3 uint8 array, PIL image or path) and keep its tokens."""
         if image_format not in ("RGB", "BGR"):
@@ -45,16 +75,22 @@ class SamPredictor:
         geometry = image_geometry(array.shape[:2], self.sizing, self.size)
         self.reset_image()  # the last image's tokens are not kept while the next one is encoded
         self._image = self._sam.encode_image(array, geometry)
+        self.image_fingerprint = pixel_fingerprint(array)
 
-    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
-        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
+    @_one_call_at_a_time
+    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry, image_fingerprint: str | None = None) -> None:
+        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry`` (whose pixels have
+        ``io.images.pixel_fingerprint`` ``image_fingerprint``, if known)."""
         expected = (1, *geometry.grid_size)
         if tuple(tokens.shape[:3]) != expected:
             raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
         self._image = self._sam.prepare(tokens, geometry)
+        self.image_fingerprint = image_fingerprint
 
+    @_one_call_at_a_time
     def reset_image(self) -> None:
         self._image: EncodedImage | None = None
+        self.image_fingerprint: str | None = None
 
     @property
     def is_image_set(self) -> bool:
@@ -77,6 +113,7 @@ class SamPredictor:
     def input_size(self) -> tuple[int, int]:
         return self.geometry.input_size
 
+    @_one_call_at_a_time
     def get_image_embedding(self) -> np.ndarray:
         """The image tokens as the original returns them: 1 x C x h x w float32."""
         return np.array(self.features.astype(mx.float32)).transpose(0, 3, 1, 2)
@@ -126,6 +163,7 @@ class SamPredictor:
         )
         return masks[0], iou[0], None if low_res is None else low_res[0]
 
+    @_one_call_at_a_time
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -214,6 +252,10 @@ class SamPredictor:
             )
         if not np.isfinite(mask_input).all():
             raise ValueError("mask_input contains NaN or infinite values")
+        largest = float(np.abs(mask_input).max(initial=0))
+        if largest > _MASK_INPUT_LIMIT:  # e.g. a float64 1e300: inf in float32, NaN masks after
+            raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), "
+                             f"got {largest:g}")
         return mx.array(mask_input[:, 0].astype(np.float32))
 
 

@@ -20,18 +20,22 @@ from ..config import SamConfig
 from ..io.atomic import atomic_write
 from ..modeling.sam import Sam
 from ..ops import backend
-from .errors import CheckpointError, few
-from .meta import convert_meta
-from .torch_pickle import read_torch_checkpoint
+from .errors import CheckpointError, few, require_float
+from .meta import check_model_fits, convert_meta
+from .torch_pickle import LazyTensor, read_torch_checkpoint
 
 # 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
 # encoder in the mask decoder, mask generator, IoU MLP); version 1's files are refused, not renamed.
 FORMAT_VERSION = "2"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_FLOAT16_MAX = 65504.0
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read any supported checkpoint file into ``({name: array}, safetensors metadata)``."""
+def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Read any supported checkpoint file's header into ``({name: LazyTensor}, safetensors metadata)``.
+
+    No tensor data is read: ``np.asarray`` reads a tensor once its name, shape and dtype were checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -44,17 +48,47 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     raise CheckpointError(f"{path}: not a PyTorch (.pth) or safetensors checkpoint")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+# safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsTensor(LazyTensor):
+    """A tensor of a safetensors file: ``nbytes`` bytes at byte ``start`` of the file."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], stored_type: str, start: int):
+        raw = np.dtype(_SAFETENSORS_DTYPES.get(stored_type, "V1"))
+        super().__init__(str(path), name, shape, np.dtype(np.float32) if stored_type == "BF16" else raw, stored_type)
+        self.path, self.raw_dtype, self.start = path, raw, start
+
+    def load(self) -> np.ndarray:
+        count = int(np.prod(self.stored_shape))
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            raw = f.read(count * self.raw_dtype.itemsize)
+        if len(raw) != count * self.raw_dtype.itemsize:
+            raise CheckpointError(f"{self.path}: weight {self.name} runs past the end of the file (truncated?)")
+        array = np.frombuffer(raw, self.raw_dtype).reshape(self.stored_shape)
+        return (array.astype(np.uint32) << 16).view(np.float32) if self.stored_type == "BF16" else array.copy()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """The header of a safetensors file (checked by the safetensors library: every tensor's bytes lie in the file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            if metadata.get("sam_mlx_config"):  # our own file: keep bf16 etc. exact, through MLX
-                return {k: v for k, v in mx.load(str(path)).items()}, metadata
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        return {
+            name: SafetensorsTensor(path, name, tuple(entry["shape"]), entry["dtype"],
+                                    8 + length + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"
+        }, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def detect_format(state: Mapping[str, object]) -> str:
@@ -82,7 +116,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
 
 
 def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> None:
-    """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
+    """Raise CheckpointError naming any missing, unexpected, mis-shaped or non-float parameter (nothing is read)."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -94,6 +128,7 @@ def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> Non
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
+        require_float(weights[key], key, f"{source}: ")
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
@@ -121,8 +156,24 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    try:
+        check_model_fits(config, model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
-    arrays = [(k, v if isinstance(v, mx.array) else mx.array(v)) for k, v in weights.items()]
+    arrays, non_finite = [], []
+    for key, value in weights.items():  # read one at a time; numpy's finiteness test is faster than MLX's CPU one
+        if isinstance(value, mx.array):
+            finite = mx.isfinite(value).all().item()
+        else:
+            value = np.asarray(value)
+            finite = bool(np.isfinite(value).all())
+            value = mx.array(value)
+        if not finite:
+            non_finite.append(getattr(weights[key], "name", key))  # the file's own name
+        arrays.append((key, value))
+    if non_finite:
+        raise CheckpointError(f"{source}: weights with NaN or infinite values: {few(sorted(non_finite))}")
     if dtype is not None:
         arrays = [(k, v.astype(dtype)) for k, v in arrays]
     else:
@@ -169,7 +220,13 @@ def save_model(model: Sam, path: str | Path, dtype: str = "float32", source: str
     """Write the model's weights as safetensors (config and source in the metadata), atomically."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in tree_flatten(model.parameters())}
+    params = tree_flatten(model.parameters())
+    if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
+        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        if too_large:
+            raise ValueError(f"weights {few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
+                             "become infinite: save as bfloat16 or float32")
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
     metadata = {
         "format": "sam_mlx",
         "format_version": FORMAT_VERSION,

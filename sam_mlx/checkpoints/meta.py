@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import resources
 from ..config import PromptDecoderConfig, SamConfig, TinyViTConfig, ViTConfig
 from ..modeling.sam import Sam
 from .errors import CheckpointError, checked, checked_shape
@@ -143,8 +144,10 @@ def _meta_name(name: str, encoder: ViTConfig | TinyViTConfig) -> str:
 def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
     """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config).
 
-    Every parameter of the model the weights imply is looked up by its Meta name; a missing,
-    mis-shaped or left-over key raises CheckpointError naming it.
+    Every parameter of the model the weights imply is looked up by its Meta name; a missing, mis-shaped,
+    non-float or left-over key raises CheckpointError naming it. The config is inferred from names and
+    shapes alone and the model's size checked before any weight is read (lazy tensors stay lazy through
+    renaming and transposing; TinyViT's BatchNorms are folded after the check).
     """
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     weights: dict[str, np.ndarray] = {}
@@ -152,7 +155,6 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         encoder: ViTConfig | TinyViTConfig = infer_vit_config(state)
     elif any(k.startswith("image_encoder.layers.") for k in state):
         encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
-        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
     else:
         raise CheckpointError("no image encoder weights "
                               "(image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
@@ -161,6 +163,9 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"weights imply an impossible model ({exc})") from exc
+    check_model_fits(config, model)
+    if isinstance(encoder, TinyViTConfig):
+        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
 
     used = set()
     for name, param in tree_flatten(model.parameters()):
@@ -169,7 +174,7 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         meta_name, axes = _meta_name(name, encoder), _layout(name)
         shape = param.shape if axes is None else tuple(param.shape[a] for a in np.argsort(axes))
         value = checked(state, meta_name, shape)
-        weights[name] = value if axes is None else value.transpose(axes)
+        weights[name] = value if axes is None else value.transpose(*axes)
         used.add(meta_name)
     unexpected = sorted(k for k in set(state) - used if not (isinstance(encoder, TinyViTConfig)
                                                                and k.startswith("image_encoder.")))
@@ -177,6 +182,18 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(f"unexpected weights {shown}")
     return weights, config
+
+
+def check_model_fits(config: SamConfig, model: Sam | None = None) -> None:
+    """Refuse a config whose float32 weights alone would exceed this machine's memory: a crafted or damaged
+    file can describe a model of any size, and nothing of it is read before this check."""
+    model = Sam(config) if model is None else model  # parameters not evaluated: no memory yet
+    count = sum(v.size for _, v in tree_flatten(model.parameters()))
+    available = resources.machine_memory()  # through the module: tests stand in for it there
+    if available is not None and 4 * count > available:
+        raise CheckpointError(f"the weights describe a {config.name} model of {count / 1e6:.0f} M parameters "
+                              f"({resources.format_bytes(4 * count)} as float32), more than this machine's memory "
+                              f"({resources.format_bytes(available)})")
 
 
 def _image_size(encoder: ViTConfig | TinyViTConfig) -> int:

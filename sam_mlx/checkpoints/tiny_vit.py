@@ -71,6 +71,11 @@ def infer_tiny_vit_config(state: Mapping[str, np.ndarray], prefix: str = "") -> 
     )
 
 
+def _read(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``state[key]`` (``errors.checked``: of ``shape``, floats) read as float64."""
+    return np.asarray(checked(state, key, shape), dtype=np.float64)
+
+
 def _torch_name(name: str) -> str:
     theirs, values = TINY_VIT_NAMES.theirs(name)
     return theirs.format(**values)
@@ -91,9 +96,9 @@ def convert_tiny_vit_weights(state: Mapping[str, np.ndarray], prefix: str = "") 
             continue  # the trunk's convs had a BatchNorm each; the channel projection's did not
         torch_path = prefix + _torch_name(path + ".weight").removesuffix(".weight")
         o, kh, kw, i = module.weight.shape
-        weight = checked(state, f"{torch_path}.c.weight", (o, i, kh, kw)).astype(np.float64).transpose(0, 2, 3, 1)
+        weight = _read(state, f"{torch_path}.c.weight", (o, i, kh, kw)).transpose(0, 2, 3, 1)
         bn = ("weight", "bias", "running_mean", "running_var")
-        gamma, beta, mean, var = (checked(state, f"{torch_path}.bn.{n}", (o,)).astype(np.float64) for n in bn)
+        gamma, beta, mean, var = (_read(state, f"{torch_path}.bn.{n}", (o,)) for n in bn)
         scale = gamma / np.sqrt(var + _BN_EPS)
         out[f"{path}.weight"] = (weight * scale[:, None, None, None]).astype(np.float32)
         out[f"{path}.bias"] = (beta - mean * scale).astype(np.float32)
@@ -101,6 +106,6 @@ def convert_tiny_vit_weights(state: Mapping[str, np.ndarray], prefix: str = "") 
         if name in out:
             continue
         torch_shape = (param.shape[0], param.shape[3], *param.shape[1:3]) if param.ndim == 4 else param.shape
-        value = checked(state, prefix + _torch_name(name), torch_shape).astype(np.float64)
+        value = _read(state, prefix + _torch_name(name), torch_shape)
         out[name] = (value.transpose(0, 2, 3, 1) if value.ndim == 4 else value).astype(np.float32)
     return out

@@ -25,6 +25,7 @@ from ..ops.attention import attention
 from ..ops.bands import across_rows
 from ..ops.elementwise import gelu
 from ..ops.layers import layer_norm
+from ..ops.threads import compiled
 from .image_encoder import channel_projection
 
 
@@ -38,7 +39,7 @@ def _conv(conv: nn.Conv2d, x: mx.array) -> mx.array:
     return mx.conv2d(x, conv.weight, stride=conv.stride, padding=k // 2) + conv.bias
 
 
-@mx.compile
+@compiled
 def _depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
     """B x H x W x C (*) C x k x k x 1 depthwise conv, padding k // 2, as k*k fused shifted multiply-adds."""
     k, s = weight.shape[1], stride

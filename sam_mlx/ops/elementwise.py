@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import backend
+from .threads import compiled
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.4286068203094173e-06  # ln 2 split: n * _LN2_HI is exact in float32
@@ -33,18 +34,18 @@ _ERF_RANGE_X = 5.6568546
 
 
 def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``mx.compile(fn)`` for elementwise chains, made to keep its inputs' buffers on the CPU.
+    """``threads.compiled(fn)`` for elementwise chains, made to keep its inputs' buffers on the CPU.
 
     MLX lets a fused kernel write its output over a temporary input ("donation"). On the CPU
     the generated loop then reads and writes the same memory, its runtime alias check fails and
     it runs unvectorised, ~2.5x slower. Making the output depend on the inputs keeps them alive
     until the kernel has run.
     """
-    compiled = mx.compile(fn)
+    compiled_fn = compiled(fn)
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
-        out = compiled(*args)
+        out = compiled_fn(*args)
         if not backend.on_cpu():
             return out
         return mx.depends(out, [a for a in args if isinstance(a, mx.array)])
