@@ -1,0 +1,295 @@
+"""The app's inference engine: every MLX call of the app runs on the one thread that calls ``Engine.run``.
+
+One thread, because MLX work belongs with the streams of the thread that runs it, and because two cores
+(or one GPU) gain nothing from two models computing at once. The server's threads hand it work through
+``decode``, ``hover`` and ``focus`` and wait on the futures they return. The engine takes, in this order:
+
+1. decodes (clicks, boxes: each one is answered, first come first served);
+2. hovers: the latest position of each hover stream only; a position not started when a newer one
+   arrives is dropped (its future cancelled), never queued;
+3. the encoding of the image the user looks at (``focus``);
+4. the encoding of the next images ahead of the user (``prefetch``), once interactive work has paused
+   for ``idle_seconds``, so that hovering stays smooth; an encode is not interrupted, so a click that
+   arrives meanwhile waits for it.
+
+Encoded images keep their predictor in memory (the last ``keep_images``) and their tokens on disk in
+``tokens_dir`` (``sam_mlx.image_tokens`` files, named by the image file's content, the model and the sizing),
+so an image encoded once, in this run or an earlier one, opens without the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+from .. import SamPredictor
+from ..image_io import load_image
+from ..image_tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
+from ..predictor import MASK_THRESHOLD
+from .library import ImageEntry, Library
+from .masks import encode_mask
+
+
+class HintExpired(KeyError):
+    """A mask hint that refers to a result the engine no longer keeps."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One decode request in image pixels. ``hint``: (result id, candidate) or C x h x w low-res logits."""
+
+    points: np.ndarray | None  # N x 2 (x, y)
+    labels: np.ndarray | None  # N: 1 foreground, 0 background
+    box: np.ndarray | None  # 4: x1, y1, x2, y2
+    hint: tuple[str, int] | np.ndarray | None
+    multimask: bool
+
+
+class HintStore:
+    """The low-res logits of recent decodes (C x h x w float32 each), by result id, within a memory budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._results: OrderedDict[str, tuple[int, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._count = 0
+
+    def put(self, image_id: int, low_res: np.ndarray) -> str:
+        self._count += 1
+        result_id = f"r{self._count}"
+        self._results[result_id] = (image_id, low_res)
+        self._bytes += low_res.nbytes
+        while self._bytes > self.max_bytes and len(self._results) > 1:
+            _, (_, old) = self._results.popitem(last=False)
+            self._bytes -= old.nbytes
+        return result_id
+
+    def get(self, image_id: int, result_id: str, candidate: int) -> np.ndarray:
+        """The 1 x h x w logits of one candidate of a kept result of this image."""
+        if result_id not in self._results:
+            raise HintExpired(f"mask hint {result_id!r} is no longer kept: decode its prompt again")
+        owner, low_res = self._results[result_id]
+        self._results.move_to_end(result_id)
+        if owner != image_id:
+            raise ValueError(f"mask hint {result_id!r} belongs to image {owner}, not image {image_id}")
+        if not 0 <= candidate < low_res.shape[0]:
+            raise ValueError(f"mask hint {result_id!r} has candidates 0..{low_res.shape[0] - 1}, not {candidate}")
+        return low_res[candidate : candidate + 1]
+
+
+class Engine:
+    """All MLX work of the app (see the module's docstring): submit from any thread, ``run`` on one."""
+
+    def __init__(self, model, library: Library, tokens_dir: Path, sizing: str = "original",
+                 size: int | tuple[int, int] | None = None, keep_images: int = 6, idle_seconds: float = 0.4,
+                 hint_bytes: int = 256 << 20, log: Callable[[str], None] = lambda message: None):
+        self.model = model
+        self.log = log
+        self.library = library
+        self.tokens_dir = Path(tokens_dir)
+        self.sizing = sizing
+        self.size = SamPredictor(model, sizing=sizing, size=size).size  # checked, and the default filled in
+        self.keep_images = keep_images
+        self.idle_seconds = idle_seconds
+        self.hints = HintStore(hint_bytes)
+        self._wake = threading.Condition()
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._hovers: dict[Any, tuple[Callable[[], Any], Future]] = {}
+        self._focus: int | None = None  # the image the user looks at
+        self._wanted: list[int] = []  # images to encode: the focus first, then the ones ahead
+        self._last_interactive = 0.0
+        self._stopping = False
+        self._predictors: OrderedDict[int, SamPredictor] = OrderedDict()
+        self._encode_times: deque[float] = deque(maxlen=8)
+        self.hovers_dropped = 0
+        self.fingerprint = model_fingerprint(model)
+
+    # ---------------------------------------------------------------- any thread
+    def decode(self, image_id: int, prompt: Prompt, mask_format: str = "png", return_low_res: bool = False) -> Future:
+        """Future of ``decode_now``'s result."""
+        return self._submit(lambda: self.decode_now(image_id, prompt, mask_format, return_low_res))
+
+    def hover(self, key: Any, image_id: int, x: float, y: float, mask_format: str = "png") -> Future:
+        """Future of the hover mask at (x, y): the best of 3 candidates for one point; None if the image is
+        not encoded yet. Replaces (cancels) the pending hover of the same ``key`` that has not started."""
+        future: Future = Future()
+        with self._wake:
+            old = self._hovers.pop(key, None)
+            if old is not None and old[1].cancel():
+                self.hovers_dropped += 1
+            self._hovers[key] = (lambda: self._hover_now(image_id, x, y, mask_format), future)
+            self._last_interactive = time.monotonic()
+            self._wake.notify()
+        return future
+
+    def focus(self, image_id: int, prefetch: int = 2) -> None:
+        """Encode this image first, then the ``prefetch`` images after it (in the library's order)."""
+        entries = self.library.all()
+        ahead = [e.id for e in entries[image_id + 1 : image_id + 1 + prefetch]]
+        with self._wake:
+            self._focus, self._wanted = image_id, [image_id, *ahead]
+            self._wake.notify()
+
+    def expected_encode_seconds(self) -> float | None:
+        """The median time of this run's recent encodes: how long the next one should take."""
+        times = list(self._encode_times)
+        return round(median(times), 2) if times else None
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+    def _submit(self, work: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._wake:
+            self._jobs.append((work, future))
+            self._last_interactive = time.monotonic()
+            self._wake.notify()
+        return future
+
+    # ---------------------------------------------------------------- the engine's thread
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Do the submitted work on this thread until ``stop()`` or ``until()`` (checked every 0.2 s)."""
+        try:
+            while True:
+                work = self._next_work()
+                if work is None:
+                    if self._stopping or until():
+                        return
+                    continue
+                run, future = work
+                if future is None:
+                    run()
+                elif future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(run())
+                    except Exception as exc:  # handed to the waiting request
+                        future.set_exception(exc)
+        finally:
+            with self._wake:
+                pending = [f for _, f in self._jobs] + [f for _, f in self._hovers.values()]
+                self._jobs.clear()
+                self._hovers.clear()
+            for future in pending:
+                future.cancel()
+
+    def _next_work(self) -> tuple[Callable[[], Any], Future | None] | None:
+        """The next piece of work by priority, or None after waiting up to 0.2 s for some."""
+        with self._wake:
+            if self._stopping:
+                return None
+            if self._jobs:
+                return self._jobs.popleft()
+            if self._hovers:
+                return self._hovers.pop(next(iter(self._hovers)))
+            pending = [i for i in self._wanted if self.library.get(i).status not in ("ready", "error")]
+            self._wanted = pending
+            idle = time.monotonic() - self._last_interactive
+            if pending and (pending[0] == self._focus or idle >= self.idle_seconds):
+                image_id = pending[0]
+                return (lambda: self._encode_quietly(image_id)), None
+            self._wake.wait(min(0.2, max(self.idle_seconds - idle, 0.01)) if pending else 0.2)
+            return None
+
+    def _encode_quietly(self, image_id: int) -> None:
+        try:
+            self.predictor(image_id)
+        except Exception:  # recorded on the image's entry; the engine goes on
+            pass
+
+    # The methods below run on the engine's thread only.
+    def predictor(self, image_id: int) -> SamPredictor:
+        """The image's predictor: kept in memory, else its tokens from disk, else encoded now (and saved)."""
+        entry = self.library.get(image_id)
+        if image_id in self._predictors:
+            self._predictors.move_to_end(image_id)
+            return self._predictors[image_id]
+        if entry.status == "error":
+            raise ValueError(entry.error)
+        predictor = self._open(entry)
+        self._predictors[image_id] = predictor
+        while len(self._predictors) > self.keep_images:
+            self._predictors.popitem(last=False)
+        return predictor
+
+    def _open(self, entry: ImageEntry) -> SamPredictor:
+        entry.status, entry.encode_started = "encoding", time.monotonic()
+        try:
+            predictor = SamPredictor(self.model, sizing=self.sizing, size=self.size)
+            digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:32]
+            size = "x".join(map(str, self.size)) if isinstance(self.size, tuple) else self.size
+            tokens_path = self.tokens_dir / f"{digest}-{self.fingerprint}-{self.sizing}-{size}.safetensors"
+            if not self._load_tokens(predictor, tokens_path):
+                image = load_image(entry.path)
+                start = time.perf_counter()
+                predictor.set_image(image)
+                entry.encode_seconds = round(time.perf_counter() - start, 2)
+                self._encode_times.append(entry.encode_seconds)
+                save_image_tokens(predictor, tokens_path)
+                self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s -> {tokens_path}")
+            entry.cached = True
+        except Exception as exc:
+            entry.status, entry.error = "error", " ".join(str(exc).split()) or type(exc).__name__
+            self.log(f"sam-mlx app: cannot open {entry.path}: {entry.error}")
+            raise
+        finally:
+            entry.encode_started = None
+        height, width = predictor.original_size
+        entry.size, entry.status = (width, height), "ready"
+        return predictor
+
+    @staticmethod
+    def _load_tokens(predictor: SamPredictor, path: Path) -> bool:
+        """Load a tokens file if it is there and fits this model and sizing; False means encode."""
+        if not path.is_file():
+            return False
+        try:
+            load_image_tokens(predictor, path)
+        except (ImageTokensError, ValueError):
+            return False  # damaged or made otherwise: encoded again and overwritten
+        return True
+
+    def decode_now(self, image_id: int, prompt: Prompt, mask_format: str, return_low_res: bool) -> dict:
+        """Decode a prompt on the image: masks (encoded), scores, the result id for later hints, timings."""
+        predictor = self.predictor(image_id)
+        hint = prompt.hint
+        if isinstance(hint, tuple):
+            hint = self.hints.get(image_id, *hint)
+        start = time.perf_counter()
+        masks, scores, low_res = predictor.predict(prompt.points, prompt.labels, prompt.box, hint, prompt.multimask)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        result = {
+            "result": self.hints.put(image_id, low_res),
+            "scores": [round(float(s), 5) for s in scores],
+            "masks": [encode_mask(m, mask_format) for m in masks],
+            "decode_ms": round(decode_ms, 2),
+        }
+        if return_low_res:
+            result["low_res"] = low_res
+        return result
+
+    def _hover_now(self, image_id: int, x: float, y: float, mask_format: str) -> dict | None:
+        """One foreground point: 3 candidates decoded, the best one upscaled (no low-res logits kept)."""
+        entry = self.library.get(image_id)
+        if entry.status != "ready" and image_id not in self._predictors:
+            return None
+        predictor = self.predictor(image_id)
+        start = time.perf_counter()
+        prompts = predictor.prepare_prompts(np.array([[[x, y]]]), np.array([[1]]), None, None)
+        low_res, scores = predictor.decode_numpy(*prompts, multimask_output=True, full_grid=False)
+        best = int(scores[0].argmax())
+        mask = predictor.masks_above(low_res[0, best], (MASK_THRESHOLD,))[0]
+        decode_ms = (time.perf_counter() - start) * 1e3
+        return {"score": round(float(scores[0, best]), 5), "mask": encode_mask(mask, mask_format),
+                "decode_ms": round(decode_ms, 2)}
