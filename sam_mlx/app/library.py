@@ -65,15 +65,9 @@ class Library:
     def __init__(self, inputs: list[str], out_dir: str | Path):
         self._lock = threading.Lock()
         self.entries: list[ImageEntry] = []
-        self.folders: list[Path] = []
-        self.files: set[Path] = set()
-        for text in inputs:
-            path = Path(text).expanduser().resolve()
-            if path.is_dir():
-                self.folders.append(path)
-            elif path.is_file():
-                self.files.add(path)
-        self._add_paths(_expand_images(inputs))
+        self.folders = [p for p in (Path(t).expanduser().resolve() for t in inputs) if p.is_dir()]
+        # The files named and those listed in the opened folders are the user's choice (links to elsewhere too).
+        self.files = {entry.path for entry in self._add_paths(_expand_images(inputs))}
         self.export_root = Path(out_dir).expanduser().resolve()
 
     # ---------------------------------------------------------------- images
@@ -88,13 +82,19 @@ class Library:
             return list(self.entries)
 
     def open(self, text: str) -> list[ImageEntry]:
-        """The images of a file or folder path inside the opened folders, added if new."""
+        """The images of a file or folder path inside the opened folders, added if new.
+
+        A folder's files are checked one by one: a symbolic link in it that leads outside is left out.
+        """
         path = self.readable(text)
         try:
-            paths = _expand_images([str(path)])
+            paths = [p.resolve() for p in _expand_images([str(path)])]
         except CliError as exc:
             raise ValueError(str(exc)) from None
-        return self._add_paths(paths)
+        inside = [p for p in paths if self._allowed(p)]
+        if not inside:
+            raise Forbidden(f"{text}: its images lead outside the folders opened by `sam-mlx app`")
+        return self._add_paths(inside)
 
     def _add_paths(self, paths: list[Path]) -> list[ImageEntry]:
         with self._lock:
@@ -112,13 +112,16 @@ class Library:
     def readable(self, text: str) -> Path:
         """An image file or folder inside the opened folders (or an opened file), resolved."""
         path = Path(text).expanduser().resolve()
-        if not (path in self.files or any(path.is_relative_to(folder) for folder in self.folders)):
+        if not self._allowed(path):
             raise Forbidden(f"{text}: outside the folders opened by `sam-mlx app`")
         if not path.exists():
             raise ValueError(f"{text}: no such file or folder")
         if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{text}: not an image ({', '.join(IMAGE_SUFFIXES)})")
         return path
+
+    def _allowed(self, resolved: Path) -> bool:
+        return resolved in self.files or any(resolved.is_relative_to(folder) for folder in self.folders)
 
     # ---------------------------------------------------------------- export
     def export_dir(self, text: str) -> Path:

@@ -309,11 +309,11 @@ def _export_module():
 
 def _export(engine: Engine, body: dict) -> dict:
     """Write the export formats of the given images' objects and, per image, the prompts that reopen them."""
+    library = engine.library
+    folder = library.export_dir(_field(body, "folder", str, ""))
     export = _export_module()
     if export is None:
         raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.export)")
-    library = engine.library
-    folder = library.export_dir(_field(body, "folder", str, ""))
     formats = _field(body, "formats", list)
     unknown = [f for f in formats if f not in export.FORMATS]
     if unknown or not formats:

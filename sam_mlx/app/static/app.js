@@ -403,6 +403,7 @@ function sendHover() {
   hover.scheduled = false;
   if (!hover.wanted || !hover.socket || !hoverWanted()) return;
   hover.seq++;
+  hover.sent = hover.wanted;
   hover.socket.send(JSON.stringify({seq: hover.seq, image: app.imageId, x: hover.wanted[0], y: hover.wanted[1]}));
   hover.wanted = null;
 }
@@ -933,31 +934,39 @@ async function start() {
   refresh();
 }
 
+// Row-major run lengths (zeros first) of a mask bitmap as the page decoded it: what scripts compare.
+function runsOf(bitmap) {
+  const {width, height} = bitmap;
+  const c = document.createElement("canvas");
+  c.width = width;
+  c.height = height;
+  const g = c.getContext("2d", {willReadFrequently: true});
+  g.drawImage(bitmap, 0, 0);
+  const pixels = g.getImageData(0, 0, width, height).data;
+  const runs = [];
+  let value = 0, run = 0;
+  for (let i = 3; i < pixels.length; i += 4) {
+    const on = pixels[i] > 127 ? 1 : 0;
+    if (on !== value) {
+      runs.push(run);
+      run = 0;
+      value = on;
+    }
+    run++;
+  }
+  runs.push(run);
+  return {width, height, runs};
+}
+
 // For scripts that drive the page (the browser tests, the latency benchmark).
 window.samApp = {
-  app, toClient, toImage, session, currentObject, stateOf,
-  // The displayed mask of an object (default: the current one) as row-major run lengths, zeros first.
-  maskRuns(index) {
+  app, toClient, session, currentObject, stateOf,
+  maskRuns(index) {  // the mask shown for an object (default: the current one)
     const s = session();
     const layer = shownLayer(stateOf(s.objects[index ?? s.current]));
-    if (!layer) return null;
-    const {width, height} = layer.bitmap;
-    const c = document.createElement("canvas");
-    c.width = width;
-    c.height = height;
-    const g = c.getContext("2d", {willReadFrequently: true});
-    g.drawImage(layer.bitmap, 0, 0);
-    const pixels = g.getImageData(0, 0, width, height).data;
-    const runs = [];
-    let value = 0, run = 0;
-    for (let i = 3; i < pixels.length; i += 4) {
-      const on = pixels[i] > 127 ? 1 : 0;
-      if (on !== value) { runs.push(run); run = 0; value = on; }
-      run++;
-    }
-    runs.push(run);
-    return {width, height, runs};
+    return layer ? runsOf(layer.bitmap) : null;
   },
+  hoverRuns: () => (app.hover.layer ? runsOf(app.hover.layer.bitmap) : null),
 };
 
 start();

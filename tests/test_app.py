@@ -1,0 +1,269 @@
+"""``sam-mlx app``'s HTTP API and WebSocket against a real server process (MobileSAM, the shared photos).
+
+The masks it returns are checked against ``SamPredictor`` in this process; the security rules (Host header,
+token, folders) against crafted requests. The page itself is tested in a browser in ``test_app_browser.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from app_process import start_app
+from conftest import IMAGES, MOBILE_SAM
+from PIL import Image
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import sam_mlx
+from sam_mlx.app.masks import clean_mask, decode_mask, encode_mask
+from sam_mlx.checkpoint import load_checkpoint
+from sam_mlx.image_tokens import read_image_tokens
+
+DOG, TRUCK = 0, 1  # the photos folder's images, in name order
+WINDOW = [500.0, 375.0]
+TRUCK_BOX = [75.0, 275.0, 1725.0, 850.0]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("dog.jpg", "truck.jpg"):
+        shutil.copy(IMAGES / name, photos / name)
+    (root / "private").mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "private" / "secret.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(folders):
+    running = start_app(str(folders / "photos"), "--out-dir", str(folders / "export"),
+                        "--tokens-dir", str(folders / "tokens"))
+    running.wait_ready(TRUCK)
+    yield running
+    code, log = running.stop(signal.SIGTERM)
+    assert code == 0, log
+
+
+@pytest.fixture(scope="module")
+def truck():
+    predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM))
+    predictor.set_image(IMAGES / "truck.jpg")
+    return predictor
+
+
+def ws_url(app, token: str | None = None) -> str:
+    return f"ws://{app.base.removeprefix('http://')}/api/hover?token={app.token if token is None else token}"
+
+
+# ---------------------------------------------------------------- security
+def test_foreign_host_header_is_refused(app):
+    """DNS rebinding: a page of attacker.example resolving to 127.0.0.1 sends Host: attacker.example."""
+    port = app.base.rsplit(":", 1)[1]
+    with app.client() as client:
+        for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.attacker.example:{port}"):
+            for path in ("/", "/api/info", "/api/images"):
+                response = client.get(path, headers={"Host": host})
+                assert response.status_code == 400, (host, path)
+            assert client.post("/api/decode", json={}, headers={"Host": host}).status_code == 400
+        assert client.get("/api/info", headers={"Host": f"localhost:{port}"}).status_code == 200
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(app), additional_headers={"Host": "attacker.example"}).close()
+    assert refused.value.response.status_code == 400
+
+
+def test_api_requests_need_the_runs_token(app):
+    requests = [("GET", "/api/info", None), ("GET", "/api/images", None), ("GET", f"/api/images/{TRUCK}/file", None),
+                ("POST", "/api/decode", {"image": TRUCK, "points": [WINDOW], "labels": [1]}),
+                ("POST", "/api/images", {"path": str(IMAGES / "dog.jpg")}),
+                ("POST", f"/api/images/{TRUCK}/encode", {}), ("POST", "/api/export", {"formats": ["png"]})]
+    for token in ("", "wrong-token", app.token[:-1]):
+        with app.client(token) as client:
+            for method, path, body in requests:
+                response = client.request(method, path, json=body)
+                assert response.status_code == 403, (token, path)
+                assert "token" in response.json()["error"]
+    with app.client("") as client:
+        assert client.get("/api/info", params={"token": app.token}).status_code == 200
+        page = client.get("/")  # the page is served to anyone, but carries no token: the address printed does
+        assert page.status_code == 200 and app.token not in page.text
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert app.token not in client.get("/static/app.js").text
+    for url, origin in ((ws_url(app, ""), None), (ws_url(app), "http://attacker.example")):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, origin=origin).close()
+        assert refused.value.response.status_code == 403
+
+
+def test_image_paths_cannot_leave_the_opened_folders(app, folders):
+    photos, secret = folders / "photos", folders / "private" / "secret.png"
+    (photos / "sub" / "link.png").symlink_to(secret)  # appears after the start, leads outside
+    with app.client() as client:
+        for path in (secret, photos / ".." / "private" / "secret.png", "/etc/passwd", "/", photos / "sub" / "link.png",
+                     photos / "sub"):
+            response = client.post("/api/images", json={"path": str(path)})
+            assert response.status_code == 403, (path, response.text)
+            assert "outside" in response.json()["error"]
+        Image.new("RGB", (40, 30)).save(photos / "sub" / "inner.png")
+        added = client.post("/api/images", json={"path": str(photos / "sub")}).json()["images"]
+        assert [a["name"] for a in added] == ["inner.png"]  # the folder's link to outside is left out
+        names = [i["name"] for i in client.get("/api/images").json()["images"]]
+        assert "secret.png" not in names and "link.png" not in names
+        assert client.post("/api/images", json={"path": str(photos / "nothing.jpg")}).status_code == 400
+
+
+def test_export_paths_cannot_leave_the_export_folder(app, folders):
+    export = folders / "export"
+    export.mkdir(exist_ok=True)
+    outside = folders / "outside"
+    outside.mkdir()
+    (export / "link").symlink_to(outside)
+    mask = encode_mask(np.ones((1200, 1800), bool), "png")
+    body = {"formats": ["png"], "images": [{"image": TRUCK, "objects": [{"label": "truck", "mask": mask}]}]}
+    with app.client() as client:
+        for folder in ("..", "../outside", str(outside), "link", "link/deeper", "sub/../../outside"):
+            response = client.post("/api/export", json={**body, "folder": folder})
+            assert response.status_code == 403, (folder, response.text)
+            prompts = client.get(f"/api/images/{TRUCK}/prompts", params={"folder": folder})
+            assert prompts.status_code == 403, folder
+    assert not any(outside.iterdir())
+
+
+# ---------------------------------------------------------------- masks
+def test_decode_gives_the_predictors_masks(app, truck):
+    """A point, then a box with the previous best mask as the hint (by result id), then a background point
+    with the hint sent as float32 logits: the masks, scores and low-res logits of SamPredictor."""
+    point, labels = np.array([WINDOW]), np.array([1])
+    masks1, scores1, low_res1 = truck.predict(point, labels, multimask_output=True)
+    best = int(scores1.argmax())
+    masks2, scores2, low_res2 = truck.predict(point, labels, np.array(TRUCK_BOX), low_res1[[best]], False)
+    points3, labels3 = np.array([WINDOW, [1100.0, 500.0]]), np.array([1, 0])
+    masks3, scores3, _ = truck.predict(points3, labels3, np.array(TRUCK_BOX), low_res2, False)
+    with app.client() as client:
+        first = client.post("/api/decode", json={"image": TRUCK, "points": [WINDOW], "labels": [1]}).json()
+        assert len(first["masks"]) == 3 and first["decode_ms"] > 0 and first["server_ms"] >= first["decode_ms"]
+        np.testing.assert_allclose(first["scores"], scores1, atol=1e-5)
+        for got, want in zip(first["masks"], masks1):
+            np.testing.assert_array_equal(decode_mask(got, (1800, 1200)), want)
+        second = client.post("/api/decode", json={
+            "image": TRUCK, "points": [WINDOW], "labels": [1], "box": TRUCK_BOX, "multimask": False,
+            "mask_input": {"result": first["result"], "candidate": best}, "mask_format": "rle",
+            "return_low_res": True}).json()
+        np.testing.assert_allclose(second["scores"], scores2, atol=1e-5)
+        np.testing.assert_array_equal(decode_mask(second["masks"][0]), masks2[0])
+        assert second["masks"][0]["rle"]["size"] == [1200, 1800]
+        low_res = np.frombuffer(base64.b64decode(second["low_res"]["float32"]), "<f4").reshape(second["low_res"]["shape"])
+        np.testing.assert_allclose(low_res, low_res2, atol=1e-5)
+        third = client.post("/api/decode", json={
+            "image": TRUCK, "points": points3.tolist(), "labels": [1, 0], "box": TRUCK_BOX, "multimask": False,
+            "mask_input": {"float32": second["low_res"]["float32"], "shape": [1, *low_res.shape[1:]]}}).json()
+        np.testing.assert_allclose(third["scores"], scores3, atol=1e-5)
+        np.testing.assert_array_equal(decode_mask(third["masks"][0]), masks3[0])
+        assert not (masks3[0] == masks2[0]).all()  # the background point changed the mask
+
+
+def test_decode_errors_are_one_line_json(app):
+    cases = [({"image": TRUCK, "points": [[5000, 10]], "labels": [1]}, 400, "outside"),
+             ({"image": 99, "points": [WINDOW], "labels": [1]}, 404, "no image with id 99"),
+             ({"image": TRUCK, "points": [WINDOW], "labels": [1], "mask_input": {"result": "r999999"}}, 409, "no longer"),
+             ({"image": TRUCK, "points": [WINDOW], "labels": [7]}, 400, "point_labels"),
+             ({"image": TRUCK, "points": [WINDOW]}, 400, "missing field 'labels'"),
+             ({"image": "1", "points": [WINDOW], "labels": [1]}, 400, "'image' must be int"),
+             ({"image": TRUCK, "points": [WINDOW], "labels": [1], "mask_format": "gif"}, 400, "mask_format"),
+             ({"image": TRUCK, "box": [500, 500, 100, 100]}, 400, "x2 < x1"),
+             ({"image": TRUCK}, 400, "no prompt")]
+    with app.client() as client:
+        for body, status, words in cases:
+            response = client.post("/api/decode", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert words in response.json()["error"], response.json()
+        response = client.post("/api/decode", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status_code == 400
+
+
+def test_hover_stream_answers_only_the_latest_position(app, truck):
+    """A burst of positions: the ones not started before the next arrived are dropped, the last is answered."""
+    positions = [[400.0 + 10 * i, 360.0 + 2 * i] for i in range(30)]
+    replies = []
+    with connect(ws_url(app)) as socket:
+        for seq, (x, y) in enumerate(positions, 1):
+            socket.send(json.dumps({"seq": seq, "image": TRUCK, "x": x, "y": y}))
+        while not replies or replies[-1]["seq"] != len(positions):
+            replies.append(json.loads(socket.recv(timeout=60)))
+    seqs = [r["seq"] for r in replies]
+    assert seqs == sorted(set(seqs)) and len(seqs) < len(positions) / 2, seqs
+    x, y = positions[-1]
+    masks, scores, _ = truck.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+    last = replies[-1]
+    assert last["ready"] and abs(last["score"] - scores.max()) < 1e-5
+    np.testing.assert_array_equal(decode_mask(last["mask"]), masks[scores.argmax()])
+
+
+def test_cleanup_fills_holes_and_removes_islands(app):
+    mask = np.zeros((60, 80), bool)
+    mask[10:50, 10:50] = True
+    mask[20:24, 20:25] = False  # a 20-pixel hole
+    mask[5:10, 60:66] = True  # a 30-pixel island
+    with app.client() as client:
+        for holes, islands in ((50, 0), (0, 50), (50, 50), (10, 10)):
+            result = client.post("/api/cleanup", json={"mask": encode_mask(mask, "png"), "fill_holes": holes,
+                                                       "remove_islands": islands}).json()
+            want = clean_mask(mask, holes, islands)
+            np.testing.assert_array_equal(decode_mask(result["mask"]), want)
+            assert result["area"] == want.sum()
+    assert clean_mask(mask, 50, 50).sum() == 40 * 40 and (clean_mask(mask, 10, 10) == mask).all()
+
+
+def test_image_tokens_are_cached_on_disk(app, folders, tmp_path):
+    """Each encoded image leaves a tokens file; a later run opens the image from it without the encoder."""
+    files = list((folders / "tokens").glob("*.safetensors"))
+    sizes = sorted(read_image_tokens(f).geometry.original_size for f in files)
+    assert (1200, 1800) in sizes and len(files) == len(sizes)
+    later = start_app(str(folders / "photos" / "truck.jpg"), "--tokens-dir", str(folders / "tokens"),
+                      "--out-dir", str(tmp_path))
+    try:
+        record = later.wait_ready(0, timeout=60)
+        assert record["cached"] and record["encode_seconds"] is None  # loaded, not encoded
+    finally:
+        assert later.stop()[0] == 0
+
+
+def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
+    """--sizing stretch --size 512 on a photo, a tall strip and a 1x1 image; Ctrl+C ends the process cleanly
+    after the model ran (no abort at exit)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(IMAGES / "truck.jpg", photos / "a_truck.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (500, 37, 3), dtype=np.uint8)).save(photos / "b_tall.png")
+    Image.new("RGB", (1, 1), (90, 120, 200)).save(photos / "c_dot.png")
+    running = start_app(str(photos), "--sizing", "stretch", "--size", "512", "--tokens-dir", str(tmp_path / "tokens"),
+                        "--out-dir", str(tmp_path / "out"))
+    try:
+        predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM), sizing="stretch", size=512)
+        with running.client() as client:
+            assert client.get("/api/info").json()["size"] == 512
+            for image_id, point, shape in ((0, WINDOW, (1200, 1800)), (1, [18.0, 400.0], (500, 37)), (2, [0.5, 0.5], (1, 1))):
+                running.wait_ready(image_id)
+                reply = client.post("/api/decode", json={"image": image_id, "points": [point], "labels": [1]}).json()
+                masks = [decode_mask(m) for m in reply["masks"]]
+                assert all(m.shape == shape for m in masks)
+                if image_id == 0:
+                    predictor.set_image(photos / "a_truck.jpg")
+                    want, _, _ = predictor.predict(np.array([point]), np.array([1]))
+                    np.testing.assert_array_equal(np.stack(masks), want)
+            with connect(ws_url(running)) as socket:
+                socket.send(json.dumps({"seq": 1, "image": 0, "x": 900, "y": 600}))
+                assert json.loads(socket.recv(timeout=60))["ready"]
+    finally:
+        code, log = running.stop(signal.SIGINT)
+    assert code == 0, log
+    assert "stopped" in log and "terminate" not in log and "Abort" not in log
+    assert os.path.isdir(tmp_path / "tokens")
