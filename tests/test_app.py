@@ -267,3 +267,17 @@ def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
     assert code == 0, log
     assert "stopped" in log and "terminate" not in log and "Abort" not in log
     assert os.path.isdir(tmp_path / "tokens")
+
+
+def test_mask_encodings_round_trip():
+    """The app's own 1-bit PNG writer read back by Pillow, and the COCO RLE, for odd sizes."""
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (1, 9), (7, 8), (13, 17), (300, 451)):
+        mask = rng.random((height, width)) > 0.6
+        for mask_format in ("png", "rle"):
+            encoded = encode_mask(mask, mask_format)
+            np.testing.assert_array_equal(decode_mask(encoded, (width, height)), mask)
+        with pytest.raises(ValueError, match="but the image is"):
+            decode_mask(encode_mask(mask, "png"), (width + 1, height))
+    with pytest.raises(ValueError, match="not a base64 PNG"):
+        decode_mask({"png": "bm90IGEgcG5n"})

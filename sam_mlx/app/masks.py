@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -23,14 +25,28 @@ def encode_mask(mask: np.ndarray, mask_format: str) -> dict:
     programs. Both are lossless.
     """
     if mask_format == "png":
-        height, width = mask.shape
-        bits = Image.frombytes("1", (width, height), np.packbits(mask, axis=1).tobytes())
-        buffer = io.BytesIO()
-        bits.save(buffer, format="PNG", compress_level=1, transparency=0)  # background transparent: an overlay
-        return {"png": base64.b64encode(buffer.getvalue()).decode("ascii")}
+        return {"png": base64.b64encode(_png(mask)).decode("ascii")}
     if mask_format == "rle":
         return {"rle": mask_to_rle(mask[None])[0]}
     raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+
+
+def _png(mask: np.ndarray) -> bytes:
+    """A 1-bit grayscale PNG of an H x W bool mask, black (0) marked transparent.
+
+    Written here rather than by Pillow, which takes ~4x longer for such images (~4.7 against ~1.3 ms for a
+    1800 x 1200 mask): rows of packed bits, each after filter byte 0 (none), deflated at level 1.
+    """
+    height, width = mask.shape
+    rows = np.zeros((height, (width + 7) // 8 + 1), np.uint8)
+    rows[:, 1:] = np.packbits(mask, axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", b"\x00\x00")
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
 def decode_mask(data: object, size: tuple[int, int] | None = None) -> np.ndarray:
