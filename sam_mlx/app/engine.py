@@ -37,7 +37,7 @@ from ..image_io import load_image
 from ..image_tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 from ..predictor import MASK_THRESHOLD
 from .library import ImageEntry, Library
-from .masks import encode_mask
+from .masks import encode_masks
 
 
 class HintExpired(KeyError):
@@ -272,7 +272,7 @@ class Engine:
         result = {
             "result": self.hints.put(image_id, low_res),
             "scores": [round(float(s), 5) for s in scores],
-            "masks": [encode_mask(m, mask_format) for m in masks],
+            "masks": encode_masks(masks, mask_format),
             "decode_ms": round(decode_ms, 2),
         }
         if return_low_res:
@@ -291,5 +291,5 @@ class Engine:
         best = int(scores[0].argmax())
         mask = predictor.masks_above(low_res[0, best], (MASK_THRESHOLD,))[0]
         decode_ms = (time.perf_counter() - start) * 1e3
-        return {"score": round(float(scores[0, best]), 5), "mask": encode_mask(mask, mask_format),
+        return {"score": round(float(scores[0, best]), 5), "mask": encode_masks(mask[None], mask_format)[0],
                 "decode_ms": round(decode_ms, 2)}

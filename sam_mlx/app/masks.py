@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from ..mask_utils import mask_to_rle, remove_small_regions, rle_to_mask
+from ..mask_utils import batched_mask_to_box, mask_to_rle, remove_small_regions, rle_to_mask
 
 MASK_FORMATS = ("png", "rle")
 
@@ -29,6 +29,14 @@ def encode_mask(mask: np.ndarray, mask_format: str) -> dict:
     if mask_format == "rle":
         return {"rle": mask_to_rle(mask[None])[0]}
     raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+
+
+def encode_masks(masks: np.ndarray, mask_format: str) -> list[dict]:
+    """C x H x W bool masks -> ``encode_mask`` of each with its ``"box"``: x1, y1, x2, y2 of its first and last
+    pixel columns and rows (inclusive), or None for an empty mask (a page draws only inside the box)."""
+    boxes = batched_mask_to_box(masks)
+    return [{**encode_mask(mask, mask_format), "box": box.tolist() if box.any() or mask[0, 0] else None}
+            for mask, box in zip(masks, boxes)]
 
 
 def _png(mask: np.ndarray) -> bytes:

@@ -44,7 +44,7 @@ from ..image_io import load_image
 from ..image_tokens import model_identity
 from .engine import Engine, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
-from .masks import MASK_FORMATS, clean_mask, decode_mask, encode_mask
+from .masks import MASK_FORMATS, clean_mask, decode_mask, encode_masks
 
 STATIC = Path(__file__).parent / "static"
 HOST = "127.0.0.1"
@@ -155,7 +155,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
 
         def clean() -> dict:
             mask = clean_mask(decode_mask(body.get("mask")), holes, islands)
-            return {"mask": encode_mask(mask, mask_format), "area": int(mask.sum())}
+            return {"mask": encode_masks(mask[None], mask_format)[0], "area": int(mask.sum())}
 
         return JSONResponse(await run_in_threadpool(clean))
 

@@ -69,65 +69,99 @@ async function maskBitmap(encoded) {
 
 // Overlays are composited at the screen's resolution (a big photo's masks would not fit in memory at full size):
 // each mask is drawn through the view transform into a scratch canvas, coloured ("source-in"), and its outline is
-// that shape shifted four ways minus itself, about 1.5 screen pixels wide at any zoom.
+// that shape shifted four ways minus itself, about 1.5 screen pixels wide at any zoom. All of it happens only
+// inside the mask's box on screen (the server sends each mask's box), so a small object costs little to draw.
 const scratch = {tint: document.createElement("canvas"), edge: document.createElement("canvas"), cached: {}};
 let layerCount = 0;  // names mask layers for the drawing caches
+
+// A canvas of the view's size, cleared where it was last drawn on (or wholly, when resized).
+function scratchContext(target) {
+  const g = target.getContext("2d");
+  g.setTransform(1, 0, 0, 1, 0, 0);
+  g.globalCompositeOperation = "source-over";
+  g.globalAlpha = 1;
+  if (target.width !== canvas.width || target.height !== canvas.height) {
+    target.width = canvas.width;
+    target.height = canvas.height;
+  } else if (target.dirty) {
+    g.clearRect(...target.dirty);
+  }
+  target.dirty = null;
+  return g;
+}
 
 // A device-pixel canvas kept under a key: painted again only when the key changes.
 function cachedLayer(name, key, paint) {
   const entry = scratch.cached[name] || (scratch.cached[name] = {canvas: document.createElement("canvas"), key: null});
   if (entry.key !== key) {
-    paint(sized(entry.canvas));
+    const g = scratchContext(entry.canvas);
+    g.clearRect(0, 0, canvas.width, canvas.height);
+    paint(g);
     entry.key = key;
   }
   return entry.canvas;
 }
 
-function sized(target) {
-  if (target.width !== canvas.width || target.height !== canvas.height) {
-    target.width = canvas.width;
-    target.height = canvas.height;
-  }
-  const g = target.getContext("2d");
-  g.setTransform(1, 0, 0, 1, 0, 0);
-  g.globalCompositeOperation = "source-over";
-  g.globalAlpha = 1;
-  g.clearRect(0, 0, target.width, target.height);
-  return g;
-}
-
-function paintMask(bitmap, color) {
-  const g = sized(scratch.tint);
+// The device-pixel rectangle [x, y, width, height] of a mask's box on screen, with room for its outline;
+// null when the mask is empty or out of sight.
+function screenRect(layer) {
+  if (!layer.box) return null;
   const dpr = window.devicePixelRatio || 1;
   const {scale, x, y} = app.view;
+  const pad = 4 * dpr;
+  const x1 = Math.max(Math.floor(dpr * (x + layer.box[0] * scale) - pad), 0);
+  const y1 = Math.max(Math.floor(dpr * (y + layer.box[1] * scale) - pad), 0);
+  const x2 = Math.min(Math.ceil(dpr * (x + (layer.box[2] + 1) * scale) + pad), canvas.width);
+  const y2 = Math.min(Math.ceil(dpr * (y + (layer.box[3] + 1) * scale) + pad), canvas.height);
+  return x2 > x1 && y2 > y1 ? [x1, y1, x2 - x1, y2 - y1] : null;
+}
+
+function paintMask(layer, color, rect) {
+  const g = scratchContext(scratch.tint);
+  const dpr = window.devicePixelRatio || 1;
+  const {scale, x, y} = app.view;
+  scratch.tint.dirty = rect;
+  g.save();
+  g.beginPath();
+  g.rect(...rect);
+  g.clip();
   g.setTransform(dpr * scale, 0, 0, dpr * scale, dpr * x, dpr * y);
   g.imageSmoothingEnabled = scale < 1;
-  g.drawImage(bitmap, 0, 0);
+  g.drawImage(layer.bitmap, 0, 0);
   g.setTransform(1, 0, 0, 1, 0, 0);
   g.globalCompositeOperation = "source-in";
   g.fillStyle = color;
-  g.fillRect(0, 0, scratch.tint.width, scratch.tint.height);
-  return scratch.tint;
+  g.fillRect(...rect);
+  g.restore();
 }
 
-function paintEdge(color) {
-  const g = sized(scratch.edge);
+function paintEdge(color, rect) {
+  const g = scratchContext(scratch.edge);
   const width = Math.max(1, Math.round(1.5 * (window.devicePixelRatio || 1)));
+  scratch.edge.dirty = rect;
+  g.save();
+  g.beginPath();
+  g.rect(...rect);
+  g.clip();
   for (const [dx, dy] of [[width, 0], [-width, 0], [0, width], [0, -width]]) g.drawImage(scratch.tint, dx, dy);
   g.globalCompositeOperation = "destination-out";
   g.drawImage(scratch.tint, 0, 0);
   g.globalCompositeOperation = "source-in";
   g.fillStyle = color;
-  g.fillRect(0, 0, scratch.edge.width, scratch.edge.height);
-  return scratch.edge;
+  g.fillRect(...rect);
+  g.restore();
 }
 
-// Draw a mask bitmap onto a device-pixel context: filled, then outlined.
-function drawMask(target, bitmap, color, fill, edgeColor, edge) {
+// Draw a mask layer onto a device-pixel context: filled, then outlined.
+function drawMask(target, layer, color, fill, edgeColor, edge) {
+  const rect = screenRect(layer);
+  if (!rect) return;
+  paintMask(layer, color, rect);
+  paintEdge(edgeColor, rect);
   target.globalAlpha = fill;
-  target.drawImage(paintMask(bitmap, color), 0, 0);
+  target.drawImage(scratch.tint, ...rect, ...rect);
   target.globalAlpha = edge;
-  target.drawImage(paintEdge(edgeColor), 0, 0);
+  target.drawImage(scratch.edge, ...rect, ...rect);
   target.globalAlpha = 1;
 }
 
@@ -201,7 +235,7 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
   state.result = result;
   state.request = request;
   state.selected = selected ?? result.scores.indexOf(Math.max(...result.scores));
-  state.layers = result.masks.map((mask) => ({id: ++layerCount, encoded: mask, bitmap: null}));
+  state.layers = result.masks.map((mask) => ({id: ++layerCount, encoded: mask, box: mask.box, bitmap: null}));
   const answered = performance.now();
   await loadLayer(state.layers[state.selected]);
   if (startedAt !== undefined && app.imageId === imageId) {
@@ -257,7 +291,7 @@ async function cleanState(state) {
   if (!layer || key === "0,0" || (layer.clean && layer.clean.key === key)) return;
   const result = await api("/api/cleanup", {mask: layer.encoded, fill_holes: app.cleanup.holes,
                                             remove_islands: app.cleanup.islands});
-  const clean = {id: ++layerCount, key, encoded: result.mask, bitmap: null};
+  const clean = {id: ++layerCount, key, encoded: result.mask, box: result.mask.box, bitmap: null};
   clean.bitmap = await maskBitmap(result.mask);
   if (cleanupKey() === key) layer.clean = clean;
 }
@@ -433,7 +467,7 @@ async function showHover(message) {
   const bitmap = await maskBitmap(message.mask);
   if (message.seq <= hover.shownSeq || !hoverWanted() || !app.pointer) return;  // a newer one was drawn
   hover.shownSeq = message.seq;
-  hover.layer = {bitmap, score: message.score};
+  hover.layer = {bitmap, box: message.mask.box, score: message.score};
   app.stats.hoverTimes.push(performance.now());
   render();
 }
@@ -497,15 +531,15 @@ function render() {
   const othersKey = others.map((o) => [shownLayer(stateOf(o)).id, o.color]);
   ctx.drawImage(cachedLayer("base", JSON.stringify([view, othersKey]), (g) => {
     drawPicture(g, dpr);
-    for (const object of others) drawMask(g, shownLayer(stateOf(object)).bitmap, object.color, 0.4, object.color, 0.9);
+    for (const object of others) drawMask(g, shownLayer(stateOf(object)), object.color, 0.4, object.color, 0.9);
   }), 0, 0);
   const layer = shownLayer(stateOf(currentObject()));
   const color = currentObject().color;
   if (layer) {
     ctx.drawImage(cachedLayer("current", JSON.stringify([view, layer.id, color]),
-                              (g) => drawMask(g, layer.bitmap, color, 0.5, "#ffffff", 1)), 0, 0);
+                              (g) => drawMask(g, layer, color, 0.5, "#ffffff", 1)), 0, 0);
   }
-  if (app.hover.layer && hoverWanted()) drawMask(ctx, app.hover.layer.bitmap, color, 0.42, color, 0.95);
+  if (app.hover.layer && hoverWanted()) drawMask(ctx, app.hover.layer, color, 0.42, color, 0.95);
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   drawPrompts(stateOf(currentObject()));
 }
@@ -745,7 +779,7 @@ function setupCleanup() {
   const show = () => {
     $("holes-value").textContent = app.cleanup.holes ? `${app.cleanup.holes} px` : "off";
     $("islands-value").textContent = app.cleanup.islands ? `${app.cleanup.islands} px` : "off";
-    $("simplify-value").textContent = `${app.cleanup.simplify.toFixed(1)} px`;
+    $("simplify-value").textContent = app.cleanup.simplify ? `${app.cleanup.simplify.toFixed(1)} px` : "off";
   };
   let timer = null;
   const changed = () => {
@@ -766,7 +800,7 @@ function setupCleanup() {
 }
 
 function setupExport() {
-  $("export-root").textContent = app.info.export_root + "/";
+  $("export-root").textContent = `into ${app.info.export_root}/`;
   const formats = $("formats");
   if (!app.info.export_formats.length) {
     formats.textContent = "export formats unavailable in this sam_mlx";
