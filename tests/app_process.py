@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+from conftest import IMAGES, MOBILE_SAM
 
-from conftest import MOBILE_SAM
+import sam_mlx
+from sam_mlx.checkpoint import load_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -27,6 +32,7 @@ class RunningApp:
     token: str
     lines: list[str] = field(default_factory=list)  # stderr so far
     reader: threading.Thread | None = None
+    root: Path | None = None  # the folder of its photos, exports and tokens (``served``)
 
     def client(self, token: str | None = None) -> httpx.Client:
         """An HTTP client of the API, with the run's token unless another (or "") is given."""
@@ -80,3 +86,26 @@ def start_app(*args: str, env: dict[str, str] | None = None, timeout: float = 18
     url = re.search(r"(http://\S+)", next(line for line in lines if "serving http" in line)).group(1)
     base, token = url.split("/#token=")
     return RunningApp(process, url, base, token, lines, reader)
+
+
+@contextlib.contextmanager
+def served(root: Path, ready: tuple[int, ...] = ()):
+    """The app on copies of dog.jpg and truck.jpg (ids 0 and 1) in ``root/photos``, exporting to ``root/export``;
+    the images in ``ready`` encoded first. Stopped with SIGTERM at the end, which must end it cleanly."""
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    for name in ("dog.jpg", "truck.jpg"):
+        shutil.copy(IMAGES / name, root / "photos" / name)
+    app = start_app(str(root / "photos"), "--out-dir", str(root / "export"), "--tokens-dir", str(root / "tokens"))
+    app.root = root
+    for image_id in ready:
+        app.wait_ready(image_id)
+    yield app
+    code, log = app.stop(signal.SIGTERM)
+    assert code == 0, log
+
+
+def truck_predictor() -> sam_mlx.SamPredictor:
+    """MobileSAM at the original sizing with truck.jpg encoded in this process."""
+    predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM))
+    predictor.set_image(IMAGES / "truck.jpg")
+    return predictor

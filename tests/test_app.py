@@ -14,7 +14,7 @@ import signal
 
 import numpy as np
 import pytest
-from app_process import start_app
+from app_process import served, start_app, truck_predictor
 from conftest import IMAGES, MOBILE_SAM
 from PIL import Image
 from websockets.exceptions import InvalidStatus
@@ -33,10 +33,7 @@ TRUCK_BOX = [75.0, 275.0, 1725.0, 850.0]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    photos = root / "photos"
-    (photos / "sub").mkdir(parents=True)
-    for name in ("dog.jpg", "truck.jpg"):
-        shutil.copy(IMAGES / name, photos / name)
+    (root / "photos" / "sub").mkdir(parents=True)
     (root / "private").mkdir()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "private" / "secret.png")
     return root
@@ -44,19 +41,13 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(folders):
-    running = start_app(str(folders / "photos"), "--out-dir", str(folders / "export"),
-                        "--tokens-dir", str(folders / "tokens"))
-    running.wait_ready(TRUCK)
-    yield running
-    code, log = running.stop(signal.SIGTERM)
-    assert code == 0, log
+    with served(folders, ready=(TRUCK,)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def truck():
-    predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM))
-    predictor.set_image(IMAGES / "truck.jpg")
-    return predictor
+    return truck_predictor()
 
 
 def ws_url(app, token: str | None = None) -> str:

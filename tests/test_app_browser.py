@@ -8,19 +8,15 @@ bitmaps it decoded and compared with ``SamPredictor``'s for the same prompts, an
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_process import CHROMIUM, CHROMIUM_ARGS, start_app
-from conftest import IMAGES, MOBILE_SAM
+from app_process import CHROMIUM, CHROMIUM_ARGS, served, truck_predictor
 from playwright.sync_api import sync_playwright
 
 import sam_mlx
 from sam_mlx.app.masks import decode_mask
-from sam_mlx.checkpoint import load_checkpoint
 
 DOG, TRUCK = 0, 1
 WINDOW = (500, 375)
@@ -30,17 +26,8 @@ BACKGROUND = (1100, 500)  # the truck's side, below the window: a background poi
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app_browser")
-    (root / "photos").mkdir()
-    for name in ("dog.jpg", "truck.jpg"):
-        shutil.copy(IMAGES / name, root / "photos" / name)
-    running = start_app(str(root / "photos"), "--out-dir", str(root / "export"), "--tokens-dir", str(root / "tokens"))
-    running.root = root
-    running.wait_ready(DOG)
-    running.wait_ready(TRUCK)
-    yield running
-    code, log = running.stop(signal.SIGTERM)
-    assert code == 0, log
+    with served(tmp_path_factory.mktemp("app_browser"), ready=(DOG, TRUCK)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +42,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def truck():
-    predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM))
-    predictor.set_image(IMAGES / "truck.jpg")
-    return predictor
+    return truck_predictor()
 
 
 def open_page(browser, app):
