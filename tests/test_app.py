@@ -127,6 +127,39 @@ def test_export_paths_cannot_leave_the_export_folder(app, folders):
     assert not any(outside.iterdir())
 
 
+def test_export_writes_the_formats_and_the_prompts(app, folders, truck):
+    """One object by its prompt steps (decoded again by the server), one by its mask; the clean-up applies to both."""
+    masks, scores, low_res = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
+    best = int(scores.argmax())
+    refined, refined_scores, _ = truck.predict(np.array([WINDOW, [560.0, 330.0]]), np.array([1, 1]),
+                                               mask_input=low_res[[best]], multimask_output=False)
+    given = np.zeros((1200, 1800), bool)
+    given[100:300, 200:400] = True
+    given[150:160, 250:260] = False  # a 100-pixel hole, filled by the clean-up
+    steps = [{"points": [[*WINDOW, 1]], "box": None, "multimask": True, "selected": best},
+             {"points": [[*WINDOW, 1], [560.0, 330.0, 1]], "box": None, "multimask": False, "selected": 0}]
+    body = {"folder": "api", "formats": ["png", "coco"], "fill_holes": 500, "images": [{"image": TRUCK, "objects": [
+        {"label": "window", "color": "#ff0000", "steps": steps},
+        {"label": "square", "mask": encode_mask(given, "rle"), "score": 0.5}]}]}
+    with app.client() as client:
+        result = client.post("/api/export", json=body).json()
+        folder = folders / "export" / "api"
+        assert result["folder"] == str(folder)
+        assert {"truck_mask0.png", "truck_mask1.png", "coco.json", "truck.prompts.json"} <= set(result["files"])
+        exported = [np.array(Image.open(folder / f"truck_mask{i}.png")) > 127 for i in range(2)]
+        np.testing.assert_array_equal(exported[0], clean_mask(refined[0], 500))
+        np.testing.assert_array_equal(exported[1], clean_mask(given, 500))
+        assert exported[1][150:160, 250:260].all()
+        coco = json.loads((folder / "coco.json").read_text())
+        window = next(a for a in coco["annotations"] if a["area"] == exported[0].sum())
+        assert abs(window["score"] - refined_scores[0]) < 1e-5 and window["prompt"]["points"][1] == [560.0, 330.0]
+        prompts = client.get(f"/api/images/{TRUCK}/prompts", params={"folder": "api"}).json()
+        assert prompts["format"] == "sam_mlx_app_prompts" and prompts["objects"][0]["steps"] == steps
+        assert prompts["cleanup"]["fill_holes"] == 500 and len(prompts["objects"]) == 1  # a mask has no steps
+        bad = client.post("/api/export", json={**body, "formats": ["png", "gif"]})
+        assert bad.status_code == 400 and "formats" in bad.json()["error"]
+
+
 # ---------------------------------------------------------------- masks
 def test_decode_gives_the_predictors_masks(app, truck):
     """A point, then a box with the previous best mask as the hint (by result id), then a background point
@@ -158,6 +191,27 @@ def test_decode_gives_the_predictors_masks(app, truck):
         np.testing.assert_allclose(third["scores"], scores3, atol=1e-5)
         np.testing.assert_array_equal(decode_mask(third["masks"][0]), masks3[0])
         assert not (masks3[0] == masks2[0]).all()  # the background point changed the mask
+
+
+def test_masks_of_large_images_can_be_sent_shrunk(app, truck):
+    """max_side: the masks (for showing) at most that size, their boxes at the image's; the clean-up of a shrunk
+    mask scales its areas to the shrunk pixels."""
+    masks, _, _ = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
+    with app.client() as client:
+        reply = client.post("/api/decode", json={"image": TRUCK, "points": [WINDOW], "labels": [1], "max_side": 600}).json()
+        for got, want in zip(reply["masks"], masks):
+            shrunk = decode_mask(got)
+            assert shrunk.shape == (400, 600)
+            np.testing.assert_array_equal(shrunk, want[1::3, 1::3])  # the nearest pixels: 3 x 3 blocks' centres
+            rows, cols = np.flatnonzero(want.any(axis=1)), np.flatnonzero(want.any(axis=0))
+            assert got["box"] == [cols[0], rows[0], cols[-1], rows[-1]]
+        hole = np.ones((400, 600), bool)
+        hole[100:110, 100:110] = False  # 100 shrunk pixels: 900 of the image's
+        for area, filled in ((800, False), (1000, True)):
+            cleaned = client.post("/api/cleanup", json={"image": TRUCK, "mask": encode_mask(hole, "png"),
+                                                        "fill_holes": area}).json()
+            assert decode_mask(cleaned["mask"]).all() == filled
+            assert cleaned["mask"]["box"] == [0, 0, 1799, 1199]
 
 
 def test_decode_errors_are_one_line_json(app):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_process import CHROMIUM, CHROMIUM_ARGS, served, truck_predictor
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import sam_mlx
@@ -245,15 +246,19 @@ def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browse
     assert Path(result["folder"]) == folder
     for name in result["files"]:
         assert (folder / name).is_file(), name
+    for i, mask in enumerate(masks):  # the exported masks are the ones the page showed
+        np.testing.assert_array_equal(np.array(Image.open(folder / f"truck_mask{i}.png")) > 127, mask)
+    coco = json.loads((folder / "coco.json").read_text())
+    assert sorted(c["name"] for c in coco["categories"]) == ["truck", "window"] and len(coco["annotations"]) == 2
     prompts = json.loads((folder / "truck.prompts.json").read_text())
     assert [o["label"] for o in prompts["objects"]] == ["window", "truck"]
     assert prompts["image"].endswith("truck.jpg") and prompts["width"] == 1800
-    assert len(result["files"]) > 1
 
     # A new page finds the prompts in the export folder and decodes them again: the same masks.
     again, close = open_page(browser, app)
     try:
         again.fill("#export-folder", "run1")
+        again.keyboard.press("Escape")  # leave the text field
         open_truck(again)
         again.wait_for_function("() => samApp.session().objects.length === 3 && samApp.session().objects.slice(0, 2)"
                                 ".every(o => { const s = samApp.stateOf(o); return s.result && s.layers[s.selected].bitmap; })")

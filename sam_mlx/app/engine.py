@@ -115,11 +115,17 @@ class Engine:
         self.fingerprint = model_fingerprint(model)
 
     # ---------------------------------------------------------------- any thread
-    def decode(self, image_id: int, prompt: Prompt, mask_format: str = "png", return_low_res: bool = False) -> Future:
+    def decode(self, image_id: int, prompt: Prompt, mask_format: str = "png", return_low_res: bool = False,
+               max_side: int | None = None) -> Future:
         """Future of ``decode_now``'s result."""
-        return self._submit(lambda: self.decode_now(image_id, prompt, mask_format, return_low_res))
+        return self._submit(lambda: self.decode_now(image_id, prompt, mask_format, return_low_res, max_side))
 
-    def hover(self, key: Any, image_id: int, x: float, y: float, mask_format: str = "png") -> Future:
+    def replay(self, image_id: int, steps: list[tuple[Prompt, int]]) -> Future:
+        """Future of ``replay_now``'s result."""
+        return self._submit(lambda: self.replay_now(image_id, steps))
+
+    def hover(self, key: Any, image_id: int, x: float, y: float, mask_format: str = "png",
+              max_side: int | None = None) -> Future:
         """Future of the hover mask at (x, y): the best of 3 candidates for one point; None if the image is
         not encoded yet. Replaces (cancels) the pending hover of the same ``key`` that has not started."""
         future: Future = Future()
@@ -127,7 +133,7 @@ class Engine:
             old = self._hovers.pop(key, None)
             if old is not None and old[1].cancel():
                 self.hovers_dropped += 1
-            self._hovers[key] = (lambda: self._hover_now(image_id, x, y, mask_format), future)
+            self._hovers[key] = (lambda: self._hover_now(image_id, x, y, mask_format, max_side), future)
             self._last_interactive = time.monotonic()
             self._wake.notify()
         return future
@@ -260,8 +266,10 @@ class Engine:
             return False  # damaged or made otherwise: encoded again and overwritten
         return True
 
-    def decode_now(self, image_id: int, prompt: Prompt, mask_format: str, return_low_res: bool) -> dict:
-        """Decode a prompt on the image: masks (encoded), scores, the result id for later hints, timings."""
+    def decode_now(self, image_id: int, prompt: Prompt, mask_format: str, return_low_res: bool,
+                   max_side: int | None = None) -> dict:
+        """Decode a prompt on the image: masks (encoded, ``max_side`` at most), scores, the result id for later
+        hints, timings."""
         predictor = self.predictor(image_id)
         hint = prompt.hint
         if isinstance(hint, tuple):
@@ -272,14 +280,28 @@ class Engine:
         result = {
             "result": self.hints.put(image_id, low_res),
             "scores": [round(float(s), 5) for s in scores],
-            "masks": encode_masks(masks, mask_format),
+            "masks": encode_masks(masks, mask_format, max_side),
             "decode_ms": round(decode_ms, 2),
         }
         if return_low_res:
             result["low_res"] = low_res
         return result
 
-    def _hover_now(self, image_id: int, x: float, y: float, mask_format: str) -> dict | None:
+    def replay_now(self, image_id: int, steps: list[tuple[Prompt, int]]) -> tuple[np.ndarray, float]:
+        """An object's prompt steps decoded again in order, each with the previous step's selected candidate as
+        its hint -> (the last step's selected mask H x W, its score): the mask the page showed."""
+        predictor = self.predictor(image_id)
+        if not steps:
+            raise ValueError("an object needs at least one prompt step")
+        hint = None
+        for number, (prompt, selected) in enumerate(steps):
+            masks, scores, low_res = predictor.predict(prompt.points, prompt.labels, prompt.box, hint, prompt.multimask)
+            if not 0 <= selected < len(scores):
+                raise ValueError(f"step {number} selects candidate {selected} of {len(scores)}")
+            hint = low_res[[selected]]
+        return masks[selected], float(scores[selected])
+
+    def _hover_now(self, image_id: int, x: float, y: float, mask_format: str, max_side: int | None) -> dict | None:
         """One foreground point: 3 candidates decoded, the best one upscaled (no low-res logits kept)."""
         entry = self.library.get(image_id)
         if entry.status != "ready" and image_id not in self._predictors:
@@ -291,5 +313,5 @@ class Engine:
         best = int(scores[0].argmax())
         mask = predictor.masks_above(low_res[0, best], (MASK_THRESHOLD,))[0]
         decode_ms = (time.perf_counter() - start) * 1e3
-        return {"score": round(float(scores[0, best]), 5), "mask": encode_masks(mask[None], mask_format)[0],
+        return {"score": round(float(scores[0, best]), 5), "mask": encode_masks(mask[None], mask_format, max_side)[0],
                 "decode_ms": round(decode_ms, 2)}

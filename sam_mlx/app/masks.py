@@ -31,12 +31,20 @@ def encode_mask(mask: np.ndarray, mask_format: str) -> dict:
     raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
 
 
-def encode_masks(masks: np.ndarray, mask_format: str) -> list[dict]:
+def encode_masks(masks: np.ndarray, mask_format: str, max_side: int | None = None) -> list[dict]:
     """C x H x W bool masks -> ``encode_mask`` of each with its ``"box"``: x1, y1, x2, y2 of its first and last
-    pixel columns and rows (inclusive), or None for an empty mask (a page draws only inside the box)."""
-    boxes = batched_mask_to_box(masks)
-    return [{**encode_mask(mask, mask_format), "box": box.tolist() if box.any() or mask[0, 0] else None}
-            for mask, box in zip(masks, boxes)]
+    pixel columns and rows (inclusive, at the full size), or None for an empty mask (a page draws only inside it).
+
+    ``max_side``: masks whose longer side is larger are sent shrunk to it (nearest pixels), for showing.
+    """
+    boxes = [box.tolist() if box.any() or mask[0, 0] else None for mask, box in zip(masks, batched_mask_to_box(masks))]
+    height, width = masks.shape[-2:]
+    if max_side and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        rows = ((np.arange(max(round(height * scale), 1)) + 0.5) / scale).astype(np.int64)
+        cols = ((np.arange(max(round(width * scale), 1)) + 0.5) / scale).astype(np.int64)
+        masks = masks[:, np.minimum(rows, height - 1)][:, :, np.minimum(cols, width - 1)]
+    return [{**encode_mask(mask, mask_format), "box": box} for mask, box in zip(masks, boxes)]
 
 
 def _png(mask: np.ndarray) -> bytes:
@@ -88,3 +96,19 @@ def clean_mask(mask: np.ndarray, fill_holes: float = 0, remove_islands: float = 
     if remove_islands > 0:
         mask, _ = remove_small_regions(mask, remove_islands, "islands")
     return mask
+
+
+def clean_shown_mask(mask: np.ndarray, image_size: tuple[int, int], fill_holes: float, remove_islands: float,
+                     mask_format: str) -> dict:
+    """``clean_mask`` of a mask as ``encode_masks`` sent it, possibly shrunk from an image of ``image_size``
+    (width, height): areas are scaled by the shrinking, the box is given at the image's size."""
+    width, height = image_size
+    factor = mask.size / (width * height)
+    cleaned = clean_mask(mask, fill_holes * factor, remove_islands * factor)
+    encoded = encode_masks(cleaned[None], mask_format)[0]
+    if encoded["box"] and cleaned.shape != (height, width):
+        sx, sy = width / cleaned.shape[1], height / cleaned.shape[0]
+        x1, y1, x2, y2 = encoded["box"]
+        encoded["box"] = [int(x1 * sx), int(y1 * sy), min(int((x2 + 1) * sx), width - 1),
+                          min(int((y2 + 1) * sy), height - 1)]
+    return {"mask": encoded, "area": round(int(cleaned.sum()) / factor)}

@@ -44,7 +44,7 @@ from ..image_io import load_image
 from ..image_tokens import model_identity
 from .engine import Engine, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
-from .masks import MASK_FORMATS, clean_mask, decode_mask, encode_masks
+from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask
 
 STATIC = Path(__file__).parent / "static"
 HOST = "127.0.0.1"
@@ -136,11 +136,10 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
         start = time.perf_counter()
         body = await _json(request)
         image_id = library.get(_field(body, "image", int)).id
-        mask_format = _field(body, "mask_format", str, "png")
-        if mask_format not in MASK_FORMATS:
-            raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+        mask_format = _mask_format(body)
         return_low_res = _field(body, "return_low_res", bool, False)
-        result = await asyncio.wrap_future(engine.decode(image_id, _prompt(body), mask_format, return_low_res))
+        future = engine.decode(image_id, _prompt(body), mask_format, return_low_res, _max_side(body))
+        result = await asyncio.wrap_future(future)
         if return_low_res:
             low_res = result.pop("low_res")
             result["low_res"] = {"shape": list(low_res.shape), "float32": _b64(low_res)}
@@ -149,13 +148,15 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
 
     async def cleanup(request: Request) -> Response:
         body = await _json(request)
-        mask_format = _field(body, "mask_format", str, "png")
+        mask_format = _mask_format(body)
         holes = _field(body, "fill_holes", (int, float), 0)
         islands = _field(body, "remove_islands", (int, float), 0)
+        image_id = _field(body, "image", int, None)
+        size = library.get(image_id).size if image_id is not None else None
 
         def clean() -> dict:
-            mask = clean_mask(decode_mask(body.get("mask")), holes, islands)
-            return {"mask": encode_masks(mask[None], mask_format)[0], "area": int(mask.sum())}
+            mask = decode_mask(body.get("mask"))
+            return clean_shown_mask(mask, size or mask.shape[::-1], holes, islands, mask_format)
 
         return JSONResponse(await run_in_threadpool(clean))
 
@@ -195,12 +196,12 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
                     request = {"seq": _field(message, "seq", int, 0),
                                "image": library.get(_field(message, "image", int)).id}
                     x, y = (float(_field(message, k, (int, float))) for k in ("x", "y"))
-                    mask_format = _field(message, "mask_format", str, "png")
+                    mask_format, max_side = _mask_format(message), _max_side(message)
                 except (ValueError, KeyError) as exc:
                     async with sending:
                         await websocket.send_json({"error": _message(exc)})
                     continue
-                future = engine.hover(key, request["image"], x, y, mask_format)
+                future = engine.hover(key, request["image"], x, y, mask_format, max_side)
                 task = asyncio.create_task(deliver(request, future))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -267,6 +268,20 @@ def _field(body: dict, name: str, kind, default: Any = _MISSING) -> Any:
     return value
 
 
+def _mask_format(body: dict) -> str:
+    mask_format = _field(body, "mask_format", str, "png")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+    return mask_format
+
+
+def _max_side(body: dict) -> int | None:
+    max_side = _field(body, "max_side", int, None)
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    return max_side
+
+
 def _prompt(body: dict) -> Prompt:
     """The decode request's prompt: points + labels, box, mask hint, multimask (values checked by the predictor)."""
     points = labels = box = hint = None
@@ -307,8 +322,25 @@ def _export_module():
     return export
 
 
+def _steps(item: dict) -> list[tuple[Prompt, int]]:
+    """An object's prompt steps: [{points: [[x, y, label], ...], box, multimask, selected}, ...]."""
+    steps = []
+    for step in _field(item, "steps", list):
+        if not isinstance(step, dict):
+            raise ValueError("a step must be a JSON object")
+        triples = np.asarray(_field(step, "points", list, []), dtype=np.float64).reshape(-1, 3)
+        points = {"points": triples[:, :2].tolist(), "labels": triples[:, 2].astype(int).tolist()} if len(triples) else {}
+        prompt = _prompt({**points, "box": step.get("box"), "multimask": _field(step, "multimask", bool)})
+        steps.append((prompt, _field(step, "selected", int)))
+    return steps
+
+
 def _export(engine: Engine, body: dict) -> dict:
-    """Write the export formats of the given images' objects and, per image, the prompts that reopen them."""
+    """Write the export formats of the given images' objects and, per image, the prompts that reopen them.
+
+    An object's mask is given (``mask``) or made again here from its prompt steps (``steps``), exactly as the
+    page showed it, at the image's full size; the clean-up is applied to every object.
+    """
     library = engine.library
     folder = library.export_dir(_field(body, "folder", str, ""))
     export = _export_module()
@@ -319,26 +351,39 @@ def _export(engine: Engine, body: dict) -> dict:
     if unknown or not formats:
         raise ValueError(f"formats must be some of {', '.join(export.FORMATS)}, got {formats}")
     simplify = float(_field(body, "simplify", (int, float), export.DEFAULT_SIMPLIFY))
-    items = _field(body, "images", list)
-    # Everything is checked (and decoded) before the first file is written.
+    cleanup = {k: _field(body, k, (int, float), 0) for k in ("fill_holes", "remove_islands")}
+    # Everything is checked and decoded before the first file is written.
     work = []
-    for item in items:
+    for item in _field(body, "images", list):
         entry = library.get(_field(item, "image", int))
         image = load_image(entry.path)
         size = (image.shape[1], image.shape[0])
-        objects = [export.ExportObject(mask=decode_mask(o.get("mask"), size), label=_field(o, "label", str, None),
-                                       score=_field(o, "score", (int, float), None),
-                                       extra=_field(o, "prompt", dict, None))
-                   for o in _field(item, "objects", list)]
-        work.append((entry, image, objects, _field(item, "session", dict, {})))
+        objects, saved = [], []
+        for given in _field(item, "objects", list):
+            label = _field(given, "label", str, None)
+            if given.get("steps") is not None:
+                steps = _steps(given)
+                mask, score = engine.replay(entry.id, steps).result()
+                saved.append({"label": label, "color": _field(given, "color", str, None), "steps": given["steps"]})
+                last = steps[-1][0]
+                prompt = {"prompt": {"points": None if last.points is None else last.points.tolist(),
+                                     "labels": None if last.labels is None else last.labels.tolist(),
+                                     "box": None if last.box is None else last.box.tolist()}}
+            else:
+                mask, score, prompt = decode_mask(given.get("mask"), size), _field(given, "score", (int, float), None), None
+            objects.append(export.ExportObject(mask=clean_mask(mask, **cleanup), label=label, score=score,
+                                               extra=prompt))
+        work.append((entry, image, objects, saved))
     folder.mkdir(parents=True, exist_ok=True)
     exporter = export.Exporter(folder, formats, simplify=simplify)
     written: list[Path] = []
-    for entry, image, objects, session in work:
+    for entry, image, objects, saved in work:
         written += exporter.add(entry.path, image, objects, stem=entry.stem)
+        if not saved:
+            continue
         record = {"format": PROMPTS_FORMAT, "version": 1, "image": str(entry.path), "width": image.shape[1],
                   "height": image.shape[0], "model": model_identity(engine.model), "sizing": engine.sizing,
-                  "size": engine.size, **session}
+                  "size": engine.size, "cleanup": {**cleanup, "simplify": simplify}, "objects": saved}
         path = folder / f"{entry.stem}.prompts.json"
         written.append(atomic_write(path, lambda tmp, r=record: Path(tmp).write_text(json.dumps(r, indent=1) + "\n"),
                                     suffix=".json"))

@@ -9,6 +9,7 @@ const PALETTE = ["#4dabf7", "#ff5c7a", "#51cf66", "#fcc419", "#b197fc", "#ff922b
                  "#f783ac", "#748ffc"];
 const AREAS = [0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000];  // clean-up slider steps
 const POLL_MS = 500;
+const MAX_MASK_SIDE = 4096;  // masks of larger images are shown shrunk (exported at full size by the server)
 
 const token = readToken();
 const canvas = $("view");
@@ -127,7 +128,7 @@ function paintMask(layer, color, rect) {
   g.clip();
   g.setTransform(dpr * scale, 0, 0, dpr * scale, dpr * x, dpr * y);
   g.imageSmoothingEnabled = scale < 1;
-  g.drawImage(layer.bitmap, 0, 0);
+  g.drawImage(layer.bitmap, 0, 0, app.picture.naturalWidth, app.picture.naturalHeight);  // shrunk ones too
   g.setTransform(1, 0, 0, 1, 0, 0);
   g.globalCompositeOperation = "source-in";
   g.fillStyle = color;
@@ -214,6 +215,7 @@ function decodeRequest(imageId, state, previous) {
     box: state.box,
     multimask: multimask(state),
     mask_input: hint,
+    max_side: MAX_MASK_SIDE,
   };
 }
 
@@ -251,7 +253,7 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
   }
   app.stats.lastDecode = {request, scores: result.scores, decode_ms: result.decode_ms, server_ms: result.server_ms};
   await Promise.all(state.layers.map(loadLayer));
-  await cleanState(state);
+  await cleanState(imageId, state);
   refresh();
 }
 
@@ -278,18 +280,13 @@ function shownLayer(state) {
   return clean && clean.key === cleanupKey() && clean.bitmap ? clean : layer;
 }
 
-function shownMask(state) {
-  const layer = state.layers[state.selected];
-  return layer.clean && layer.clean.key === cleanupKey() ? layer.clean.encoded : layer.encoded;
-}
-
 const cleanupKey = () => `${app.cleanup.holes},${app.cleanup.islands}`;
 
-async function cleanState(state) {
+async function cleanState(imageId, state) {
   const layer = state.layers[state.selected];
   const key = cleanupKey();
   if (!layer || key === "0,0" || (layer.clean && layer.clean.key === key)) return;
-  const result = await api("/api/cleanup", {mask: layer.encoded, fill_holes: app.cleanup.holes,
+  const result = await api("/api/cleanup", {image: imageId, mask: layer.encoded, fill_holes: app.cleanup.holes,
                                             remove_islands: app.cleanup.islands});
   const clean = {id: ++layerCount, key, encoded: result.mask, box: result.mask.box, bitmap: null};
   clean.bitmap = await maskBitmap(result.mask);
@@ -329,7 +326,7 @@ function selectCandidate(index) {
   const state = stateOf(currentObject());
   if (!state.result || index >= state.layers.length) return;
   state.selected = index;
-  loadLayer(state.layers[index]).then(() => cleanState(state)).then(refresh);
+  loadLayer(state.layers[index]).then(() => cleanState(app.imageId, state)).then(refresh);
   refresh();
 }
 
@@ -455,7 +452,8 @@ function sendHover() {
   if (!hover.wanted || !hover.socket || !hoverWanted()) return;
   hover.seq++;
   hover.sent = hover.wanted;
-  hover.socket.send(JSON.stringify({seq: hover.seq, image: app.imageId, x: hover.wanted[0], y: hover.wanted[1]}));
+  hover.socket.send(JSON.stringify({seq: hover.seq, image: app.imageId, x: hover.wanted[0], y: hover.wanted[1],
+                                    max_side: MAX_MASK_SIDE}));
   hover.wanted = null;
 }
 
@@ -789,7 +787,7 @@ function setupCleanup() {
     show();
     clearTimeout(timer);
     timer = setTimeout(async () => {
-      for (const object of session().objects) await cleanState(stateOf(object));
+      for (const object of session().objects) await cleanState(app.imageId, stateOf(object));
       refresh();
     }, 120);
   };
@@ -817,6 +815,14 @@ function setupExport() {
   }
 }
 
+// The steps of an object's current mask: its prompts since the last time it was cleared, in order.
+function chainSteps(object) {
+  const chain = [];
+  for (let i = object.cursor; i > 0 && !isEmpty(object.history[i]); i--) chain.unshift(object.history[i]);
+  return chain.map((state) => ({points: state.points, box: state.box, multimask: multimask(state),
+                                selected: state.selected}));
+}
+
 async function exportAll() {
   const formats = [...document.querySelectorAll("#formats input:checked")].map((i) => i.value);
   localStorage.setItem("sam-mlx-formats", JSON.stringify(formats));
@@ -824,31 +830,20 @@ async function exportAll() {
   const images = [];
   for (const [imageId, s] of app.sessions) {
     const objects = s.objects.filter((o) => stateOf(o).result);
-    if (!objects.length) continue;
-    for (const object of objects) await cleanState(stateOf(object));
-    images.push({
-      image: imageId,
-      objects: objects.map((o) => {
-        const state = stateOf(o);
-        return {label: o.label, score: state.result.scores[state.selected], mask: shownMask(state),
-                prompt: {points: state.points.map((p) => [p[0], p[1]]), labels: state.points.map((p) => p[2]),
-                         box: state.box}};
-      }),
-      session: {
-        cleanup: {...app.cleanup},
-        objects: objects.map((o) => ({label: o.label, color: o.color, steps: o.history.slice(1, o.cursor + 1).map(
-          (state) => ({points: state.points, box: state.box, selected: state.selected}))})),
-      },
-    });
+    if (objects.length) {
+      images.push({image: imageId, objects: objects.map((o) => ({label: o.label, color: o.color, steps: chainSteps(o)}))});
+    }
   }
   if (!images.length) return toast("nothing to export yet: segment an object first", true);
   $("export").disabled = true;
   try {
-    const result = await api("/api/export", {folder: $("export-folder").value, formats,
-                                            simplify: app.cleanup.simplify, images});
+    const result = await api("/api/export", {folder: $("export-folder").value, formats, images,
+                                            simplify: app.cleanup.simplify, fill_holes: app.cleanup.holes,
+                                            remove_islands: app.cleanup.islands});
     app.stats.lastExport = result;
     $("export-result").textContent = `${result.files.length} files → ${result.folder}`;
-    toast(`exported ${images.length} image(s): ${result.files.length} files`);
+    const count = images.reduce((n, i) => n + i.objects.length, 0);
+    toast(`exported ${count} object(s) of ${images.length} image(s): ${result.files.length} files`);
   } catch (error) {
     toast(error.message, true);
   } finally {
