@@ -214,6 +214,21 @@ def test_masks_of_large_images_can_be_sent_shrunk(app, truck):
             assert cleaned["mask"]["box"] == [0, 0, 1799, 1199]
 
 
+def test_polygons_are_the_exports(app, truck):
+    """The outline the page draws is the COCO export's polygon at the chosen simplification."""
+    from sam_mlx.export import mask_polygons
+
+    masks, _, _ = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=False)
+    with app.client() as client:
+        for simplify in (0, 0.5, 3):
+            reply = client.post("/api/polygons", json={"image": TRUCK, "mask": encode_mask(masks[0], "png"),
+                                                       "simplify": simplify}).json()
+            want = mask_polygons(masks[0], simplify, outline=True)
+            assert [np.array(p).tolist() for p in reply["polygons"]] == [p.tolist() for p in want]
+            assert reply["vertices"] == sum(map(len, want))
+        assert reply["vertices"] < sum(map(len, mask_polygons(masks[0], 0, outline=True)))
+
+
 def test_decode_errors_are_one_line_json(app):
     cases = [({"image": TRUCK, "points": [[5000, 10]], "labels": [1]}, 400, "outside"),
              ({"image": 99, "points": [WINDOW], "labels": [1]}, 404, "no image with id 99"),

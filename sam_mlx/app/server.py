@@ -160,6 +160,13 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
 
         return JSONResponse(await run_in_threadpool(clean))
 
+    async def polygons(request: Request) -> Response:
+        body = await _json(request)
+        image_id = _field(body, "image", int, None)
+        size = library.get(image_id).size if image_id is not None else None
+        simplify = _field(body, "simplify", (int, float), None)
+        return JSONResponse(await run_in_threadpool(_polygons, decode_mask(body.get("mask")), size, simplify))
+
     async def export(request: Request) -> Response:
         body = await _json(request)
         return JSONResponse(await run_in_threadpool(_export, engine, body))
@@ -228,6 +235,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
         Route("/api/images/{image_id:int}/prompts", prompts),
         Route("/api/decode", decode, methods=["POST"]),
         Route("/api/cleanup", cleanup, methods=["POST"]),
+        Route("/api/polygons", polygons, methods=["POST"]),
         Route("/api/export", export, methods=["POST"]),
         WebSocketRoute("/api/hover", hover),
     ]
@@ -320,6 +328,24 @@ def _export_module():
     except ImportError:
         return None
     return export
+
+
+def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: float | None) -> dict:
+    """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels)."""
+    export = _export_module()
+    if export is None:
+        raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.export)")
+    simplify = export.DEFAULT_SIMPLIFY if simplify is None else float(simplify)
+    if not simplify >= 0:
+        raise ValueError(f"simplify must be a number of pixels >= 0, got {simplify}")
+    width, height = image_size or mask.shape[::-1]
+    scale = np.array([width / mask.shape[1], height / mask.shape[0]])
+    try:
+        traced = export.mask_polygons(mask, simplify / scale.max(), outline=True)
+    except ImportError as exc:
+        raise ExportUnavailable(str(exc)) from None
+    return {"polygons": [(polygon * scale).round(2).tolist() for polygon in traced],
+            "vertices": sum(len(polygon) for polygon in traced)}
 
 
 def _steps(item: dict) -> list[tuple[Prompt, int]]:

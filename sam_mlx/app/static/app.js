@@ -253,7 +253,8 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
   }
   app.stats.lastDecode = {request, scores: result.scores, decode_ms: result.decode_ms, server_ms: result.server_ms};
   await Promise.all(state.layers.map(loadLayer));
-  await cleanState(imageId, state);
+  if (stateOf(object) === state && app.imageId === imageId) await preview(imageId);
+  else await cleanState(imageId, state);
   refresh();
 }
 
@@ -293,6 +294,31 @@ async function cleanState(imageId, state) {
   if (cleanupKey() === key) layer.clean = clean;
 }
 
+// The polygons the export writes for the shown mask (at the chosen simplification), drawn over the current object.
+async function tracePolygons(imageId, state) {
+  const layer = shownLayer(state);
+  if (!layer || !app.info.export_formats.length) return;
+  const key = `${layer.id}:${app.cleanup.simplify}`;
+  if (layer.polygons && layer.polygons.key === key) return;
+  const result = await api("/api/polygons", {image: imageId, mask: layer.encoded, simplify: app.cleanup.simplify});
+  layer.polygons = {key, points: result.polygons};
+}
+
+// The current object's shown mask cleaned up and traced as the export would, then drawn.
+async function preview(imageId = app.imageId) {
+  const state = stateOf(currentObject());
+  try {
+    await cleanState(imageId, state);
+    await tracePolygons(imageId, state);
+  } catch (error) {
+    toast(error.message, true);
+  }
+  refresh();
+}
+
+const polygonsOf = (layer) => layer && layer.polygons && layer.polygons.key === `${layer.id}:${app.cleanup.simplify}` ?
+  layer.polygons.points : null;
+
 // ------------------------------------------------------------------ actions
 function addPoint(x, y, label, startedAt) {
   const object = currentObject();
@@ -313,20 +339,20 @@ function clearObject() {
 function undo() {
   const object = currentObject();
   if (object.cursor > 0) object.cursor--;
-  refresh();
+  preview();
 }
 
 function redo() {
   const object = currentObject();
   if (object.cursor < object.history.length - 1) object.cursor++;
-  refresh();
+  preview();
 }
 
 function selectCandidate(index) {
   const state = stateOf(currentObject());
   if (!state.result || index >= state.layers.length) return;
   state.selected = index;
-  loadLayer(state.layers[index]).then(() => cleanState(app.imageId, state)).then(refresh);
+  loadLayer(state.layers[index]).then(() => preview());
   refresh();
 }
 
@@ -344,7 +370,7 @@ function finishObject() {
 
 function selectObject(index) {
   session().current = index;
-  refresh();
+  preview();
 }
 
 function deleteObject(index) {
@@ -533,13 +559,38 @@ function render() {
   }), 0, 0);
   const layer = shownLayer(stateOf(currentObject()));
   const color = currentObject().color;
+  const polygons = polygonsOf(layer);
   if (layer) {
-    ctx.drawImage(cachedLayer("current", JSON.stringify([view, layer.id, color]),
-                              (g) => drawMask(g, layer, color, 0.5, "#ffffff", 1)), 0, 0);
+    ctx.drawImage(cachedLayer("current", JSON.stringify([view, layer.id, color, !polygons]),
+                              (g) => drawMask(g, layer, color, 0.5, "#ffffff", polygons ? 0 : 1)), 0, 0);
   }
   if (app.hover.layer && hoverWanted()) drawMask(ctx, app.hover.layer, color, 0.42, color, 0.95);
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  if (polygons) drawPolygons(polygons);
   drawPrompts(stateOf(currentObject()));
+}
+
+function drawPolygons(polygons) {
+  ctx.beginPath();
+  for (const polygon of polygons) {
+    polygon.forEach(([x, y], i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, ...toCanvas(x, y)));
+    ctx.closePath();
+  }
+  ctx.lineJoin = "round";
+  ctx.lineWidth = 3;
+  ctx.strokeStyle = "rgba(0, 0, 0, 0.35)";
+  ctx.stroke();
+  ctx.lineWidth = 1.5;
+  ctx.strokeStyle = "#ffffff";
+  ctx.stroke();
+  if (app.view.scale < 3) return;
+  ctx.fillStyle = "#ffffff";  // the vertices, when zoomed in enough to tell them apart
+  for (const polygon of polygons) {
+    for (const [x, y] of polygon) {
+      const [cx, cy] = toCanvas(x, y);
+      ctx.fillRect(cx - 2, cy - 2, 4, 4);
+    }
+  }
 }
 
 function drawPicture(g, dpr) {
@@ -788,7 +839,7 @@ function setupCleanup() {
     clearTimeout(timer);
     timer = setTimeout(async () => {
       for (const object of session().objects) await cleanState(app.imageId, stateOf(object));
-      refresh();
+      preview();
     }, 120);
   };
   for (const id of ["holes", "islands", "simplify"]) $(id).addEventListener("input", changed);
