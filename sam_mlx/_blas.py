@@ -55,6 +55,11 @@ def load_system_blas() -> str | None:
     return loaded_blas
 
 
+def reference_blas_in_use() -> bool:
+    """True on Linux when MLX multiplies with the reference BLAS its wheel bundles (no OpenBLAS loaded)."""
+    return sys.platform.startswith("linux") and loaded_blas is None
+
+
 def blas_description() -> str:
     """Human-readable name of the BLAS MLX uses on this machine."""
     if sys.platform == "darwin":

@@ -7,13 +7,15 @@ arguments); ``--debug`` re-raises it with its traceback.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sam_mlx  # before mlx: loads OpenBLAS first
@@ -22,8 +24,10 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint import atomic_write, load_checkpoint, save_model  # noqa: E402
-from .hub import HubError, default_cache_dir  # noqa: E402
+from ._blas import reference_blas_in_use  # noqa: E402
+from .checkpoint import atomic_write, load_checkpoint, read_state_dict, save_model  # noqa: E402
+from .export import DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, parse_formats  # noqa: E402
+from .hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
 from .image_io import load_image  # noqa: E402
 from .image_tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
 from .mask_utils import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, rle_to_mask  # noqa: E402
@@ -31,6 +35,7 @@ from .overlay import draw_overlay  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
+FAILURES_FILE = "failures.json"
 
 
 class CliError(Exception):
@@ -74,6 +79,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    try:
+        return parse_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pixels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 0, got {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------- helpers
 def _model_name(args: argparse.Namespace) -> str | None:
     return args.model or os.environ.get(MODEL_ENV)
@@ -93,18 +115,34 @@ def _predictor(args: argparse.Namespace, model, default_sizing: str = "original"
     return sam_mlx.SamPredictor(model, sizing=sizing, size=size)
 
 
-def _expand_images(inputs: Sequence[str]) -> list[Path]:
-    """Files as given, folders as the images directly inside them (sorted)."""
-    images: list[Path] = []
+@dataclass
+class ImageInput:
+    """An image to process: its path and its COCO ``file_name`` (the path below the folder it was found in)."""
+
+    path: Path
+    name: str
+
+
+def _expand_images(inputs: Sequence[str], recursive: bool = False, out_dir: Path | None = None) -> list[ImageInput]:
+    """Files as given, folders as the images inside them (sorted; with ``recursive``, in subfolders too).
+
+    An output folder inside an input folder is skipped, so a rerun does not take the masks for images.
+    """
+    skip = out_dir.resolve() if out_dir is not None else None
+    images: list[ImageInput] = []
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            candidates = path.rglob("*") if recursive else path.iterdir()
+            found = sorted(
+                p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not (skip is not None and skip != path.resolve() and skip in p.resolve().parents)
+            )
             if not found:
                 raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            images.extend(found)
+            images.extend(ImageInput(p, p.relative_to(path).as_posix()) for p in found)
         elif path.is_file():
-            images.append(path)
+            images.append(ImageInput(path, path.name))
         else:
             raise CliError(f"image not found: {path}")
     return images
@@ -135,6 +173,119 @@ def _check_prompts(points: np.ndarray, boxes: np.ndarray, width: int, height: in
             raise CliError(f"box {x1:g},{y1:g},{x2:g},{y2:g} is outside {name} ({width}x{height})")
 
 
+@dataclass
+class Prompt:
+    """One image's prompt: points N x 2 with labels N (1 foreground, 0 background) shared by each of the
+    B x 4 boxes (every box is a prompt of its own; no box: one prompt of the points), and the object's label."""
+
+    points: np.ndarray
+    labels: np.ndarray
+    boxes: np.ndarray
+    label: str | None = None
+
+    def check(self, width: int, height: int, name: str) -> None:
+        _check_prompts(self.points, self.boxes, width, height, name)
+
+
+def _prompt(points, labels, boxes, label, where: str) -> Prompt:
+    """A Prompt from lists of numbers, or a CliError naming ``where`` and what is wrong."""
+    try:
+        points = _rows(points, 2)
+        boxes = _rows(boxes, 4)
+        labels = np.array(labels if labels is not None else [1] * len(points), dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError):
+        raise CliError(f"{where}: points must be [x, y] pairs, boxes [x1, y1, x2, y2] and labels numbers") from None
+    if not (np.isfinite(points).all() and np.isfinite(boxes).all()):
+        raise CliError(f"{where}: coordinates must be finite numbers")
+    if len(labels) != len(points) or not np.isin(labels, (0, 1)).all():
+        raise CliError(f"{where}: labels must be 1 (foreground) or 0 (background), one per point "
+                       f"({len(points)} points, {len(labels)} labels)")
+    if not len(points) and not len(boxes):
+        raise CliError(f"{where}: no prompt (give points or boxes)")
+    if label is not None and not isinstance(label, str):
+        raise CliError(f"{where}: label must be a text, got {label!r}")
+    return Prompt(points, labels.astype(np.int32), boxes, label or None)
+
+
+def _rows(values, width: int) -> np.ndarray:
+    """A list of ``width``-number lists as an N x width float array (ValueError for any other shape)."""
+    rows = np.array(values if values is not None else [], dtype=np.float64)
+    if rows.size and (rows.ndim != 2 or rows.shape[1] != width):
+        raise ValueError(f"expected rows of {width} numbers, got shape {rows.shape}")
+    return rows.reshape(-1, width)
+
+
+_PROMPT_KEYS = ("image", "points", "labels", "boxes", "label")
+
+
+def read_prompts(path: str | Path) -> list[tuple[Path, list[Prompt]]]:
+    """A prompts file -> [(image path, its prompts)], images in order of first mention.
+
+    JSON: a list of ``{"image": path, "points": [[x, y], ...], "labels": [1, 0, ...], "boxes": [[x1, y1,
+    x2, y2], ...], "label": name}`` (labels default to 1, i.e. foreground; points or boxes may be left out).
+    CSV: a header row with those columns; a cell holds its numbers separated by commas, spaces or ";"
+    (``"250,400; 700,100"``). Image paths are relative to the prompts file's folder. Each entry or row is
+    one prompt; an image may have several (several objects).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CliError(f"prompts file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    entries = _csv_prompts(path, text) if path.suffix.lower() == ".csv" else _json_prompts(path, text)
+    jobs: dict[Path, list[Prompt]] = {}
+    for where, entry in entries:
+        unknown = sorted(set(entry) - set(_PROMPT_KEYS))
+        if unknown:
+            raise CliError(f"{where}: unknown key {unknown[0]!r} (keys: {', '.join(_PROMPT_KEYS)})")
+        if not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise CliError(f"{where}: no image")
+        image = Path(os.path.abspath(path.parent / Path(entry["image"]).expanduser()))
+        boxes = entry.get("boxes")
+        jobs.setdefault(image, []).append(_prompt(entry.get("points"), entry.get("labels"), boxes, entry.get("label"),
+                                                  where))
+    if not jobs:
+        raise CliError(f"{path}: no prompts in the file")
+    return list(jobs.items())
+
+
+def _json_prompts(path: Path, text: str) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(entry, dict) for entry in data):
+        raise CliError(f"{path}: expected a JSON list of prompt objects ({{\"image\": ..., \"points\": ...}})")
+    return [(f"{path}: entry {i}", entry) for i, entry in enumerate(data, 1)]
+
+
+def _csv_prompts(path: Path, text: str) -> list[tuple[str, dict]]:
+    rows = list(csv.DictReader(text.splitlines()))
+    columns = [c.strip() for c in (rows[0].keys() if rows else [])]
+    if "image" not in columns:
+        raise CliError(f"{path}: the CSV needs a header row with an image column (columns: {', '.join(_PROMPT_KEYS)})")
+    entries = []
+    for n, row in enumerate(rows, 2):
+        where = f"{path}: row {n}"
+        cells = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
+        entry: dict = {key: value for key, value in cells.items() if value}
+        for key, size in (("points", 2), ("boxes", 4), ("labels", 1)):
+            if key in entry:
+                entry[key] = _cell_numbers(entry[key], size, f"{where}, column {key}")
+        entries.append((where, entry))
+    return entries
+
+
+def _cell_numbers(text: str, size: int, where: str) -> list:
+    parts = [p for p in re.split(r"[\s,;]+", text) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise CliError(f"{where}: {text!r} is not a list of numbers") from None
+    if len(values) % size:
+        raise CliError(f"{where}: {len(values)} numbers, expected a multiple of {size}")
+    return values if size == 1 else [values[i:i + size] for i in range(0, len(values), size)]
+
+
 def _mask_record(mask: np.ndarray) -> dict:
     """Area and bbox of an H x W bool mask, as the automatic mask generator reports them.
 
@@ -152,9 +303,10 @@ def _write_json(data: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), suffix=".json")
 
 
-def _remove_old_masks(out_dir: Path, stem: str) -> None:
-    """Delete ``{stem}_mask<n>.png`` of an earlier run, so none outlives the JSON that lists them."""
-    pattern = re.compile(rf"{re.escape(stem)}_mask\d+\.png")
+def _remove_old_outputs(out_dir: Path, stem: str) -> None:
+    """Delete ``{stem}_mask<n>.png`` / ``{stem}_cutout<n>.png`` of an earlier run, so none outlives the JSON
+    that lists them."""
+    pattern = re.compile(rf"{re.escape(stem)}_(mask|cutout)\d+\.png")
     for path in out_dir.iterdir():
         if pattern.fullmatch(path.name):
             path.unlink(missing_ok=True)
@@ -164,90 +316,218 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _emit(args: argparse.Namespace, record: dict) -> None:
+    """With --json, one JSON object on a line of stdout (messages and progress stay on stderr)."""
+    if getattr(args, "json", False):
+        print(json.dumps(record), flush=True)
+
+
+def _warn_if_slow_blas(command: str) -> None:
+    if reference_blas_in_use():
+        _log(f"sam-mlx {command}: warning: MLX multiplies with its bundled reference BLAS, ~60x slower than "
+             "OpenBLAS: install libopenblas0-pthread (apt-get), which sam_mlx then loads")
+
+
+class _Laps:
+    """Seconds spent in each named step of an image's processing."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self.last, 4)
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self.start, 4)}
+
+
+def _exporter(args: argparse.Namespace, labels: Sequence[str] = ()) -> Exporter:
+    return Exporter(args.out_dir, args.export, simplify=args.simplify, best_only=args.best, labels=labels)
+
+
+def _run_images(args: argparse.Namespace, count: int, items: Sequence, process: Callable, exporter: Exporter) -> int:
+    """``process(index, item) -> dict`` for each image; return the exit code.
+
+    With several images and no --fail-fast, a failing image is reported and skipped: the others are
+    written, the failures listed on stderr and in failures.json, and the exit code is 1. The run-level
+    exports (COCO, YOLO classes) are written at the end, covering the images done.
+    """
+    out_dir = Path(args.out_dir)
+    survive = count > 1 and not args.fail_fast
+    failures: list[dict] = []
+    try:
+        for i, item in enumerate(items, 1):
+            try:
+                record = process(i, item)
+            except Exception as exc:
+                if not survive:
+                    raise
+                failures.append({"image": str(item.path), "error": _one_line(exc)})
+                _log(f"[{i}/{count}] {item.path}: failed: {failures[-1]['error']}")
+                _emit(args, failures[-1])
+                continue
+            _emit(args, record)
+    finally:
+        run_files = exporter.close()
+    failures_file = out_dir / FAILURES_FILE
+    if failures:
+        _write_json({"failures": failures}, failures_file)
+        run_files.append(failures_file)
+        _log(f"sam-mlx {args.command}: {len(failures)} of {count} images failed (listed in {failures_file}):")
+        for failure in failures:
+            _log(f"  {failure['image']}: {failure['error']}")
+    else:
+        failures_file.unlink(missing_ok=True)  # an earlier run's
+    _emit(args, {"summary": {"images": count, "failed": len(failures), "files": [str(p) for p in run_files]}})
+    return 1 if failures else 0
+
+
 # ---------------------------------------------------------------- commands
-def cmd_segment(args: argparse.Namespace) -> None:
-    points = np.array(args.point + args.bg_point, dtype=np.float64).reshape(-1, 2)
-    labels = np.array([1] * len(args.point) + [0] * len(args.bg_point), dtype=np.int32)
-    boxes = np.array(args.box, dtype=np.float64).reshape(-1, 4)
-    if not len(points) and not len(boxes):
-        raise CliError("no prompt: give at least one --point, --bg-point or --box")
-    # A lone point is ambiguous (part or whole?): return SAM's three candidates unless told otherwise.
-    multimask = args.multimask if args.multimask is not None else (len(points) == 1 and not len(boxes))
-    images = _expand_images(args.images)
-    if args.tokens and len(images) != 1:
+@dataclass
+class _SegmentJob:
+    path: Path
+    name: str  # COCO file_name
+    stem: str
+    prompts: list[Prompt]
+
+
+def _segment_jobs(args: argparse.Namespace) -> list[_SegmentJob]:
+    """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
+    if args.prompts:
+        if args.images or args.point or args.bg_point or args.box or args.label:
+            raise CliError("--prompts FILE gives the images and prompts: no IMAGE, --point, --bg-point, --box or "
+                           "--label beside it")
+        pairs = [(ImageInput(path, path.name), prompts) for path, prompts in read_prompts(args.prompts)]
+    else:
+        if not args.images:
+            raise CliError("no image: give IMAGE|DIR ... or --prompts FILE")
+        points = args.point + args.bg_point
+        if not points and not args.box:
+            raise CliError("no prompt: give at least one --point, --bg-point or --box")
+        prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
+                         "the command line")
+        pairs = [(image, [prompt]) for image in _expand_images(args.images, args.recursive, Path(args.out_dir))]
+    stems = _output_stems([image.path for image, _ in pairs])
+    return [_SegmentJob(image.path, image.name, stem, prompts) for (image, prompts), stem in zip(pairs, stems)]
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    jobs = _segment_jobs(args)
+    if args.tokens and len(jobs) != 1:
         raise CliError("--tokens goes with exactly one image (the one it was encoded from)")
+    labels = [p.label for job in jobs for p in job.prompts if p.label]
+    exporter = _exporter(args, labels=list(dict.fromkeys(labels)))
     saved = read_image_tokens(args.tokens) if args.tokens else None
+    _warn_if_slow_blas("segment")
     # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
     predictor = _predictor(args, _load_model(args), *((saved.sizing, saved.size) if saved else ()))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (path, stem) in enumerate(zip(images, _output_stems(images)), 1):
-        start = time.perf_counter()
-        image = load_image(path)
+
+    def process(i: int, job: _SegmentJob) -> dict:
+        laps = _Laps()
+        image = load_image(job.path)
         height, width = image.shape[:2]
-        _check_prompts(points, boxes, width, height, path.name)
+        laps("load")
+        for prompt in job.prompts:
+            prompt.check(width, height, job.path.name)
         if args.tokens:
             loaded = load_image_tokens(predictor, args.tokens)
             if loaded.geometry.original_size != (height, width):
                 h, w = loaded.geometry.original_size
-                raise CliError(f"{args.tokens} was encoded from a {w}x{h} image, but {path} is {width}x{height}")
+                raise CliError(f"{args.tokens} was encoded from a {w}x{h} image, but {job.path} is {width}x{height}")
         else:
             predictor.set_image(image)
-        report = _segment(predictor, image, points, labels, boxes, multimask, stem, out_dir)
-        _write_json({"image": str(path), **report}, out_dir / f"{stem}.json")
-        seconds, count = time.perf_counter() - start, len(report["masks"])
-        _log(f"[{i}/{len(images)}] {path}: {count} masks in {seconds:.1f} s -> {out_dir / report['overlay']}")
+        laps("encode")
+        report, objects, overlay = _segment(predictor, image, job.prompts, args.multimask, job.stem, exporter)
+        laps("decode")
+        _remove_old_outputs(out_dir, job.stem)
+        files = exporter.add(job.path, image, objects, stem=job.stem, file_name=job.name)
+        _save_png(overlay, out_dir / report["overlay"])
+        report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
+        _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
+        laps("write")
+        seconds = laps.total()
+        _log(f"[{i}/{len(jobs)}] {job.path}: {len(objects)} masks in {seconds['total']:.1f} s "
+             f"-> {out_dir / report['overlay']}")
+        written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
+        return {"image": str(job.path), "files": [str(p) for p in written],
+                "scores": [m["score"] for m in report["masks"]], "seconds": seconds}
+
+    return _run_images(args, len(jobs), jobs, process, exporter)
+
+
+_REPORT_KEYS = {"png": "file", "cutout": "cutout"}  # a mask's files in segment's JSON report
 
 
 def _segment(
     predictor: sam_mlx.SamPredictor,
     image: np.ndarray,
-    points: np.ndarray,
-    labels: np.ndarray,
-    boxes: np.ndarray,
-    multimask: bool,
+    prompts: Sequence[Prompt],
+    multimask: bool | None,
     stem: str,
-    out_dir: Path,
-) -> dict:
-    """Decode the prompts on the predictor's image, write the mask PNGs and the overlay; return the JSON report.
+    exporter: Exporter,
+) -> tuple[dict, list[ExportObject], Image.Image]:
+    """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay.
 
-    points: N x 2 with labels N (shared by every prompt); boxes: B x 4. Every box is one
-    prompt (with all the points), all B decoded as one batch; no box is one prompt of points.
+    Every box of a prompt is one prompt (with all its points), all B decoded as one batch; no box is
+    one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask.
     """
-    n_prompts = max(len(boxes), 1)
-    masks, scores, _ = predictor.predict_batch(
-        np.broadcast_to(points, (n_prompts, *points.shape)) if len(points) else None,
-        np.broadcast_to(labels, (n_prompts, len(labels))) if len(points) else None,
-        boxes if len(boxes) else None,
-        multimask_output=multimask,
-        return_low_res=False,
-    )  # masks: n_prompts x C x H x W
-    _remove_old_masks(out_dir, stem)
-    records = []
-    for b in range(n_prompts):
-        box = boxes[b].tolist() if len(boxes) else None
-        prompt = {"points": points.tolist(), "labels": labels.tolist(), "box": box}
-        for c in range(masks.shape[1]):
-            name = f"{stem}_mask{len(records)}.png"
-            _save_png(Image.fromarray(masks[b, c].astype(np.uint8) * 255), out_dir / name)
-            records.append({"file": name, "prompt_index": b, "mask_index": c, "score": float(scores[b, c]),
-                            **_mask_record(masks[b, c]), "prompt": prompt})
-    overlay = f"{stem}_overlay.png"
-    drawn = draw_overlay(image, list(masks.reshape(-1, *masks.shape[2:])), points, labels, boxes)
-    _save_png(drawn, out_dir / overlay)
+    records, objects, masks_drawn = [], [], []
+    group = 0  # SAM's candidates for one prompt (one box) form a group: --best keeps its top one
+    for prompt in prompts:
+        points, labels, boxes = prompt.points, prompt.labels, prompt.boxes
+        # A lone point is ambiguous (part or whole?): return SAM's three candidates unless told otherwise.
+        several = multimask if multimask is not None else (len(points) == 1 and not len(boxes))
+        n_prompts = max(len(boxes), 1)
+        masks, scores, _ = predictor.predict_batch(
+            np.broadcast_to(points, (n_prompts, *points.shape)) if len(points) else None,
+            np.broadcast_to(labels, (n_prompts, len(labels))) if len(points) else None,
+            boxes if len(boxes) else None,
+            multimask_output=several,
+            return_low_res=False,
+        )  # masks: n_prompts x C x H x W
+        for b in range(n_prompts):
+            box = boxes[b].tolist() if len(boxes) else None
+            described = {"points": points.tolist(), "labels": labels.tolist(), "box": box}
+            for c in range(masks.shape[1]):
+                files = exporter.object_files(stem, len(records))
+                records.append({**{_REPORT_KEYS[kind]: name for kind, name in files.items()}, "prompt_index": group,
+                                "mask_index": c, "multimask": several, "score": float(scores[b, c]),
+                                **_mask_record(masks[b, c]), "label": prompt.label, "prompt": described})
+                objects.append(ExportObject(masks[b, c], label=prompt.label, score=float(scores[b, c]),
+                                            extra={"prompt": described}, group=group))
+                masks_drawn.append(masks[b, c])
+            group += 1
+    chosen = set(exporter.selected(objects))
+    for i, record in enumerate(records):
+        if i not in chosen:  # --best: no files for the others
+            for kind in exporter.object_files(stem, i):
+                del record[_REPORT_KEYS[kind]]
+    all_points = np.concatenate([p.points for p in prompts])
+    all_labels = np.concatenate([p.labels for p in prompts])
+    all_boxes = np.concatenate([p.boxes for p in prompts])
     height, width = image.shape[:2]
-    return {"width": width, "height": height, "model": model_identity(predictor.model), "sizing": predictor.sizing,
-            "size": predictor.size, "multimask": multimask, "overlay": overlay, "masks": records}
+    report = {"width": width, "height": height, "model": model_identity(predictor.model), "sizing": predictor.sizing,
+              "size": predictor.size, "overlay": f"{stem}_overlay.png", "masks": records}
+    return report, objects, draw_overlay(image, masks_drawn, all_points, all_labels, all_boxes)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
     image = load_image(args.image)
+    _warn_if_slow_blas("encode")
     predictor = _predictor(args, _load_model(args))
-    start = time.perf_counter()
+    laps = _Laps()
     predictor.set_image(image)
     path = save_image_tokens(predictor, args.out)
+    laps("encode")
     h, w = predictor.geometry.grid_size
-    _log(f"{args.image}: {h}x{w} image tokens in {time.perf_counter() - start:.1f} s -> {path}")
+    seconds = laps.total()
+    _log(f"{args.image}: {h}x{w} image tokens in {seconds['total']:.1f} s -> {path}")
+    _emit(args, {"image": str(args.image), "files": [str(path)], "seconds": seconds})
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -257,6 +537,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
     path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
+    _emit(args, {"checkpoint": str(args.checkpoint), "files": [str(path)], "dtype": args.dtype})
 
 
 class _ProgressBar:
@@ -276,10 +557,14 @@ class _ProgressBar:
         print(("\r\033[K" if self.live else "") + f"{self.label} {message}", file=sys.stderr, flush=True)
 
 
-def cmd_everything(args: argparse.Namespace) -> None:
+def cmd_everything(args: argparse.Namespace) -> int:
     from .automatic_mask_generator import SamAutomaticMaskGenerator
 
-    images = _expand_images([args.images])
+    out_dir = Path(args.out_dir)
+    images = _expand_images(args.images, args.recursive, out_dir)
+    stems = _output_stems([image.path for image in images])
+    exporter = _exporter(args)
+    _warn_if_slow_blas("everything")
     model = _load_model(args)
     generator = SamAutomaticMaskGenerator(
         model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
@@ -287,24 +572,66 @@ def cmd_everything(args: argparse.Namespace) -> None:
         crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
         output_mode="uncompressed_rle", sizing=args.sizing or "original", size=args.size,
     )
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (path, stem) in enumerate(zip(images, _output_stems(images)), 1):
-        start = time.perf_counter()
+
+    def process(i: int, item: tuple[ImageInput, str]) -> dict:
+        image_input, stem = item
+        path = image_input.path
+        laps = _Laps()
         image = load_image(path)
+        laps("load")
         progress = _ProgressBar(f"[{i}/{len(images)}] {path}")
         records = generator.generate(image, progress=progress)
+        laps("generate")
+        masks = [rle_to_mask(r["segmentation"]) for r in records]
+        objects = [ExportObject(mask, score=r["predicted_iou"], stability_score=r["stability_score"],
+                                extra={"point_coords": r["point_coords"], "crop_box": r["crop_box"]})
+                   for mask, r in zip(masks, records)]
+        _remove_old_outputs(out_dir, stem)
+        files = exporter.add(path, image, objects, stem=stem, file_name=image_input.name)
         overlay = f"{stem}_overlay.png"
-        _save_png(draw_overlay(image, [rle_to_mask(r["segmentation"]) for r in records]), out_dir / overlay)
+        _save_png(draw_overlay(image, masks), out_dir / overlay)
         annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
         height, width = image.shape[:2]
         _write_json(
             {"image": str(path), "width": width, "height": height, "model": model_identity(model),
-             "overlay": overlay, "annotations": annotations},
+             "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
+             "annotations": annotations},
             out_dir / f"{stem}.json",
         )
-        seconds = time.perf_counter() - start
-        progress.finish(f"{len(records)} masks in {seconds:.1f} s -> {out_dir / overlay}")
+        laps("write")
+        seconds = laps.total()
+        progress.finish(f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}")
+        written = [*files, out_dir / overlay, out_dir / f"{stem}.json"]
+        return {"image": str(path), "files": [str(p) for p in written],
+                "scores": [r["predicted_iou"] for r in records], "seconds": seconds}
+
+    return _run_images(args, len(images), list(zip(images, stems)), process, exporter)
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _stored_dtypes(path: Path) -> dict[str, int]:
+    """How many tensors of each dtype a checkpoint file stores (a safetensors header is read, not its data).
+
+    A .pth's bfloat16 tensors count as float32: the reader widens them (numpy has no bfloat16).
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] != b"PK" and len(head) == 8:
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+            kinds = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+            return _counts(_SAFETENSORS_DTYPES.get(kind, kind.lower()) for kind in kinds)
+    state, _ = read_state_dict(path)
+    return _counts(str(v.dtype) for v in state.values())
+
+
+def _counts(names) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -313,17 +640,34 @@ def cmd_info(args: argparse.Namespace) -> None:
     from ._blas import blas_description
     from .token_bands import band_count
 
-    print(f"sam_mlx {sam_mlx.__version__}")
-    print(f"mlx {mx.__version__} (default device: {mx.default_device()})")
-    print(f"BLAS: {blas_description()}")
-    print(f"mask decoder: image tokens in {band_count()} row band(s), one MLX stream each")
-    print(f"model cache: {default_cache_dir()}")
+    info: dict = {"sam_mlx": sam_mlx.__version__, "mlx": mx.__version__, "device": str(mx.default_device()),
+                  "blas": blas_description(), "row_bands": band_count(), "model_cache": str(default_cache_dir())}
+    lines = [f"sam_mlx {info['sam_mlx']}", f"mlx {info['mlx']} (default device: {info['device']})",
+             f"BLAS: {info['blas']}", f"mask decoder: image tokens in {info['row_bands']} row band(s), one MLX stream each",
+             f"model cache: {info['model_cache']}"]
     name = _model_name(args)
     if name:
-        model = sam_mlx.load(name)
-        count = sum(v.size for _, v in tree_flatten(model.parameters()))
-        print(f"model: {name}: {model_identity(model)}, {count / 1e6:.1f} M parameters")
-        print(json.dumps(model.config.to_dict(), indent=1))
+        local = Path(name).expanduser()
+        path = resolve_checkpoint(name)
+        model = load_checkpoint(path)
+        stored_in = local if local.is_file() else path
+        stored = _stored_dtypes(stored_in)
+        params = tree_flatten(model.parameters())
+        encoder = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for k, v in params if k.startswith("image_encoder."))
+        rest = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for k, v in params if not k.startswith("image_encoder."))
+        info["model"] = {"name": name, "identity": model_identity(model),
+                         "parameters": sum(v.size for _, v in params), "stored_dtypes": stored,
+                         "stored_in": str(stored_in), "compute_dtypes": {"image_encoder": "+".join(encoder),
+                                                                         "prompt_encoder_and_mask_decoder": "+".join(rest)},
+                         "config": model.config.to_dict()}
+        lines += [f"model: {name}: {info['model']['identity']}, {info['model']['parameters'] / 1e6:.1f} M parameters",
+                  f"stored dtype: {', '.join(f'{k} ({n} tensors)' for k, n in stored.items())} in {stored_in}",
+                  f"compute dtype: image encoder {'+'.join(encoder)}, prompt encoder and mask decoder {'+'.join(rest)}",
+                  json.dumps(info["model"]["config"], indent=1)]
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print("\n".join(lines))
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -336,55 +680,81 @@ def cmd_app(args: argparse.Namespace) -> None:
         raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
     library = Library(args.images or ["."], args.out_dir)
     serve(library, _load_model(args), sizing=args.sizing or "original", size=args.size, port=args.port,
-          open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token)
+          open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
+          announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sam-mlx`` argument parser with its subcommands."""
-    debug = _Parser(add_help=False)
-    # SUPPRESS: a subcommand's absent --debug must not reset one given before the subcommand.
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common = _Parser(add_help=False)
+    # SUPPRESS: a subcommand's absent --debug / --json must not reset one given before the subcommand.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object per image on stdout (files written, scores, timings)")
     model = _Parser(add_help=False)
-    model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, a Hub repo id, or a "
-                       f"checkpoint file (.pth / .safetensors); default: ${MODEL_ENV}")
+    model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, mobile_sam, a Hub repo id, "
+                       f"or a checkpoint file (.pth / .safetensors); default: ${MODEL_ENV}")
     model.add_argument("--sizing", choices=("original", "stretch"),
                        help="original: longest side to SIZE, padded square (as Meta's SAM); "
                        "stretch: longest side to SIZE, sides rounded to multiples of 16, no padding "
                        "(default: original)")
     model.add_argument("--size", type=_positive_int, metavar="N", help="encoder input size (default: 1024)")
+    outputs = _Parser(add_help=False)
+    outputs.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
+    outputs.add_argument("--export", type=_formats, default=("png",), metavar="FORMAT[,FORMAT...]",
+                         help=f"what to write besides the overlay and the JSON report: {', '.join(FORMATS)} "
+                         "(default: png). png: a 0/255 PNG per mask; cutout: the image with the mask as alpha "
+                         "(RGBA PNG); coco / coco-rle: one COCO instances file for the run (coco.json with "
+                         "polygons, coco_rle.json with RLE); yolo: yolo/STEM.txt segmentation labels; labelme: "
+                         "labelme/STEM.json. Polygons need OpenCV: pip install 'sam-mlx[export]'")
+    outputs.add_argument("--simplify", type=_pixels, default=DEFAULT_SIMPLIFY, metavar="PIXELS",
+                         help=f"polygon simplification tolerance (default: {DEFAULT_SIMPLIFY}; 0 keeps every corner)")
+    outputs.add_argument("--best", action="store_true",
+                         help="export only the top-scoring mask of each prompt (of each image for everything)")
+    outputs.add_argument("--recursive", action="store_true", help="take the images in subfolders of folders too")
+    outputs.add_argument("--fail-fast", action="store_true",
+                         help="stop at the first image that fails (default: go on, list failures at the end "
+                         f"and in {FAILURES_FILE}, exit code 1)")
 
     parser = _Parser(prog="sam-mlx", description="Segment Anything (SAM v1) in MLX.")
+    parser.add_argument("--version", action="version", version=f"sam-mlx {sam_mlx.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    seg = commands.add_parser("segment", parents=[debug, model], help="masks for point and box prompts",
+    seg = commands.add_parser("segment", parents=[common, model, outputs], help="masks for point and box prompts",
                               description="Segment images with point and box prompts (pixel coordinates; "
-                              "write negative numbers as --box=-5,0,90,80). Writes per image: one PNG per mask, "
-                              "an overlay PNG and a JSON of scores, areas, bboxes and prompts. A bbox is x, y, w, h "
-                              "with w = x2 - x1, h = y2 - y1 of the mask's first and last pixel columns and rows "
-                              "(as Meta's SAM: one less than COCO's).")
-    seg.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+                              "write negative numbers as --box=-5,0,90,80), or with a prompts file giving each "
+                              "image its own prompts. Writes per image an overlay PNG, a JSON of scores, areas, "
+                              "bboxes and prompts, and the --export formats (default: one PNG per mask). A bbox "
+                              "in that JSON is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and "
+                              "last pixel columns and rows (as Meta's SAM: one less than COCO's).")
+    seg.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="image files or folders of images")
     seg.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y", help="foreground point")
     seg.add_argument("--bg-point", type=_point, action="append", default=[], metavar="X,Y", help="background point")
     seg.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
                      help="box; several boxes are separate prompts decoded together, each with all the points")
+    seg.add_argument("--label", metavar="NAME", help="the object's name in the exports (default: object)")
+    seg.add_argument("--prompts", metavar="FILE",
+                     help="JSON or CSV of prompts per image, instead of IMAGE and the prompt options: entries "
+                     '{"image": PATH, "points": [[X, Y], ...], "labels": [1, 0, ...], "boxes": [[X1, Y1, X2, Y2], '
+                     '...], "label": NAME}, or CSV columns image,points,labels,boxes,label (paths relative to FILE)')
     mode = seg.add_mutually_exclusive_group()
     mode.add_argument("--multimask", dest="multimask", action="store_const", const=True,
                       help="three candidate masks per prompt (default for a single point)")
     mode.add_argument("--single", dest="multimask", action="store_const", const=False,
                       help="one mask per prompt (default unless the prompt is a single point)")
     seg.add_argument("--tokens", metavar="FILE", help="image tokens from `sam-mlx encode` to skip the encoder")
-    seg.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
     seg.set_defaults(func=cmd_segment)
 
-    enc = commands.add_parser("encode", parents=[debug, model], help="save an image's tokens for later prompting",
+    enc = commands.add_parser("encode", parents=[common, model], help="save an image's tokens for later prompting",
                               description="Run the image encoder once and save the image tokens (safetensors) "
                               "for `sam-mlx segment --tokens` or sam_mlx.image_tokens.load_image_tokens.")
     enc.add_argument("image", metavar="IMAGE")
     enc.add_argument("--out", required=True, metavar="FILE", help="tokens file to write (.safetensors)")
     enc.set_defaults(func=cmd_encode)
 
-    conv = commands.add_parser("convert", parents=[debug], help="convert a checkpoint to sam_mlx safetensors",
+    conv = commands.add_parser("convert", parents=[common], help="convert a checkpoint to sam_mlx safetensors",
                                description="Convert a Meta .pth, MobileSAM .pt, transformers safetensors, model "
                                "name or Hub repo id to a sam_mlx safetensors file.")
     conv.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -392,15 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     conv.set_defaults(func=cmd_convert)
 
-    every = commands.add_parser("everything", parents=[debug, model], help="masks for everything in images",
+    every = commands.add_parser("everything", parents=[common, model, outputs], help="masks for everything in images",
                                 description="Segment everything with SAM's automatic mask generator (a grid of "
                                 "point prompts, filtered and de-duplicated). Writes per image an overlay PNG of all "
-                                "masks and a JSON of annotations as Meta's generator makes them: COCO RLE "
-                                "segmentation, area, bbox, predicted_iou, stability_score, point_coords, crop_box. "
-                                "The bbox is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and last "
-                                "pixel columns and rows: one less than COCO's w, h.")
-    every.add_argument("images", metavar="IMAGE|DIR", help="an image file or a folder of images")
-    every.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
+                                "masks, a JSON of annotations as Meta's generator makes them (COCO RLE "
+                                "segmentation, area, bbox, predicted_iou, stability_score, point_coords, crop_box) "
+                                "and the --export formats (default: one PNG per mask). The bbox in that JSON is x, "
+                                "y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and last pixel columns "
+                                "and rows: one less than COCO's w, h (the coco export uses COCO's).")
+    every.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
     every.add_argument("--points-per-side", type=_positive_int, default=32, metavar="N",
                        help="N x N grid of point prompts (default: 32)")
     every.add_argument("--points-per-batch", type=_positive_int, default=64, metavar="N",
@@ -415,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 
-    app = commands.add_parser("app", parents=[debug, model], help="the local segmentation app in the browser",
+    app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
                               description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
                               "hover, click and drag for masks, several objects per image, export. Other local "
                               "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
@@ -427,12 +797,14 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
     app.add_argument("--prefetch", type=int, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
-    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run)")
+    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
+                     "with --json the address, port and token are printed on stdout as one JSON object")
     app.set_defaults(func=cmd_app)
 
-    info = commands.add_parser("info", parents=[debug], help="versions, device, BLAS and a model's config",
+    info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "
-                               f"in use, the model cache and, with --model or ${MODEL_ENV}, the model's config.")
+                               f"in use, the model cache and, with --model or ${MODEL_ENV}, the model's config, "
+                               "the dtypes its file stores and the dtypes it computes in.")
     info.add_argument("--model", metavar="NAME|PATH", help=f"a model to load and describe (default: ${MODEL_ENV})")
     info.set_defaults(func=cmd_info)
     return parser
@@ -442,7 +814,7 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (CliError, ValueError, OSError, HubError)):  # CheckpointError is a ValueError
+    if isinstance(exc, (CliError, ValueError, OSError, HubError, ImportError)):  # CheckpointError is a ValueError
         return text
     return f"{type(exc).__name__}: {text} (unexpected: run with --debug for the traceback)"
 
@@ -454,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # warnings as one line too, restored on return
             warnings.showwarning = lambda message, *_, **__: _log(f"sam-mlx {args.command}: warning: {message}")
-            args.func(args)
+            code = args.func(args) or 0
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -465,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _log(f"sam-mlx {args.command}: error: {_one_line(exc)}")
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -24,18 +24,26 @@ import functools
 import hashlib
 import os
 import re
+import socket
+import threading
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .checkpoint import DTYPES, load_checkpoint, remove_abandoned_temporaries, save_model
 
-#: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights.
+#: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights;
+#: dhkim2810/MobileSAM holds MobileSAM's official mobile_sam.pt.
 MODEL_NAMES: dict[str, tuple[str, str]] = {
     **{f"sam-vit-{size}": (f"facebook/sam-vit-{size}", "model.safetensors") for size in ("base", "large", "huge")},
     "vit_b": ("facebook/sam-vit-base", "model.safetensors"),
     "vit_l": ("facebook/sam-vit-large", "model.safetensors"),
     "vit_h": ("facebook/sam-vit-huge", "model.safetensors"),
+    "mobile_sam": ("dhkim2810/MobileSAM", "mobile_sam.pt"),
 }
+#: Seconds to wait for a TCP connection to the Hub before taking it as unreachable.
+REACHABLE_TIMEOUT = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 DEFAULT_FILE = "model.safetensors"
 # Checkpoint files looked for in a repo or folder without model.safetensors, most preferred first.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -64,6 +72,34 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
 def is_offline() -> bool:
     """``HF_HUB_OFFLINE`` read now (huggingface_hub reads it once, at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_reachable(timeout: float = REACHABLE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the Hub's host (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    Checked before a download so that an offline machine fails at once, not after huggingface_hub's
+    retries (~24 s). The name lookup runs in a thread too, as it has no timeout of its own. Behind a
+    proxy (``HTTPS_PROXY``...) the host is not reached directly: the check says yes and leaves it to the client.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return True
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    address = (endpoint.hostname or "", endpoint.port or (80 if endpoint.scheme == "http" else 443))
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            reached.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached and reached[0])
 
 
 def resolve_checkpoint(path_or_name: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -218,10 +254,12 @@ def _download(repo: str, filename: str | None, cache: Path) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = is_offline()
+    local_only = offline or not hub_reachable()  # then only huggingface_hub's cache is looked in
     wanted = filename or DEFAULT_FILE
     try:
         try:
-            return Path(huggingface_hub.hf_hub_download(repo, wanted, library_name="sam_mlx", local_files_only=offline))
+            return Path(huggingface_hub.hf_hub_download(repo, wanted, library_name="sam_mlx",
+                                                        local_files_only=local_only))
         except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError, handled below
             raise
         except EntryNotFoundError:

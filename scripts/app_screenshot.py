@@ -31,14 +31,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "app.jpg"))
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="sam_mlx_app_screenshot_"))
+    folder = Path(tempfile.gettempdir()) / "sam-mlx-screenshot"  # the export folder the page shows
+    shutil.rmtree(folder, ignore_errors=True)
     app = start_app(str(SHARED / "images"), "--model", str(SHARED / "weights" / "mobile_sam.pt"),
-                    "--tokens-dir", str(folder / "tokens"), "--out-dir", str(folder / "out"))
+                    "--tokens-dir", str(folder / "tokens"), "--out-dir", str(folder / "sam-mlx-export"))
     try:
         app.wait_ready(GROCERIES)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 860})
+            page = browser.new_page(viewport={"width": 1360, "height": 820})
             page.goto(app.url)
             page.wait_for_function("() => window.samApp && samApp.app.picture")
             page.keyboard.press("ArrowRight")
@@ -53,8 +54,11 @@ def main() -> None:
                 if number < len(OBJECTS):
                     page.keyboard.press("Enter")
             page.mouse.move(5, 5)
+            page.evaluate("samApp.app.stats.clicks = []")  # the README's figures come from scripts/app_latency.py
+            page.keyboard.press("h")
+            page.keyboard.press("h")  # (a key press redraws the status bar)
             page.wait_for_timeout(500)
-            page.screenshot(path=args.out, type="jpeg", quality=90)
+            page.screenshot(path=args.out, type="jpeg", quality=76)
             browser.close()
     finally:
         app.stop()

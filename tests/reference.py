@@ -2,6 +2,7 @@
 
 segment-anything's package ``__init__`` imports torchvision, which has no build here,
 so its ``modeling`` subpackage is imported under a bare parent package instead.
+A missing reference package is a ModuleNotFoundError saying how to install the test references.
 """
 
 from __future__ import annotations
@@ -12,12 +13,26 @@ import sys
 import types
 
 import numpy as np
-import torch
+
+INSTALL_HINT = "install the test references: bash .ci/run (or pip install torch==2.13.0 -e '.[cpu,export,test]')"
+
+
+def require(module: str, package: str):
+    """The import spec of a reference module, or a ModuleNotFoundError naming the package to install."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModuleNotFoundError(f"the tests compare with {package}, which is not installed: {INSTALL_HINT}",
+                                  name=module)
+    return spec
+
+
+require("torch", "PyTorch (torch)")
+import torch  # noqa: E402
 
 
 def segment_anything_modeling():
     if "segment_anything" not in sys.modules:
-        spec = importlib.util.find_spec("segment_anything")
+        spec = require("segment_anything", "Meta's segment-anything")
         package = types.ModuleType("segment_anything")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["segment_anything"] = package

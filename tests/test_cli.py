@@ -112,7 +112,7 @@ def test_segment_point_with_tokens(env, dog, dog_tokens, tmp_path):
     assert "[1/1]" in result.stderr and "3 masks" in result.stderr
     report = json.loads((tmp_path / "dog.json").read_text())
     masks, scores, _ = dog.predict(np.array([[250.0, 400.0]]), np.array([1]))
-    assert report["multimask"] and (report["width"], report["height"]) == (800, 534)
+    assert all(m["multimask"] for m in report["masks"]) and (report["width"], report["height"]) == (800, 534)
     assert [m["file"] for m in report["masks"]] == ["dog_mask0.png", "dog_mask1.png", "dog_mask2.png"]
     for record, mask, score in zip(report["masks"], masks, scores):
         saved = read_mask(tmp_path / record["file"])
@@ -140,7 +140,7 @@ def test_segment_folder_with_batched_boxes(env, dog, tmp_path):
     assert [line.split()[0] for line in lines] == ["[1/2]", "[2/2]"] and "dog.jpg" in lines[0]
     for stem in ("dog", "groceries"):
         report = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
-        assert not report["multimask"] and [m["prompt"]["box"] for m in report["masks"]] == boxes
+        assert not any(m["multimask"] for m in report["masks"]) and [m["prompt"]["box"] for m in report["masks"]] == boxes
         assert all(m["prompt"]["points"] == [[700.0, 100.0]] and m["prompt"]["labels"] == [0] for m in report["masks"])
     masks, scores, _ = dog.predict_batch(np.array([[[700.0, 100.0]]] * 2), np.array([[0]] * 2), np.array(boxes, float),
                                          multimask_output=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -85,9 +87,11 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def install(monkeypatch, tmp_path: Path, files: dict[tuple[str, str], Path], reachable: bool = True) -> FakeHub:
+    """The fake Hub in place of huggingface_hub's client; its reachability is what sam_mlx's check finds."""
     fake = FakeHub(tmp_path / "hf_cache", files, reachable)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", fake.list_repo_files)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: fake.reachable)
     return fake
 
 
@@ -176,7 +180,7 @@ def test_not_cached_without_hub_says_what_to_download_and_where(checkpoints, cac
     assert "`hf download facebook/sam-vit-huge model.safetensors`; `huggingface-cli download facebook/sam-vit-huge " \
            "model.safetensors` with huggingface_hub older than 0.34" in message
     assert str(drop_in) in message
-    assert fake.downloads == [] and fake.local_only_calls == int(offline)
+    assert fake.downloads == [] and fake.local_only_calls == 1  # only huggingface_hub's cache was looked in
     # Following the advice works with the Hub still out of reach.
     drop_in.mkdir(parents=True)
     shutil.copyfile(checkpoints["hf"], drop_in / "model.safetensors")
@@ -305,3 +309,60 @@ def test_network_failure_while_listing(cache, monkeypatch, tmp_path):
     with pytest.raises(hub.HubError, match=r"downloading someone/tiny-sam failed \(\[Errno -2\] Name or service"):
         hub.resolve_checkpoint("someone/tiny-sam")
     assert fake.downloads == []
+
+
+def test_mobile_sam_name(checkpoints, cache, monkeypatch, tmp_path):
+    """``mobile_sam`` is MobileSAM's official checkpoint in the dhkim2810/MobileSAM Hub repo."""
+    fake = install(monkeypatch, tmp_path, {("dhkim2810/MobileSAM", "mobile_sam.pt"): checkpoints["meta"]})
+    path = hub.resolve_checkpoint("mobile_sam")
+    assert fake.downloads == [("dhkim2810/MobileSAM", "mobile_sam.pt")]
+    assert path.parent == cache / "hub" / "dhkim2810--MobileSAM"
+    assert same_weights(load_checkpoint(path), load_checkpoint(checkpoints["meta"]))
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    """Point the Hub endpoint at a local address: ``endpoint(port)``; no proxy variables."""
+    for name in hub._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    from huggingface_hub import constants
+
+    return lambda port: monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+
+
+def test_hub_reachable_is_a_quick_connection(endpoint, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        endpoint(port)
+        assert hub.hub_reachable()
+    # closed now: refused at once
+    start = time.perf_counter()
+    assert not hub.hub_reachable()
+    assert time.perf_counter() - start < 1.0
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a proxy is trusted to know the way
+    assert hub.hub_reachable()
+
+
+def test_unreachable_hub_fails_at_once(cache, endpoint, monkeypatch, tmp_path):
+    """Offline without HF_HUB_OFFLINE, a Hub name fails with the drop-in advice without the client's retries."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+    endpoint(port)
+    calls = []
+
+    def download(repo_id, filename, *, local_files_only=False, **_):
+        calls.append(local_files_only)
+        if not local_files_only:
+            time.sleep(30)  # what retrying against an unreachable Hub costs
+        raise hf_errors.LocalEntryNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    start = time.perf_counter()
+    with pytest.raises(hub.HubError, match=r"dhkim2810/MobileSAM is not cached and the Hugging Face Hub could not be "
+                                           r"reached\. Download https://huggingface\.co/dhkim2810/MobileSAM/resolve/"
+                                           r"main/mobile_sam\.pt"):
+        hub.resolve_checkpoint("mobile_sam")
+    assert calls == [True] and time.perf_counter() - start < 5.0

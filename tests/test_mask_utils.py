@@ -20,11 +20,12 @@ from sam_mlx import mask_utils as mu
 import cv2
 import torch
 from pycocotools import mask as coco_mask
+from reference import require
 
 
 def _load_amg():
     """Import segment_anything/utils/amg.py without the package __init__ (which needs torchvision)."""
-    spec = importlib.util.find_spec("segment_anything")
+    spec = require("segment_anything", "Meta's segment-anything")
     path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "amg.py"
     mod_spec = importlib.util.spec_from_file_location("_sam_original_amg", path)
     module = importlib.util.module_from_spec(mod_spec)

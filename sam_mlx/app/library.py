@@ -66,9 +66,9 @@ class Library:
         self._lock = threading.Lock()
         self.entries: list[ImageEntry] = []
         self.folders = [p for p in (Path(t).expanduser().resolve() for t in inputs) if p.is_dir()]
-        # The files named and those listed in the opened folders are the user's choice (links to elsewhere too).
-        self.files = {entry.path for entry in self._add_paths(_expand_images(inputs))}
         self.export_root = Path(out_dir).expanduser().resolve()
+        # The files named and those listed in the opened folders are the user's choice (links to elsewhere too).
+        self.files = {entry.path for entry in self._add_paths(self._list(inputs))}
 
     # ---------------------------------------------------------------- images
     def get(self, image_id: int) -> ImageEntry:
@@ -88,13 +88,17 @@ class Library:
         """
         path = self.readable(text)
         try:
-            paths = [p.resolve() for p in _expand_images([str(path)])]
+            paths = [p.resolve() for p in self._list([str(path)])]
         except CliError as exc:
             raise ValueError(str(exc)) from None
         inside = [p for p in paths if self._allowed(p)]
         if not inside:
             raise Forbidden(f"{text}: its images lead outside the folders opened by `sam-mlx app`")
         return self._add_paths(inside)
+
+    def _list(self, inputs: list[str]) -> list[Path]:
+        """The image files named and those in the folders named (not those in the export folder)."""
+        return [image.path for image in _expand_images(inputs, out_dir=self.export_root)]
 
     def _add_paths(self, paths: list[Path]) -> list[ImageEntry]:
         with self._lock:

@@ -420,8 +420,12 @@ def _export(engine: Engine, body: dict) -> dict:
 # ---------------------------------------------------------------- running
 def serve(library: Library, model, sizing: str = "original", size: int | None = None, port: int = 8000,
           open_browser: bool = True, tokens_dir: Path | None = None, prefetch: int = 2, token: str | None = None,
-          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
-    """Serve the app until Ctrl+C / SIGTERM; the model's work runs on this (the calling) thread."""
+          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+          announce: Callable[[dict], None] | None = None) -> None:
+    """Serve the app until Ctrl+C / SIGTERM; the model's work runs on this (the calling) thread.
+
+    ``announce``: called with ``{url, port, token}`` once the server listens (``sam-mlx app --json``).
+    """
     from ..hub import default_cache_dir
 
     token = token or secrets.token_urlsafe(24)
@@ -441,6 +445,8 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
     count = len(library.all())
     log(f"sam-mlx app: {count} image{'s' * (count != 1)}, exports to {library.export_root}")
     log(f"sam-mlx app: serving {url}  (Ctrl+C stops)")
+    if announce:
+        announce({"url": url, "port": port, "token": token})
     if library.all():
         engine.focus(0, prefetch)
     if open_browser:

@@ -778,6 +778,8 @@ function showObjects() {
     item.addEventListener("click", () => selectObject(i));
     list.append(item);
   });
+  const current = list.querySelector(".current");
+  if (current) current.scrollIntoView({block: "nearest"});
 }
 
 function showImages() {
