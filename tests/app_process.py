@@ -66,7 +66,7 @@ def start_app(*args: str, env: dict[str, str] | None = None, timeout: float = 18
     command = [sys.executable, "-m", "sam_mlx.cli", "app", *args, "--no-browser", "--port", "0"]
     if "--model" not in args:
         command += ["--model", str(MOBILE_SAM)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     served = threading.Event()
 

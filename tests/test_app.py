@@ -259,6 +259,8 @@ def test_hover_stream_answers_only_the_latest_position(app, truck):
             replies.append(json.loads(socket.recv(timeout=60)))
     seqs = [r["seq"] for r in replies]
     assert seqs == sorted(set(seqs)) and len(seqs) < len(positions) / 2, seqs
+    with app.client() as client:  # every position not answered was dropped, none is still queued
+        assert client.get("/api/info").json()["hovers_dropped"] == len(positions) - len(seqs)
     x, y = positions[-1]
     masks, scores, _ = truck.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
     last = replies[-1]
@@ -305,8 +307,10 @@ def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
     Image.fromarray(rng.integers(0, 255, (500, 37, 3), dtype=np.uint8)).save(photos / "b_tall.png")
     Image.new("RGB", (1, 1), (90, 120, 200)).save(photos / "c_dot.png")
     running = start_app(str(photos), "--sizing", "stretch", "--size", "512", "--tokens-dir", str(tmp_path / "tokens"),
-                        "--out-dir", str(tmp_path / "out"))
+                        "--out-dir", str(tmp_path / "out"), "--json")
     try:
+        announced = json.loads(running.process.stdout.readline())  # --json: for programs that start the app
+        assert announced == {"url": running.url, "port": int(running.base.rsplit(":", 1)[1]), "token": running.token}
         predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM), sizing="stretch", size=512)
         with running.client() as client:
             assert client.get("/api/info").json()["size"] == 512

@@ -102,6 +102,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
             "size": engine.size, "mask_formats": list(MASK_FORMATS), "export_root": str(library.export_root),
             "export_formats": list(export.FORMATS) if export else [],
             "default_simplify": export.DEFAULT_SIMPLIFY if export else None, "prefetch": prefetch,
+            "hovers_dropped": engine.hovers_dropped,
         })
 
     def describe(entry) -> dict:
