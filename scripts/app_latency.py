@@ -9,7 +9,8 @@ rounds of `SamPredictor.predict` calls here on the same points, so the machine's
 A click is a lone foreground point on an empty object (3 candidates, no hint), the app's first click on an
 object. Click to drawn is timed by the page: from the pointerup event to the animation frame after the mask was
 drawn. The server reports its decode time (the predict call inside it) and its whole time per request.
-Hover: the pointer sweeps the image for a few seconds, moving every ~8 ms; masks/s counts the hover masks drawn.
+Hover: the pointer sweeps the image for a few seconds, moving once per animation frame; masks/s counts the hover
+masks drawn (the server drops the positions it has not started when a newer one arrives).
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 POINTS = [(500, 375), (1100, 500), (1350, 900), (300, 880), (900, 250), (1560, 640)]  # on truck.jpg's 1800 x 1200
+# A pointer moving over the image once per animation frame (~60 per second), dispatched in the page: the
+# input a mouse gives, without a round trip to Playwright per move.
+HOVER_SWEEP = """async ([seconds, width, height]) => {
+    const canvas = document.getElementById("view"), start = performance.now();
+    let moves = 0;
+    while (performance.now() - start < seconds * 1000) {
+        await new Promise((resolve) => requestAnimationFrame(resolve));
+        const [x, y] = samApp.toClient(width * (0.5 + 0.35 * Math.cos(moves / 90)),
+                                       height * (0.5 + 0.3 * Math.sin(moves / 60)));
+        canvas.dispatchEvent(new PointerEvent("pointermove", {clientX: x, clientY: y, bubbles: true}));
+        moves++;
+    }
+    return moves;
+}"""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,16 +96,11 @@ def _measure(app, model, image, sizing, rounds, hover_seconds, browser) -> dict:
     page.keyboard.press("Escape")
     page.keyboard.press("h")  # hover on
     hover_start = page.evaluate("performance.now()")
-    deadline = time.monotonic() + hover_seconds
-    t = 0
-    while time.monotonic() < deadline:  # a slow loop around the image's middle
-        x = width * (0.5 + 0.35 * np.cos(t / 90))
-        y = height * (0.5 + 0.3 * np.sin(t / 60))
-        page.mouse.move(*page.evaluate(f"samApp.toClient({x}, {y})"))
-        page.wait_for_timeout(8)
-        t += 1
+    moves = page.evaluate(HOVER_SWEEP, [hover_seconds, width, height])
     hover_end = page.evaluate("performance.now()")
     shown = page.evaluate(f"samApp.app.stats.hoverTimes.filter(t => t >= {hover_start}).length")
+    dropped = page.evaluate("fetch('/api/info', {headers: {'X-SAM-Token': sessionStorage.getItem('sam-mlx-token')}})"
+                            ".then(r => r.json()).then(i => i.hovers_dropped)")
     page.close()
     latencies = [c["latency_ms"] for c in clicks]
     server = [c["server_ms"] for c in clicks]
@@ -100,7 +110,8 @@ def _measure(app, model, image, sizing, rounds, hover_seconds, browser) -> dict:
         "click_to_drawn_median_ms": statistics.median(latencies), "click_to_drawn_p95_ms": percentile(latencies, 95),
         "server_median_ms": statistics.median(server), "server_decode_median_ms": statistics.median(decode),
         "predict_median_ms": statistics.median(direct),
-        "hover_masks_per_s": shown / ((hover_end - hover_start) / 1e3), "hover_positions": t,
+        "hover_masks_per_s": shown / ((hover_end - hover_start) / 1e3), "hover_pointer_moves": moves,
+        "hover_positions_dropped": dropped,
         # where a click's time goes in the page: until the answer is parsed, the PNG decoded, the mask drawn
         **{f"page_{k}_median_ms": statistics.median(c[k] for c in clicks) for k in ("answer_ms", "png_ms", "draw_ms")},
     }
