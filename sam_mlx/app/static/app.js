@@ -974,7 +974,8 @@ function setupInput() {
   window.addEventListener("keydown", (event) => {
     const typing = event.target instanceof HTMLInputElement && event.target.type === "text";
     const command = event.ctrlKey || event.metaKey;
-    if (typing && event.key !== "Escape" && !(command && event.key.toLowerCase() === "s")) return;
+    if (typing && event.key === "Enter" && event.target.id === "object-label") event.target.blur();  // then finish
+    else if (typing && event.key !== "Escape" && !(command && event.key.toLowerCase() === "s")) return;
     const key = event.key.toLowerCase();
     if (command && key === "z") event.shiftKey ? redo() : undo();
     else if (command && key === "y") redo();
