@@ -7,14 +7,16 @@ arguments); ``--debug`` re-raises it with its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import math
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,15 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ._blas import reference_blas_in_use  # noqa: E402
-from .checkpoint import atomic_write, load_checkpoint, read_state_dict, save_model  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    atomic_write,
+    load_checkpoint,
+    locked_folder,
+    one_set_of_files,
+    read_state_dict,
+    remove_abandoned_temporaries,
+    save_model,
+)
 from .export import DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, parse_formats  # noqa: E402
 from .hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
 from .image_io import load_image  # noqa: E402
@@ -69,14 +79,32 @@ def _box(text: str) -> tuple[float, ...]:
     return _numbers(text, 4, "box", "X1,Y1,X2,Y2")
 
 
-def _positive_int(text: str) -> int:
+def _fraction(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
     return value
+
+
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, ``least`` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number, {least} or more, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int, _count = _whole_number(1), _whole_number(0)
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -300,16 +328,53 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), suffix=".json")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(_json_text(data)), suffix=".json")
 
 
-def _remove_old_outputs(out_dir: Path, stem: str) -> None:
-    """Delete ``{stem}_mask<n>.png`` / ``{stem}_cutout<n>.png`` of an earlier run, so none outlives the JSON
-    that lists them."""
-    pattern = re.compile(rf"{re.escape(stem)}_(mask|cutout)\d+\.png")
-    for path in out_dir.iterdir():
-        if pattern.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+def _json_text(data: dict) -> str:
+    return json.dumps(_strict_json(data), indent=1, allow_nan=False) + "\n"
+
+
+def _strict_json(value: object) -> object:
+    """``value`` with non-finite floats as null: bare NaN and Infinity are not JSON, and strict parsers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _replacing_outputs(out_dir: Path, stem: str) -> Iterator[None]:
+    """Write an image's outputs (exports, overlay, ``{stem}.json``) in this block as one set replacing the last one.
+
+    Every file goes to a temporary first and all are renamed into place only when the block succeeds, so a
+    failed run (a full disk) leaves the previous set whole; then the per-mask files the previous run's own
+    JSON listed and the new one does not are deleted, and no other file. Runs writing into one folder at
+    once take turns on a lock of the folder, so each set on disk is one run's.
+    """
+    json_path = out_dir / f"{stem}.json"
+    with locked_folder(out_dir):
+        previous = _files_listed(json_path, stem)
+        remove_abandoned_temporaries(out_dir, rf"{re.escape(stem)}(_(mask|cutout)\d+\.png|_overlay\.png|\.json)")
+        with one_set_of_files():
+            yield
+        for name in previous - _files_listed(json_path, stem):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _files_listed(json_path: Path, stem: str) -> set[str]:
+    """The per-mask PNGs (masks, cut-outs) an image's JSON report lists; none if there is no report of ours."""
+    try:
+        report = json.loads(json_path.read_text())
+        names = [m.get(key) for m in report.get("masks", []) for key in _REPORT_KEYS.values()]
+        names += report.get("exports", [])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+    ours = re.compile(rf"{re.escape(stem)}_(mask|cutout)\d+\.png")
+    return {name for name in names if isinstance(name, str) and ours.fullmatch(name)}
 
 
 def _log(message: str) -> None:
@@ -435,20 +500,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for prompt in job.prompts:
             prompt.check(width, height, job.path.name)
         if args.tokens:
-            loaded = load_image_tokens(predictor, args.tokens)
-            if loaded.geometry.original_size != (height, width):
-                h, w = loaded.geometry.original_size
+            if saved.geometry.original_size != (height, width):
+                h, w = saved.geometry.original_size
                 raise CliError(f"{args.tokens} was encoded from a {w}x{h} image, but {job.path} is {width}x{height}")
+            load_image_tokens(predictor, args.tokens, image, image_name=str(job.path))
         else:
             predictor.set_image(image)
         laps("encode")
         report, objects, overlay = _segment(predictor, image, job.prompts, args.multimask, job.stem, exporter)
         laps("decode")
-        _remove_old_outputs(out_dir, job.stem)
-        files = exporter.add(job.path, image, objects, stem=job.stem, file_name=job.name)
-        _save_png(overlay, out_dir / report["overlay"])
-        report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
-        _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
+        with _replacing_outputs(out_dir, job.stem):
+            files = exporter.add(job.path, image, objects, stem=job.stem, file_name=job.name)
+            _save_png(overlay, out_dir / report["overlay"])
+            report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
+            _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
         laps("write")
         seconds = laps.total()
         _log(f"[{i}/{len(jobs)}] {job.path}: {len(objects)} masks in {seconds['total']:.1f} s "
@@ -522,7 +587,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     predictor = _predictor(args, _load_model(args))
     laps = _Laps()
     predictor.set_image(image)
-    path = save_image_tokens(predictor, args.out)
+    path = save_image_tokens(predictor, args.out, image_name=str(args.image))
     laps("encode")
     h, w = predictor.geometry.grid_size
     seconds = laps.total()
@@ -535,7 +600,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
     # float32, not the device's default (a half-precision encoder on a GPU): --dtype alone decides the precision.
     model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
-    path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
+    out = Path(args.out).expanduser()
+    if out.parent.is_dir():
+        remove_abandoned_temporaries(out.parent, re.escape(out.name))  # those a killed convert left
+    path = save_model(model, out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
     _emit(args, {"checkpoint": str(args.checkpoint), "files": [str(path)], "dtype": args.dtype})
 
@@ -587,18 +655,18 @@ def cmd_everything(args: argparse.Namespace) -> int:
         objects = [ExportObject(mask, score=r["predicted_iou"], stability_score=r["stability_score"],
                                 extra={"point_coords": r["point_coords"], "crop_box": r["crop_box"]})
                    for mask, r in zip(masks, records)]
-        _remove_old_outputs(out_dir, stem)
-        files = exporter.add(path, image, objects, stem=stem, file_name=image_input.name)
         overlay = f"{stem}_overlay.png"
-        _save_png(draw_overlay(image, masks), out_dir / overlay)
         annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
         height, width = image.shape[:2]
-        _write_json(
-            {"image": str(path), "width": width, "height": height, "model": model_identity(model),
-             "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
-             "annotations": annotations},
-            out_dir / f"{stem}.json",
-        )
+        with _replacing_outputs(out_dir, stem):
+            files = exporter.add(path, image, objects, stem=stem, file_name=image_input.name)
+            _save_png(draw_overlay(image, masks), out_dir / overlay)
+            _write_json(
+                {"image": str(path), "width": width, "height": height, "model": model_identity(model),
+                 "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
+                 "annotations": annotations},
+                out_dir / f"{stem}.json",
+            )
         laps("write")
         seconds = laps.total()
         progress.finish(f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}")
@@ -775,13 +843,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N x N grid of point prompts (default: 32)")
     every.add_argument("--points-per-batch", type=_positive_int, default=64, metavar="N",
                        help="point prompts decoded together (default: 64)")
-    every.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T",
+    every.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
                        help="keep masks whose predicted IoU exceeds T (default: 0.88)")
-    every.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="T",
+    every.add_argument("--stability-score-thresh", type=_fraction, default=0.95, metavar="T",
                        help="keep masks whose stability score is at least T (default: 0.95)")
-    every.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
+    every.add_argument("--crop-n-layers", type=_count, default=0, metavar="N",
                        help="also run on N layers of zoomed-in crops (default: 0)")
-    every.add_argument("--min-mask-region-area", type=int, default=0, metavar="A",
+    every.add_argument("--min-mask-region-area", type=_count, default=0, metavar="A",
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 
