@@ -183,7 +183,8 @@ def test_decode_gives_the_predictors_masks(app, truck):
         np.testing.assert_allclose(second["scores"], scores2, atol=1e-5)
         np.testing.assert_array_equal(decode_mask(second["masks"][0]), masks2[0])
         assert second["masks"][0]["rle"]["size"] == [1200, 1800]
-        low_res = np.frombuffer(base64.b64decode(second["low_res"]["float32"]), "<f4").reshape(second["low_res"]["shape"])
+        low_res = np.frombuffer(base64.b64decode(second["low_res"]["float32"]), "<f4")
+        low_res = low_res.reshape(second["low_res"]["shape"])
         np.testing.assert_allclose(low_res, low_res2, atol=1e-5)
         third = client.post("/api/decode", json={
             "image": TRUCK, "points": points3.tolist(), "labels": [1, 0], "box": TRUCK_BOX, "multimask": False,
@@ -198,7 +199,8 @@ def test_masks_of_large_images_can_be_sent_shrunk(app, truck):
     mask scales its areas to the shrunk pixels."""
     masks, _, _ = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
     with app.client() as client:
-        reply = client.post("/api/decode", json={"image": TRUCK, "points": [WINDOW], "labels": [1], "max_side": 600}).json()
+        body = {"image": TRUCK, "points": [WINDOW], "labels": [1], "max_side": 600}
+        reply = client.post("/api/decode", json=body).json()
         for got, want in zip(reply["masks"], masks):
             shrunk = decode_mask(got)
             assert shrunk.shape == (400, 600)
@@ -232,7 +234,8 @@ def test_polygons_are_the_exports(app, truck):
 def test_decode_errors_are_one_line_json(app):
     cases = [({"image": TRUCK, "points": [[5000, 10]], "labels": [1]}, 400, "outside"),
              ({"image": 99, "points": [WINDOW], "labels": [1]}, 404, "no image with id 99"),
-             ({"image": TRUCK, "points": [WINDOW], "labels": [1], "mask_input": {"result": "r999999"}}, 409, "no longer"),
+             ({"image": TRUCK, "points": [WINDOW], "labels": [1], "mask_input": {"result": "r999999"}}, 409,
+              "no longer"),
              ({"image": TRUCK, "points": [WINDOW], "labels": [7]}, 400, "point_labels"),
              ({"image": TRUCK, "points": [WINDOW]}, 400, "missing field 'labels'"),
              ({"image": "1", "points": [WINDOW], "labels": [1]}, 400, "'image' must be int"),
@@ -297,6 +300,27 @@ def test_image_tokens_are_cached_on_disk(app, folders, tmp_path):
         assert later.stop()[0] == 0
 
 
+def test_a_click_is_answered_while_another_image_is_encoded(tmp_path):
+    """Encodes run on their own thread: a decode of an encoded image does not wait for one in progress."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("dog.jpg", "truck.jpg"):
+        shutil.copy(IMAGES / name, photos / name)
+    running = start_app(str(photos), "--prefetch", "0", "--tokens-dir", str(tmp_path / "tokens"),
+                        "--out-dir", str(tmp_path / "out"))
+    try:
+        running.wait_ready(DOG)
+        with running.client() as client:
+            client.post(f"/api/images/{TRUCK}/encode", json={"prefetch": 0}).raise_for_status()
+            while client.get(f"/api/images/{TRUCK}").json()["status"] != "encoding":
+                pass
+            reply = client.post("/api/decode", json={"image": DOG, "points": [[400, 300]], "labels": [1]})
+            assert reply.status_code == 200 and client.get(f"/api/images/{TRUCK}").json()["status"] == "encoding"
+        assert running.wait_ready(TRUCK)["encode_seconds"] > 0
+    finally:
+        assert running.stop(signal.SIGINT)[0] == 0
+
+
 def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
     """--sizing stretch --size 512 on a photo, a tall strip and a 1x1 image; Ctrl+C ends the process cleanly
     after the model ran (no abort at exit)."""
@@ -314,7 +338,8 @@ def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
         predictor = sam_mlx.SamPredictor(load_checkpoint(MOBILE_SAM), sizing="stretch", size=512)
         with running.client() as client:
             assert client.get("/api/info").json()["size"] == 512
-            for image_id, point, shape in ((0, WINDOW, (1200, 1800)), (1, [18.0, 400.0], (500, 37)), (2, [0.5, 0.5], (1, 1))):
+            cases = ((0, WINDOW, (1200, 1800)), (1, [18.0, 400.0], (500, 37)), (2, [0.5, 0.5], (1, 1)))
+            for image_id, point, shape in cases:
                 running.wait_ready(image_id)
                 reply = client.post("/api/decode", json={"image": image_id, "points": [point], "labels": [1]}).json()
                 masks = [decode_mask(m) for m in reply["masks"]]

@@ -81,8 +81,9 @@ def page(browser, app):
 
 def open_truck(page):
     page.keyboard.press("ArrowRight")
-    page.wait_for_function(f"() => samApp.app.imageId === {TRUCK} && samApp.app.picture &&"
-                           f" samApp.app.picture.naturalWidth === 1800 && samApp.app.images[{TRUCK}].status === 'ready'")
+    page.wait_for_function(f"() => samApp.app.imageId === {TRUCK} && samApp.app.picture && "
+                           f"samApp.app.picture.naturalWidth === 1800 && "
+                           f"samApp.app.images[{TRUCK}].status === 'ready'")
 
 
 def client_point(page, x, y):
@@ -215,8 +216,8 @@ def test_hover_shows_the_mask_under_the_cursor(page, truck):
 def test_requests_without_the_token_are_refused(page):
     statuses = page.evaluate("""async () => [
         (await fetch("/api/images")).status,
-        (await fetch("/api/decode", {method: "POST", body: JSON.stringify({image: 1, points: [[500, 375]], labels: [1]}),
-                                     headers: {"Content-Type": "application/json"}})).status,
+        (await fetch("/api/decode", {method: "POST", headers: {"Content-Type": "application/json"},
+                                     body: JSON.stringify({image: 1, points: [[500, 375]], labels: [1]})})).status,
         (await fetch("/api/images", {headers: {"X-SAM-Token": sessionStorage.getItem("sam-mlx-token")}})).status]""")
     assert statuses == [403, 403, 200]
     assert "token" not in page.url  # the page took the token out of its address
@@ -260,8 +261,8 @@ def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browse
         again.fill("#export-folder", "run1")
         again.keyboard.press("Escape")  # leave the text field
         open_truck(again)
-        again.wait_for_function("() => samApp.session().objects.length === 3 && samApp.session().objects.slice(0, 2)"
-                                ".every(o => { const s = samApp.stateOf(o); return s.result && s.layers[s.selected].bitmap; })")
+        again.wait_for_function("""() => samApp.session().objects.length === 3 && samApp.session().objects.slice(0, 2)
+            .every(o => { const s = samApp.stateOf(o); return s.result && s.layers[s.selected].bitmap; })""")
         for i, mask in enumerate(masks):
             np.testing.assert_array_equal(shown_mask(again, f"samApp.maskRuns({i})"), mask)
     finally:

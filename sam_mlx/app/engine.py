@@ -1,20 +1,20 @@
-"""The app's inference engine: every MLX call of the app runs on the one thread that calls ``Engine.run``.
+"""The app's inference engine: the MLX work of the app, on two threads.
 
-One thread, because MLX work belongs with the streams of the thread that runs it, and because two cores
-(or one GPU) gain nothing from two models computing at once. The server's threads hand it work through
-``decode``, ``hover`` and ``focus`` and wait on the futures they return. The engine takes, in this order:
+The interactive thread (the one that calls ``Engine.run``: the main thread of ``sam-mlx app``) decodes; the
+encoder thread (started by ``run``) encodes images. So a click is answered while an image ahead of the user is
+encoded in the background, and no two requests compute at once on one thread: two cores (or one GPU) gain nothing
+from that. The server's threads hand work over through ``decode``, ``replay``, ``hover`` and ``focus`` and wait
+on the futures they return.
 
-1. decodes (clicks, boxes: each one is answered, first come first served);
-2. hovers: the latest position of each hover stream only; a position not started when a newer one
-   arrives is dropped (its future cancelled), never queued;
-3. the encoding of the image the user looks at (``focus``);
-4. the encoding of the next images ahead of the user (``prefetch``), once interactive work has paused
-   for ``idle_seconds``, so that hovering stays smooth; an encode is not interrupted, so a click that
-   arrives meanwhile waits for it.
+The interactive thread takes decodes (clicks, boxes, exports: each one answered, first come first served), then
+hovers: the latest position of each hover stream only; a position not started when a newer one arrives is dropped
+(its future cancelled), never queued. A decode for an image not encoded yet waits for its encode.
 
-Encoded images keep their predictor in memory (the last ``keep_images``) and their tokens on disk in
-``tokens_dir`` (``sam_mlx.image_tokens`` files, named by the image file's content, the model and the sizing),
-so an image encoded once, in this run or an earlier one, opens without the encoder.
+The encoder thread takes the image the user looks at (``focus``), then the next images ahead (``prefetch``) once
+interactive work has paused for ``idle_seconds``. Encoded images keep their predictor in memory (the last
+``keep_images``) and their tokens on disk in ``tokens_dir`` (``sam_mlx.image_tokens`` files, named by the image
+file's content, the model and the sizing), so an image encoded once, in this run or an earlier one, opens without
+the encoder.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Engine:
                 self.hovers_dropped += 1
             self._hovers[key] = (lambda: self._hover_now(image_id, x, y, mask_format, max_side), future)
             self._last_interactive = time.monotonic()
-            self._wake.notify()
+            self._wake.notify_all()
         return future
 
     def focus(self, image_id: int, prefetch: int = 2) -> None:
@@ -144,7 +144,7 @@ class Engine:
         ahead = [e.id for e in entries[image_id + 1 : image_id + 1 + prefetch]]
         with self._wake:
             self._focus, self._wanted = image_id, [image_id, *ahead]
-            self._wake.notify()
+            self._wake.notify_all()
 
     def expected_encode_seconds(self) -> float | None:
         """The median time of this run's recent encodes: how long the next one should take."""
@@ -154,19 +154,21 @@ class Engine:
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
-            self._wake.notify()
+            self._wake.notify_all()
 
     def _submit(self, work: Callable[[], Any]) -> Future:
         future: Future = Future()
         with self._wake:
             self._jobs.append((work, future))
             self._last_interactive = time.monotonic()
-            self._wake.notify()
+            self._wake.notify_all()
         return future
 
-    # ---------------------------------------------------------------- the engine's thread
+    # ---------------------------------------------------------------- the interactive thread
     def run(self, until: Callable[[], bool] = lambda: False) -> None:
-        """Do the submitted work on this thread until ``stop()`` or ``until()`` (checked every 0.2 s)."""
+        """Decode on this thread, encode on another, until ``stop()`` or ``until()`` (checked every 0.2 s)."""
+        encoder = threading.Thread(target=self._encode_loop, name="sam-mlx-app-encoder")
+        encoder.start()
         try:
             while True:
                 work = self._next_work()
@@ -175,23 +177,24 @@ class Engine:
                         return
                     continue
                 run, future = work
-                if future is None:
-                    run()
-                elif future.set_running_or_notify_cancel():
+                if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(run())
                     except Exception as exc:  # handed to the waiting request
                         future.set_exception(exc)
         finally:
             with self._wake:
+                self._stopping = True
                 pending = [f for _, f in self._jobs] + [f for _, f in self._hovers.values()]
                 self._jobs.clear()
                 self._hovers.clear()
+                self._wake.notify_all()
             for future in pending:
                 future.cancel()
+            encoder.join()  # after the encode it may be in, which cannot be interrupted
 
-    def _next_work(self) -> tuple[Callable[[], Any], Future | None] | None:
-        """The next piece of work by priority, or None after waiting up to 0.2 s for some."""
+    def _next_work(self) -> tuple[Callable[[], Any], Future] | None:
+        """The next decode, else the next hover, or None after waiting up to 0.2 s for one."""
         with self._wake:
             if self._stopping:
                 return None
@@ -199,35 +202,54 @@ class Engine:
                 return self._jobs.popleft()
             if self._hovers:
                 return self._hovers.pop(next(iter(self._hovers)))
-            pending = [i for i in self._wanted if self.library.get(i).status not in ("ready", "error")]
-            self._wanted = pending
-            idle = time.monotonic() - self._last_interactive
-            if pending and (pending[0] == self._focus or idle >= self.idle_seconds):
-                image_id = pending[0]
-                return (lambda: self._encode_quietly(image_id)), None
-            self._wake.wait(min(0.2, max(self.idle_seconds - idle, 0.01)) if pending else 0.2)
+            self._wake.wait(0.2)
             return None
 
-    def _encode_quietly(self, image_id: int) -> None:
-        try:
-            self.predictor(image_id)
-        except Exception:  # recorded on the image's entry; the engine goes on
-            pass
-
-    # The methods below run on the engine's thread only.
     def predictor(self, image_id: int) -> SamPredictor:
-        """The image's predictor: kept in memory, else its tokens from disk, else encoded now (and saved)."""
+        """The image's predictor, once the encoder thread has it (from memory, disk, or encoded now)."""
         entry = self.library.get(image_id)
-        if image_id in self._predictors:
+        with self._wake:
+            while image_id not in self._predictors:
+                if entry.status == "error":
+                    raise ValueError(entry.error)
+                if self._stopping:
+                    raise RuntimeError("the app is stopping")
+                if self._focus != image_id:  # this one first
+                    self._focus = image_id
+                    self._wanted = [image_id, *(i for i in self._wanted if i != image_id)]
+                    self._wake.notify_all()
+                self._wake.wait(0.2)
             self._predictors.move_to_end(image_id)
             return self._predictors[image_id]
-        if entry.status == "error":
-            raise ValueError(entry.error)
-        predictor = self._open(entry)
-        self._predictors[image_id] = predictor
-        while len(self._predictors) > self.keep_images:
-            self._predictors.popitem(last=False)
-        return predictor
+
+    # ---------------------------------------------------------------- the encoder thread
+    def _encode_loop(self) -> None:
+        while True:
+            with self._wake:
+                image_id = self._next_encode()
+                if image_id is None:
+                    return
+            try:
+                predictor = self._open(self.library.get(image_id))
+            except Exception:  # recorded on the image's entry
+                predictor = None
+            with self._wake:
+                if predictor is not None:
+                    self._predictors[image_id] = predictor
+                    while len(self._predictors) > self.keep_images:
+                        self._predictors.popitem(last=False)
+                self._wake.notify_all()
+
+    def _next_encode(self) -> int | None:
+        """(Holding the lock.) The next image to encode, waiting for one; None when stopping."""
+        while not self._stopping:
+            self._wanted = [i for i in self._wanted
+                            if i not in self._predictors and self.library.get(i).status != "error"]
+            idle = time.monotonic() - self._last_interactive
+            if self._wanted and (self._wanted[0] == self._focus or idle >= self.idle_seconds):
+                return self._wanted[0]
+            self._wake.wait(min(0.2, max(self.idle_seconds - idle, 0.01)) if self._wanted else 0.2)
+        return None
 
     def _open(self, entry: ImageEntry) -> SamPredictor:
         entry.status, entry.encode_started = "encoding", time.monotonic()
@@ -266,6 +288,7 @@ class Engine:
             return False  # damaged or made otherwise: encoded again and overwritten
         return True
 
+    # ---------------------------------------------------------------- the interactive thread's work
     def decode_now(self, image_id: int, prompt: Prompt, mask_format: str, return_low_res: bool,
                    max_side: int | None = None) -> dict:
         """Decode a prompt on the image: masks (encoded, ``max_side`` at most), scores, the result id for later
@@ -303,9 +326,9 @@ class Engine:
 
     def _hover_now(self, image_id: int, x: float, y: float, mask_format: str, max_side: int | None) -> dict | None:
         """One foreground point: 3 candidates decoded, the best one upscaled (no low-res logits kept)."""
-        entry = self.library.get(image_id)
-        if entry.status != "ready" and image_id not in self._predictors:
-            return None
+        with self._wake:
+            if image_id not in self._predictors:
+                return None
         predictor = self.predictor(image_id)
         start = time.perf_counter()
         prompts = predictor.prepare_prompts(np.array([[[x, y]]]), np.array([[1]]), None, None)

@@ -1,10 +1,10 @@
 """The app's local HTTP server: the page, the JSON API (README, "The app's HTTP API") and the hover WebSocket.
 
-Starlette routes served by uvicorn on a thread of their own; the MLX work is the engine's, on the thread that
-calls ``serve`` (the main thread of ``sam-mlx app``). Security: the server listens on 127.0.0.1 only; requests
-whose Host header is not 127.0.0.1 or localhost are refused (DNS rebinding); every ``/api/`` request must carry
-the run's token (header ``X-SAM-Token`` or query ``token``), which the command prints in the page's address;
-paths stay inside the opened and export folders (``library``).
+Starlette routes served by uvicorn on a thread of their own; the MLX work is the engine's: decoding on the
+thread that calls ``serve`` (the main thread of ``sam-mlx app``), encoding on one more. Security: the server
+listens on 127.0.0.1 only; requests whose Host header is not 127.0.0.1 or localhost are refused (DNS rebinding);
+every ``/api/`` request must carry the run's token (header ``X-SAM-Token`` or query ``token``), which the command
+prints in the page's address; paths stay inside the opened and export folders (``library``).
 """
 
 from __future__ import annotations
@@ -310,7 +310,8 @@ def _prompt(body: dict) -> Prompt:
                 raise ValueError(f"mask_input: {data.size} float32 values do not fill shape {list(shape)}")
             hint = data.reshape(shape)
         else:
-            raise ValueError('mask_input must be {"result": id, "candidate": i} or {"float32": base64, "shape": [1, h, w]}')
+            raise ValueError('mask_input must be {"result": id, "candidate": i} '
+                             'or {"float32": base64, "shape": [1, h, w]}')
     return Prompt(points, labels, box, hint, _field(body, "multimask", bool, True))
 
 
@@ -356,7 +357,8 @@ def _steps(item: dict) -> list[tuple[Prompt, int]]:
         if not isinstance(step, dict):
             raise ValueError("a step must be a JSON object")
         triples = np.asarray(_field(step, "points", list, []), dtype=np.float64).reshape(-1, 3)
-        points = {"points": triples[:, :2].tolist(), "labels": triples[:, 2].astype(int).tolist()} if len(triples) else {}
+        points = {"points": triples[:, :2].tolist(), "labels": triples[:, 2].astype(int).tolist()} if len(triples) \
+            else {}
         prompt = _prompt({**points, "box": step.get("box"), "multimask": _field(step, "multimask", bool)})
         steps.append((prompt, _field(step, "selected", int)))
     return steps
@@ -397,7 +399,8 @@ def _export(engine: Engine, body: dict) -> dict:
                                      "labels": None if last.labels is None else last.labels.tolist(),
                                      "box": None if last.box is None else last.box.tolist()}}
             else:
-                mask, score, prompt = decode_mask(given.get("mask"), size), _field(given, "score", (int, float), None), None
+                mask, prompt = decode_mask(given.get("mask"), size), None
+                score = _field(given, "score", (int, float), None)
             objects.append(export.ExportObject(mask=clean_mask(mask, **cleanup), label=label, score=score,
                                                extra=prompt))
         work.append((entry, image, objects, saved))
@@ -423,7 +426,7 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
           open_browser: bool = True, tokens_dir: Path | None = None, prefetch: int = 2, token: str | None = None,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
           announce: Callable[[dict], None] | None = None) -> None:
-    """Serve the app until Ctrl+C / SIGTERM; the model's work runs on this (the calling) thread.
+    """Serve the app until Ctrl+C / SIGTERM; the model's decoding runs on this (the calling) thread.
 
     ``announce``: called with ``{url, port, token}`` once the server listens (``sam-mlx app --json``).
     """
