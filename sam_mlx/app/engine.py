@@ -264,7 +264,7 @@ class Engine:
                 predictor.set_image(image)
                 entry.encode_seconds = round(time.perf_counter() - start, 2)
                 self._encode_times.append(entry.encode_seconds)
-                save_image_tokens(predictor, tokens_path)
+                save_image_tokens(predictor, tokens_path, image_name=str(entry.path))
                 self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s -> {tokens_path}")
             entry.cached = True
         except Exception as exc:
