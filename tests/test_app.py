@@ -370,3 +370,17 @@ def test_mask_encodings_round_trip():
             decode_mask(encode_mask(mask, "png"), (width + 1, height))
     with pytest.raises(ValueError, match="not a base64 PNG"):
         decode_mask({"png": "bm90IGEgcG5n"})
+
+
+def test_hint_store_keeps_the_latest_within_its_budget():
+    from sam_mlx.app.engine import HintExpired, HintStore
+
+    store = HintStore(max_bytes=3 * 4 * 256 * 256 * 4)  # four results of 3 candidates
+    results = [store.put(image_id=0, low_res=np.full((3, 256, 256), i, np.float32)) for i in range(6)]
+    with pytest.raises(HintExpired, match="no longer kept"):
+        store.get(0, results[1], 0)
+    assert store.get(0, results[2], 1).shape == (1, 256, 256) and store.get(0, results[5], 2)[0, 0, 0] == 5
+    with pytest.raises(ValueError, match="belongs to image 0"):
+        store.get(1, results[5], 0)
+    with pytest.raises(ValueError, match="candidates 0..2"):
+        store.get(0, results[5], 3)
