@@ -858,12 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "hover, click and drag for masks, several objects per image, export. Other local "
                               "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
     app.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="images or folders (default: this folder)")
-    app.add_argument("--port", type=int, default=8000, metavar="N", help="port on 127.0.0.1 (default: 8000; 0: any)")
+    app.add_argument("--port", type=_count, default=8000, metavar="N", help="port on 127.0.0.1 (default: 8000; 0: any)")
     app.add_argument("--no-browser", action="store_true", help="do not open the browser")
     app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
                      help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
-    app.add_argument("--prefetch", type=int, default=2, metavar="N",
+    app.add_argument("--prefetch", type=_count, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
     app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
                      "with --json the address, port and token are printed on stdout as one JSON object")

@@ -384,3 +384,23 @@ def test_hint_store_keeps_the_latest_within_its_budget():
         store.get(1, results[5], 0)
     with pytest.raises(ValueError, match="candidates 0..2"):
         store.get(0, results[5], 3)
+
+
+def test_command_errors_are_one_line(tmp_path):
+    """A port already in use, a missing image and a negative --prefetch: one line on stderr, exit code 1 or 2."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        command = [sys.executable, "-m", "sam_mlx.cli", "app", "--model", str(MOBILE_SAM), "--no-browser",
+                   "--tokens-dir", str(tmp_path)]
+        for args, code, words in (([str(IMAGES), "--port", port], 1, f"cannot listen on 127.0.0.1:{port}"),
+                                  ([str(tmp_path / "none.jpg")], 1, "image not found"),
+                                  ([str(IMAGES), "--prefetch", "-1"], 2, "--prefetch")):
+            result = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
+            assert result.returncode == code and words in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
