@@ -97,6 +97,12 @@ class SamPredictor:
         return self._image is not None
 
     @property
+    def encoded_image(self) -> EncodedImage:
+        """The image as the fast path keeps it, to decode it with ``sam_mlx.fast.FastSam`` directly (hold ``lock``
+        meanwhile)."""
+        return self._require_image()
+
+    @property
     def features(self) -> mx.array:
         """The image tokens, 1 x h x w x C (channels-last)."""
         return self._require_image().tokens
