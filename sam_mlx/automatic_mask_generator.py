@@ -11,6 +11,7 @@ and then between crops. Options, filters and output records are those of Meta's
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -72,6 +73,15 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
         if crop_n_layers < 0:
             raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+        for name, value, high in (("pred_iou_thresh", pred_iou_thresh, 1.0),
+                                  ("stability_score_thresh", stability_score_thresh, 1.0),
+                                  ("box_nms_thresh", box_nms_thresh, 1.0), ("crop_nms_thresh", crop_nms_thresh, 1.0),
+                                  ("crop_overlap_ratio", crop_overlap_ratio, 1.0),
+                                  ("stability_score_offset", stability_score_offset, math.inf)):
+            if not 0.0 <= value <= high:  # False for NaN, which would keep no mask and say nothing
+                raise ValueError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
+        if min_mask_region_area < 0:
+            raise ValueError(f"min_mask_region_area must be >= 0, got {min_mask_region_area}")
         if points_per_side is not None:
             grids = mu.build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
@@ -102,7 +112,8 @@ class SamAutomaticMaskGenerator:
         (XYWH). ``progress(done, total)`` is called as point prompts are decoded.
         """
         image = as_rgb_array(image)
-        data = self._generate_masks(image, progress)
+        with self.predictor.lock:  # one image's crops at a time, whichever threads call
+            data = self._generate_masks(image, progress)
         if self.min_mask_region_area > 0:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
             data = self._remove_small_regions(data, self.min_mask_region_area, nms_thresh)

@@ -8,10 +8,14 @@ the config (JSON) and the source they were converted from.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -21,10 +25,12 @@ from mlx.utils import tree_flatten
 
 from .config import PromptDecoderConfig, SamConfig, ViTConfig
 from .layers import on_cpu
-from .torch_pickle import CheckpointError, read_torch_checkpoint
+from .resources import format_bytes
+from .torch_pickle import CheckpointError, LazyTensor, read_torch_checkpoint
 
 FORMAT_VERSION = "1"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_FLOAT16_MAX = 65504.0
 
 # Meta name pattern -> sam_mlx name (applied to the names of the prompt encoder and mask decoder,
 # and of the ViT encoder); the TinyViT encoder has its own converter.
@@ -57,8 +63,11 @@ _CONV_TRANSPOSE = re.compile(r"^mask_decoder\.upscaler\.conv\d\.weight$")
 _POINT_EMBEDDING = re.compile(r"^prompt_encoder\.point_embeddings\.(\d)\.weight$")
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read any supported checkpoint file into ``({name: array}, safetensors metadata)``."""
+def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Read any supported checkpoint file's header into ``({name: LazyTensor}, safetensors metadata)``.
+
+    No tensor data is read: ``np.asarray`` reads a tensor once its name, shape and dtype were checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -71,17 +80,46 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     raise CheckpointError(f"{path}: not a PyTorch (.pth) or safetensors checkpoint")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+# safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsTensor(LazyTensor):
+    """A tensor of a safetensors file: ``nbytes`` bytes at byte ``start`` of the file."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], stored_type: str, start: int):
+        raw = np.dtype(_SAFETENSORS_DTYPES.get(stored_type, "V1"))
+        super().__init__(str(path), name, shape, np.dtype(np.float32) if stored_type == "BF16" else raw, stored_type)
+        self.path, self.raw_dtype, self.start = path, raw, start
+
+    def load(self) -> np.ndarray:
+        count = int(np.prod(self.stored_shape))
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            raw = f.read(count * self.raw_dtype.itemsize)
+        if len(raw) != count * self.raw_dtype.itemsize:
+            raise CheckpointError(f"{self.path}: weight {self.name} runs past the end of the file (truncated?)")
+        array = np.frombuffer(raw, self.raw_dtype).reshape(self.stored_shape)
+        return (array.astype(np.uint32) << 16).view(np.float32) if self.stored_type == "BF16" else array.copy()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """The header of a safetensors file (checked by the safetensors library: every tensor's bytes lie in the file)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            if metadata.get("sam_mlx_config"):  # our own file: keep bf16 etc. exact, through MLX
-                return {k: v for k, v in mx.load(str(path)).items()}, metadata
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        return {
+            name: SafetensorsTensor(path, name, tuple(entry["shape"]), entry["dtype"], 8 + length + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"
+        }, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def detect_format(state: Mapping[str, object]) -> str:
@@ -166,25 +204,37 @@ def infer_decoder_config(state: Mapping[str, np.ndarray]) -> PromptDecoderConfig
 
 
 def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
-    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config)."""
+    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config).
+
+    The config is inferred from names and shapes alone and the model's size checked before any weight is
+    read (lazy tensors stay lazy through renaming and transposing).
+    """
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    weights: dict[str, np.ndarray] = {}
-    if "image_encoder.patch_embed.proj.weight" in state:
+    tiny_vit = "image_encoder.patch_embed.proj.weight" not in state
+    if not tiny_vit:
         encoder = infer_vit_config(state)
-        rest = state
     elif any(k.startswith("image_encoder.layers.") for k in state):
-        from .tiny_vit import convert_tiny_vit_weights, infer_tiny_vit_config
+        from .tiny_vit import infer_tiny_vit_config
 
         encoder = infer_tiny_vit_config(state, prefix="image_encoder.")
-        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
-        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
     else:
         raise CheckpointError("no image encoder weights (image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
     config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder))
+    check_model_fits(config)
+    weights: dict[str, np.ndarray] = {}
+    rest = state
+    if tiny_vit:
+        from .tiny_vit import convert_tiny_vit_weights
+
+        weights.update({f"image_encoder.{k}": v for k, v in convert_tiny_vit_weights(state, "image_encoder.").items()})
+        rest = {k: v for k, v in state.items() if not k.startswith("image_encoder.")}
 
     points: dict[int, np.ndarray] = {}
     for key, value in rest.items():
         if m := _POINT_EMBEDDING.match(key):
+            if tuple(value.shape) != (1, config.decoder.embed_dim):
+                raise CheckpointError(f"{key} has shape {tuple(value.shape)}, expected (1, {config.decoder.embed_dim})")
+            require_float(value, key)
             points[int(m.group(1))] = value
             continue
         name = key
@@ -199,8 +249,23 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         weights[name] = value
     if sorted(points) != [0, 1, 2, 3]:
         raise CheckpointError(f"expected prompt_encoder.point_embeddings.0..3, found indices {sorted(points)}")
-    weights["prompt_encoder.point_embeddings"] = np.concatenate([points[i] for i in range(4)], axis=0)
+    weights["prompt_encoder.point_embeddings"] = np.concatenate([np.asarray(points[i]) for i in range(4)], axis=0)
     return weights, config
+
+
+def check_model_fits(config: SamConfig, model=None) -> None:
+    """Refuse a config whose float32 weights alone would exceed this machine's memory: a crafted or damaged
+    file can describe a model of any size, and nothing of it is read before this check."""
+    from .resources import machine_memory
+    from .sam import Sam
+
+    model = Sam(config) if model is None else model  # parameters not evaluated: no memory yet
+    count = sum(v.size for _, v in tree_flatten(model.parameters()))
+    available = machine_memory()
+    if available is not None and 4 * count > available:
+        raise CheckpointError(f"the weights describe a {config.name} model of {count / 1e6:.0f} M parameters "
+                              f"({format_bytes(4 * count)} as float32), more than this machine's memory "
+                              f"({format_bytes(available)})")
 
 
 def _image_size(encoder) -> int:
@@ -217,7 +282,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
 
 
 def check_weights(model, weights: Mapping[str, object], source: str) -> None:
-    """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
+    """Raise CheckpointError naming any missing, unexpected, mis-shaped or non-float parameter (nothing is read)."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -229,6 +294,16 @@ def check_weights(model, weights: Mapping[str, object], source: str) -> None:
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
+        require_float(weights[key], key, f"{source}: ")
+
+
+def require_float(value: object, key: str, prefix: str = "") -> None:
+    """Raise CheckpointError unless ``value`` (an mlx or numpy array or a LazyTensor, unread) holds floats:
+    integer or boolean bytes read as weights would give plausible-looking garbage."""
+    dtype = value.dtype
+    if not (mx.issubdtype(dtype, mx.floating) if isinstance(dtype, mx.Dtype) else np.issubdtype(dtype, np.floating)):
+        stored, name = getattr(value, "stored_type", dtype), getattr(value, "name", key)  # the file's own name
+        raise CheckpointError(f"{prefix}weight {name} holds {stored} values; SAM weights are floating point")
 
 
 def _few(names: list[str]) -> str:
@@ -264,8 +339,24 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    try:
+        check_model_fits(config, model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
-    arrays = [(k, v if isinstance(v, mx.array) else mx.array(v)) for k, v in weights.items()]
+    arrays, non_finite = [], []
+    for key, value in weights.items():  # read one at a time; numpy's finiteness test is ~10x faster than MLX's CPU one
+        if isinstance(value, mx.array):
+            finite = mx.isfinite(value).all().item()
+        else:
+            value = np.asarray(value)
+            finite = bool(np.isfinite(value).all())
+            value = mx.array(value)
+        arrays.append((key, value))
+        if not finite:
+            non_finite.append(key)
+    if non_finite:
+        raise CheckpointError(f"{source}: weights with NaN or infinite values: {_few(sorted(non_finite))}")
     if dtype is not None:
         arrays = [(k, v.astype(dtype)) for k, v in arrays]
     else:
@@ -312,7 +403,13 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
     """Write the model's weights as safetensors (config and source in the metadata), atomically."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in tree_flatten(model.parameters())}
+    params = tree_flatten(model.parameters())
+    if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
+        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        if too_large:
+            raise ValueError(f"weights {_few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
+                             "become infinite: save as bfloat16 or float32")
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
     metadata = {
         "format": "sam_mlx",
         "format_version": FORMAT_VERSION,
@@ -326,10 +423,58 @@ def save_model(model, path: str | Path, dtype: str = "float32", source: str = ""
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file.
 
+    Inside ``one_set_of_files`` the rename waits for the end of the set. A failed write (MLX raises
+    RuntimeError, e.g. on a full disk) is an OSError naming the file and the space left in its folder.
     The temporary (hidden: ``.<name>.<random>.tmp<suffix>``) is locked while written, so
     ``remove_abandoned_temporaries`` deletes those of killed writers but never a live one.
     """
     path = Path(path)
+    pending = _pending_set.get()
+    if pending is None:
+        with _locked_temporary(path, suffix) as tmp:
+            _write(path, tmp, write)
+            os.replace(tmp, path)
+        return path
+    stack, renames = pending
+    tmp = stack.enter_context(_locked_temporary(path, suffix))
+    _write(path, tmp, write)
+    renames.append((tmp, path))
+    return path
+
+
+# (the open temporaries, their renames) of the innermost ``one_set_of_files`` block
+_pending_set: contextvars.ContextVar[tuple[contextlib.ExitStack, list] | None] = contextvars.ContextVar(
+    "sam_mlx_pending_set", default=None)
+
+
+@contextlib.contextmanager
+def one_set_of_files() -> Iterator[None]:
+    """Make the files ``atomic_write`` writes in this block (in this thread) one set: each goes to its temporary,
+    and only when the block ends without an error are all renamed into place; if it fails, no file is
+    replaced and no temporary is left."""
+    with contextlib.ExitStack() as stack:
+        renames: list[tuple[str, Path]] = []
+        token = _pending_set.set((stack, renames))
+        try:
+            yield
+        finally:
+            _pending_set.reset(token)
+        for tmp, path in renames:
+            os.replace(tmp, path)
+
+
+def _write(path: Path, tmp: str, write: Callable[[str], None]) -> None:
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as exc:
+        free = format_bytes(shutil.disk_usage(path.parent).free)
+        raise OSError(f"could not write {path}: {exc} ({free} free in {path.parent})") from exc
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+
+
+@contextlib.contextmanager
+def _locked_temporary(path: Path, suffix: str) -> Iterator[str]:
+    """A new hidden temporary beside ``path``, locked (where locks exist) until the block ends; removed if it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -341,16 +486,29 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
             break
         os.close(fd)  # removed as abandoned between its creation and its locking: make another
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
+        yield tmp
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
         if fd is not None:
             os.close(fd)
-    return path
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (where the system has such locks) while the block runs: processes
+    writing sets of files into one folder take turns."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a folder: no lock
+        yield
+        return
+    try:
+        _lock(fd, blocking=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _umask() -> int:
@@ -359,9 +517,13 @@ def _umask() -> int:
     return mask
 
 
-def remove_abandoned_temporaries(folder: Path) -> None:
-    """Delete ``atomic_write`` temporaries in ``folder`` that nobody is writing (their writer was killed)."""
-    for tmp in folder.glob(".*.tmp*"):
+def remove_abandoned_temporaries(folder: Path, names: str | None = None) -> None:
+    """Delete ``atomic_write`` temporaries in ``folder`` that nobody is writing (their writer was killed): all of
+    them, or only those of files whose names match the regular expression ``names`` (the folder may be the user's)."""
+    ours = re.compile(rf"\.({names or '.+'})\.[a-z0-9_]{{8}}\.tmp.*")
+    for tmp in folder.iterdir():
+        if not ours.fullmatch(tmp.name):
+            continue
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -29,13 +30,15 @@ from ._blas import reference_blas_in_use  # noqa: E402
 from .checkpoint import (  # noqa: E402
     atomic_write,
     load_checkpoint,
+    locked_folder,
+    one_set_of_files,
     read_state_dict,
     remove_abandoned_temporaries,
     save_model,
 )
 from .export import COCO_FILES, DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, ImageEntry, parse_formats  # noqa: E402
 from .hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
-from .image_io import load_image  # noqa: E402
+from .image_io import load_image, pixel_fingerprint  # noqa: E402
 from .image_tokens import (  # noqa: E402
     load_image_tokens,
     model_fingerprint,
@@ -90,14 +93,32 @@ def _box(text: str) -> tuple[float, ...]:
     return _numbers(text, 4, "box", "X1,Y1,X2,Y2")
 
 
-def _positive_int(text: str) -> int:
+def _fraction(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
     return value
+
+
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, ``least`` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number, {least} or more, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int, _count = _whole_number(1), _whole_number(0)
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -340,16 +361,53 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), suffix=".json")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(_json_text(data)), suffix=".json")
 
 
-def _remove_old_outputs(out_dir: Path, stem: str) -> None:
-    """Delete ``{stem}_mask<n>.png`` / ``{stem}_cutout<n>.png`` of an earlier run, so none outlives the JSON
-    that lists them."""
-    pattern = re.compile(rf"{re.escape(stem)}_(mask|cutout)\d+\.png")
-    for path in out_dir.iterdir():
-        if pattern.fullmatch(path.name):
-            path.unlink(missing_ok=True)
+def _json_text(data: dict) -> str:
+    return json.dumps(_strict_json(data), indent=1, allow_nan=False) + "\n"
+
+
+def _strict_json(value: object) -> object:
+    """``value`` with non-finite floats as null: bare NaN and Infinity are not JSON, and strict parsers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _replacing_outputs(out_dir: Path, stem: str) -> Iterator[None]:
+    """Write an image's outputs (exports, overlay, ``{stem}.json``) in this block as one set replacing the last one.
+
+    Every file goes to a temporary first and all are renamed into place only when the block succeeds, so a
+    failed run (a full disk) leaves the previous set whole; then the per-mask files the previous run's own
+    JSON listed and the new one does not are deleted, and no other file. Runs writing into one folder at
+    once take turns on a lock of the folder, so each set on disk is one run's.
+    """
+    json_path = out_dir / f"{stem}.json"
+    with locked_folder(out_dir):
+        previous = _files_listed(json_path, stem)
+        remove_abandoned_temporaries(out_dir, rf"{re.escape(stem)}(_(mask|cutout)\d+\.png|_overlay\.png|\.json)")
+        with one_set_of_files():
+            yield
+        for name in previous - _files_listed(json_path, stem):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _files_listed(json_path: Path, stem: str) -> set[str]:
+    """The per-mask PNGs (masks, cut-outs) an image's JSON report lists; none if there is no report of ours."""
+    try:
+        report = json.loads(json_path.read_text())
+        names = [m.get(key) for m in report.get("masks", []) for key in _REPORT_KEYS.values()]
+        names += report.get("exports", [])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+    ours = re.compile(rf"{re.escape(stem)}_(mask|cutout)\d+\.png")
+    return {name for name in names if isinstance(name, str) and ours.fullmatch(name)}
 
 
 def _log(message: str) -> None:
@@ -480,7 +538,7 @@ class _EncodeWork(ImageWork):
         laps("load")
         self.predictor.set_image(image)
         laps("encode")
-        path = save_image_tokens(self.predictor, self.output(job))
+        path = save_image_tokens(self.predictor, self.output(job), image_name=str(job.path))
         laps("write")
         h, w = self.predictor.geometry.grid_size
         seconds = laps.total()
@@ -496,6 +554,11 @@ class _EncodeWork(ImageWork):
         predictor = self.predictor
         if (saved.model_fingerprint, saved.sizing, saved.size) != (
                 model_fingerprint(predictor.model), predictor.sizing, predictor.size):
+            return None
+        try:
+            if saved.image_fingerprint != pixel_fingerprint(load_image(job.path)):  # the image has changed
+                return None
+        except (OSError, ValueError):
             return None
         return ImageDone({"image": str(job.path), "files": [str(path)], "skipped": True},
                          f"tokens complete from an earlier run -> {path}")
@@ -542,10 +605,10 @@ class _SegmentWork(_MaskWork):
         super().__init__(args, _exporter(args, labels))
 
     def setup(self) -> None:
-        saved = read_image_tokens(self.args.tokens) if self.args.tokens else None
+        self.saved = read_image_tokens(self.args.tokens) if self.args.tokens else None
         # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
         self.predictor = _predictor(self.args, sam_mlx.load(self.model_name),
-                                    *((saved.sizing, saved.size) if saved else ()))
+                                    *((self.saved.sizing, self.saved.size) if self.saved else ()))
 
     def expected(self, job: ImageJob) -> dict:
         predictor = self.predictor
@@ -565,12 +628,12 @@ class _SegmentWork(_MaskWork):
         laps("load")
         for prompt in job.prompts:
             prompt.check(width, height, job.path.name)
-        if self.args.tokens:
-            loaded = load_image_tokens(self.predictor, self.args.tokens)
-            if loaded.geometry.original_size != (height, width):
-                h, w = loaded.geometry.original_size
+        if self.saved:
+            if self.saved.geometry.original_size != (height, width):
+                h, w = self.saved.geometry.original_size
                 raise CliError(f"{self.args.tokens} was encoded from a {w}x{h} image, but {job.path} is "
                                f"{width}x{height}")
+            load_image_tokens(self.predictor, self.args.tokens, image, image_name=str(job.path))
         else:
             self.predictor.set_image(image)
         laps("encode")
@@ -578,12 +641,12 @@ class _SegmentWork(_MaskWork):
                                             self.exporter)
         laps("decode")
         out_dir = self.out_dir
-        _remove_old_outputs(out_dir, job.stem)
-        files, entry = self.exporter.write(job.path, image, objects, stem=job.stem, file_name=job.name)
-        _save_png(overlay, out_dir / report["overlay"])
-        report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
-        report["settings"] = self.expected(job)["settings"]
-        _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
+        with _replacing_outputs(out_dir, job.stem):
+            files, entry = self.exporter.write(job.path, image, objects, stem=job.stem, file_name=job.name)
+            _save_png(overlay, out_dir / report["overlay"])
+            report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
+            report["settings"] = self.expected(job)["settings"]
+            _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
         laps("write")
         seconds = laps.total()
         written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
@@ -630,19 +693,19 @@ class _EverythingWork(_MaskWork):
         laps("generate")
         masks = [rle_to_mask(r["segmentation"]) for r in records]
         objects = [_everything_object(mask, r) for mask, r in zip(masks, records)]
-        _remove_old_outputs(out_dir, job.stem)
-        files, entry = self.exporter.write(path, image, objects, stem=job.stem, file_name=job.name)
         overlay = f"{job.stem}_overlay.png"
-        _save_png(draw_overlay(image, masks), out_dir / overlay)
         annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
         height, width = image.shape[:2]
         expected = self.expected(job)
-        _write_json(
-            {"image": str(path), "width": width, "height": height, "model": expected["model"],
-             "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
-             "settings": expected["settings"], "annotations": annotations},
-            out_dir / f"{job.stem}.json",
-        )
+        with _replacing_outputs(out_dir, job.stem):
+            files, entry = self.exporter.write(path, image, objects, stem=job.stem, file_name=job.name)
+            _save_png(draw_overlay(image, masks), out_dir / overlay)
+            _write_json(
+                {"image": str(path), "width": width, "height": height, "model": expected["model"],
+                 "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
+                 "settings": expected["settings"], "annotations": annotations},
+                out_dir / f"{job.stem}.json",
+            )
         laps("write")
         seconds = laps.total()
         written = [*files, out_dir / overlay, out_dir / f"{job.stem}.json"]
@@ -656,11 +719,14 @@ def _everything_object(mask: np.ndarray, record: dict) -> ExportObject:
                         extra={"point_coords": record["point_coords"], "crop_box": record["crop_box"]})
 
 
+_OUTPUT_NAMES = {".": r".+\.(json|png|safetensors)", "yolo": r".+\.txt", "labelme": r".+\.json"}  # by folder
+
+
 def _remove_temporaries(out_dir: Path) -> None:
-    """Remove the temporaries of writers that were killed (a Ray worker, an interrupted run) in the outputs."""
-    for folder in (out_dir, out_dir / "yolo", out_dir / "labelme"):
-        if folder.is_dir():
-            remove_abandoned_temporaries(folder)
+    """Remove the temporaries that writers of outputs left when they were killed (a Ray worker, a run)."""
+    for folder, names in _OUTPUT_NAMES.items():
+        if (out_dir / folder).is_dir():
+            remove_abandoned_temporaries(out_dir / folder, names)
 
 
 def _run_here(work: ImageWork, jobs: Sequence[ImageJob], survive: bool) -> Iterator[tuple[ImageJob, ImageDone | ImageFailed]]:
@@ -684,7 +750,7 @@ def _run_images(args: argparse.Namespace, work: ImageWork, jobs: Sequence[ImageJ
     written, the failures listed on stderr and in failures.json, and the exit code is 1. The run-level
     exports (COCO, YOLO classes) are written at the end, covering the images done.
     """
-    out_dir, count = work.out_dir, len(jobs)
+    count = len(jobs)
     given = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
     if args.ray is None and given:
         raise CliError(f"{given[0]} goes with --ray")
@@ -846,7 +912,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
     # float32, not the device's default (a half-precision encoder on a GPU): --dtype alone decides the precision.
     model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
-    path = save_model(model, args.out, dtype=args.dtype, source=str(args.checkpoint))
+    out = Path(args.out).expanduser()
+    if out.parent.is_dir():
+        remove_abandoned_temporaries(out.parent, re.escape(out.name))  # those a killed convert left
+    path = save_model(model, out, dtype=args.dtype, source=str(args.checkpoint))
     _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
     _emit(args, {"checkpoint": str(args.checkpoint), "files": [str(path)], "dtype": args.dtype})
 
@@ -1050,13 +1119,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N x N grid of point prompts (default: 32)")
     every.add_argument("--points-per-batch", type=_positive_int, default=64, metavar="N",
                        help="point prompts decoded together (default: 64)")
-    every.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T",
+    every.add_argument("--pred-iou-thresh", type=_fraction, default=0.88, metavar="T",
                        help="keep masks whose predicted IoU exceeds T (default: 0.88)")
-    every.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="T",
+    every.add_argument("--stability-score-thresh", type=_fraction, default=0.95, metavar="T",
                        help="keep masks whose stability score is at least T (default: 0.95)")
-    every.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
+    every.add_argument("--crop-n-layers", type=_count, default=0, metavar="N",
                        help="also run on N layers of zoomed-in crops (default: 0)")
-    every.add_argument("--min-mask-region-area", type=int, default=0, metavar="A",
+    every.add_argument("--min-mask-region-area", type=_count, default=0, metavar="A",
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# Widths, depths and sizes far beyond any SAM (ViT-H: 1280 wide, 32 blocks): a config outside them is
+# a damaged or crafted file, refused before a model is built (``check_fields``).
+_LARGEST = 1 << 16
+_LARGEST_IMAGE = 16384
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,14 @@ class ViTConfig:
 
     kind = "vit"
 
+    def __post_init__(self) -> None:
+        check_fields(self, may_be_zero=("window_size", "global_attention_blocks"))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"ViTConfig.num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim})")
+        if any(i >= self.depth for i in self.global_attention_blocks):
+            raise ValueError(f"ViTConfig.global_attention_blocks {self.global_attention_blocks} must be blocks "
+                             f"0..{self.depth - 1}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
         return _from_dict(cls, data)
@@ -42,6 +56,12 @@ class PromptDecoderConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.embed_dim % self.transformer_heads:
+            raise ValueError(f"PromptDecoderConfig.transformer_heads ({self.transformer_heads}) must divide "
+                             f"embed_dim ({self.embed_dim})")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PromptDecoderConfig":
         return _from_dict(cls, data)
@@ -54,6 +74,11 @@ class SamConfig:
     encoder: Any = field(default_factory=ViTConfig)
     decoder: PromptDecoderConfig = field(default_factory=PromptDecoderConfig)
     image_size: int = 1024  # the square input the encoder was trained on
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if type(size) is not int or not 16 <= size <= _LARGEST_IMAGE or size % 16:
+            raise ValueError(f"SamConfig.image_size must be a multiple of 16 from 16 to {_LARGEST_IMAGE}, got {size!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,13 +93,15 @@ class SamConfig:
         from .tiny_vit import TinyViTConfig
 
         kinds = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config is a JSON object, got {type(data).__name__}")
         kind = data.get("encoder_kind")
         if kind not in kinds:
             raise ValueError(f"unknown image encoder kind {kind!r}; expected one of {sorted(kinds)}")
         return cls(
-            encoder=kinds[kind].from_dict(data["encoder"]),
-            decoder=PromptDecoderConfig.from_dict(data["decoder"]),
-            image_size=int(data.get("image_size", 1024)),
+            encoder=kinds[kind].from_dict(data.get("encoder")),
+            decoder=PromptDecoderConfig.from_dict(data.get("decoder")),
+            image_size=data.get("image_size", 1024),
         )
 
     @property
@@ -88,9 +115,32 @@ class SamConfig:
 
 
 def _from_dict(cls, data: dict[str, Any]):
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object of fields, got {data!r}")
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
+
+
+def check_fields(config: Any, may_be_zero: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the first field of a config dataclass whose value has the wrong type or lies
+    outside 1.._LARGEST (0.._LARGEST for ``may_be_zero``): a config read from a file may be tampered with."""
+    for f in fields(config):
+        value, least = getattr(config, f.name), 0 if f.name in may_be_zero else 1
+        if f.type == "bool":
+            ok, want = type(value) is bool, "true or false"
+        elif f.type == "float":
+            ok = type(value) in (int, float) and math.isfinite(value) and 0 < value <= _LARGEST
+            want = f"a number above 0 and at most {_LARGEST}"
+        elif f.type == "int":
+            ok, want = type(value) is int and least <= value <= _LARGEST, f"a whole number from {least} to {_LARGEST}"
+        elif f.type == "tuple[int, ...]":
+            ok = isinstance(value, tuple) and all(type(v) is int and least <= v <= _LARGEST for v in value)
+            want = f"a list of whole numbers from {least} to {_LARGEST}"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {want}, got {value!r}")

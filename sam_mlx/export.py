@@ -500,4 +500,5 @@ def _plain(value: Any) -> Any:
 
 
 def _json(data: dict, indent: int | None = None) -> str:
-    return json.dumps(data, default=_plain, indent=indent, separators=None if indent else (",", ":")) + "\n"
+    return json.dumps(data, default=_plain, indent=indent, separators=None if indent else (",", ":"),
+                      allow_nan=False) + "\n"  # strict JSON: a NaN score is an error, never a bare NaN

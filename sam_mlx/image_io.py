@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,10 @@ def as_rgb_array(image: Any) -> np.ndarray:
             raise ValueError(f"image array is empty: shape {image.shape}")
         return np.ascontiguousarray(image)
     raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def pixel_fingerprint(image: np.ndarray) -> str:
+    """16 hex digits identifying an H x W x 3 uint8 image by its decoded pixels (SHA-256 of size and bytes)."""
+    digest = hashlib.sha256(f"{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()[:16]

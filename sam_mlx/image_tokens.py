@@ -2,34 +2,37 @@
 
 A tokens file is a safetensors file holding ``tokens`` (1 x h x w x C, in the model's
 dtype) and, in its metadata, the image geometry (original, input and padded sizes), the
-predictor's sizing and size, and the identity of the model that made them. Tokens only
-make sense for the exact model and sizing that produced them, so loading them into a
-predictor with another model or sizing is refused.
+predictor's sizing and size, the identity of the model that made them and a fingerprint of the
+image's pixels. Tokens only make sense for the exact model, sizing and image that produced them, so
+loading them into a predictor with another model or sizing, or for another image, is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import atomic_write
-from .transforms import ImageGeometry
+from .image_io import as_rgb_array, pixel_fingerprint
+from .transforms import ImageGeometry, image_geometry
 
 FORMAT = "sam_mlx_image_tokens"
 # 2: stretch sizing encodes at one scale for both axes (version 1's stretch tokens were made with
 # squashed ViT position encodings, and are refused rather than decoded in the wrong frame).
-FORMAT_VERSION = "2"
-_SAMPLED_WEIGHTS = 8  # weights whose values enter the fingerprint (all names, shapes and dtypes do)
+# 3: the image's pixel fingerprint is stored, and checked against the image the tokens are used for.
+FORMAT_VERSION = "3"
 
 
 class ImageTokensError(ValueError):
-    """A tokens file that is unreadable, not a tokens file, or made by another model or sizing."""
+    """A tokens file that is unreadable, not a tokens file, or made by another model, sizing or image."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,10 @@ class _CachedFingerprint:
 
 
 def model_fingerprint(model) -> str:
-    """16 hex digits identifying a model: its config, every weight's name/shape/dtype, a few weights' values.
+    """16 hex digits identifying a model: its config and every weight's name, shape, dtype and bytes.
 
-    Hashing all values of ViT-H (2.5 GB) would take seconds, so only ``_SAMPLED_WEIGHTS``
-    weights spread over the sorted names are hashed in full. The result is cached on the
+    Every weight's bytes are hashed (SHA-256; hashlib releases the GIL, so one thread per core shares
+    the work): changing any value of any weight changes the fingerprint. The result is cached on the
     model and recomputed when any parameter array is replaced (e.g. ``load_weights``).
     """
     params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
@@ -52,13 +55,14 @@ def model_fingerprint(model) -> str:
     cached = getattr(model, "_sam_mlx_fingerprint", None)
     if isinstance(cached, _CachedFingerprint) and cached.array_ids == ids:
         return cached.value
+    # row-major bytes, made here: the pool's threads only read memory (no MLX work, no MLX state in them)
+    arrays = [v if memoryview(v).c_contiguous else mx.contiguous(v) for _, v in params]
+    mx.eval(arrays)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        digests = list(pool.map(lambda v: hashlib.sha256(memoryview(v)).digest(), arrays))
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, value in params:
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}\n".encode())
-    picks = {round(i * (len(params) - 1) / (_SAMPLED_WEIGHTS - 1)) for i in range(_SAMPLED_WEIGHTS)}
-    for i in sorted(picks):
-        # float32 holds fp16/bf16 values exactly; numpy has no bfloat16.
-        digest.update(np.ascontiguousarray(np.array(params[i][1].astype(mx.float32))).tobytes())
+    for (name, value), weight_digest in zip(params, digests):
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}:".encode() + weight_digest)
     value = digest.hexdigest()[:16]
     object.__setattr__(model, "_sam_mlx_fingerprint", _CachedFingerprint(ids, value))  # not a parameter
     return value
@@ -80,30 +84,39 @@ class ImageTokensFile:
     size: int | tuple[int, int]
     model_fingerprint: str
     model_identity: str
+    image_fingerprint: str
+    image_name: str  # as given when saved ("" if none)
+
+    def describe_image(self) -> str:
+        return f"{self.image_name or 'an image'} [{self.image_fingerprint}]"
 
 
-def save_image_tokens(predictor, path: str | Path) -> Path:
-    """Write the predictor's current image tokens and geometry to ``path`` (safetensors), atomically."""
-    if not predictor.is_image_set:
-        raise RuntimeError("no image set: call set_image(...) before save_image_tokens")
-    geometry = predictor.geometry
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "original_size": json.dumps(list(geometry.original_size)),
-        "input_size": json.dumps(list(geometry.input_size)),
-        "padded_size": json.dumps(list(geometry.padded_size)),
-        "sizing": predictor.sizing,
-        "size": json.dumps(predictor.size),
-        "model_fingerprint": model_fingerprint(predictor.model),
-        "model_identity": model_identity(predictor.model),
-    }
-    tokens = {"tokens": predictor.features}
+def save_image_tokens(predictor, path: str | Path, image_name: str | None = None) -> Path:
+    """Write the predictor's current image tokens, geometry and image fingerprint to ``path`` (safetensors),
+    atomically. ``image_name`` (e.g. the image's path) is kept to name the image in messages."""
+    with predictor.lock:
+        if not predictor.is_image_set:
+            raise RuntimeError("no image set: call set_image(...) before save_image_tokens")
+        geometry = predictor.geometry
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "original_size": json.dumps(list(geometry.original_size)),
+            "input_size": json.dumps(list(geometry.input_size)),
+            "padded_size": json.dumps(list(geometry.padded_size)),
+            "sizing": predictor.sizing,
+            "size": json.dumps(predictor.size),
+            "model_fingerprint": model_fingerprint(predictor.model),
+            "model_identity": model_identity(predictor.model),
+            "image_fingerprint": predictor.image_fingerprint or "",
+            "image_name": image_name or "",
+        }
+        tokens = {"tokens": predictor.features}
     return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, tokens, metadata=metadata), suffix=".safetensors")
 
 
 def read_image_tokens(path: str | Path) -> ImageTokensFile:
-    """Read a tokens file written by ``save_image_tokens``, checking its format and shapes."""
+    """Read a tokens file written by ``save_image_tokens``, checking its format, shapes, dtype and values."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image tokens file not found: {path}")
@@ -115,7 +128,8 @@ def read_image_tokens(path: str | Path) -> ImageTokensFile:
         raise ImageTokensError(f"{path}: not a sam_mlx image tokens file (from `sam-mlx encode` / save_image_tokens)")
     if metadata.get("format_version") != FORMAT_VERSION:
         version = metadata.get("format_version")
-        raise ImageTokensError(f"{path}: image tokens format version {version!r}, expected {FORMAT_VERSION!r}")
+        raise ImageTokensError(f"{path}: image tokens format version {version!r}, expected {FORMAT_VERSION!r} "
+                               "(encode the image again)")
     try:
         sizes = [tuple(int(v) for v in json.loads(metadata[k])) for k in ("original_size", "input_size", "padded_size")]
         size = json.loads(metadata["size"])
@@ -126,18 +140,32 @@ def read_image_tokens(path: str | Path) -> ImageTokensFile:
             size=tuple(size) if isinstance(size, list) else size,
             model_fingerprint=metadata["model_fingerprint"],
             model_identity=metadata["model_identity"],
+            image_fingerprint=metadata["image_fingerprint"],
+            image_name=metadata["image_name"],
         )
+        planned = image_geometry(result.geometry.original_size, result.sizing, result.size)
     except (KeyError, TypeError, ValueError) as exc:
         raise ImageTokensError(f"{path}: damaged image tokens metadata ({exc})") from None
-    expected = (1, *result.geometry.grid_size)
-    if result.tokens.ndim != 4 or tuple(result.tokens.shape[:3]) != expected:
-        shape = tuple(result.tokens.shape)
-        raise ImageTokensError(f"{path}: tokens of shape {shape} do not fit the {expected[1:]} token grid")
+    if planned != result.geometry:
+        raise ImageTokensError(f"{path}: the stored geometry {result.geometry} is not what sizing {result.sizing!r} "
+                               f"at size {result.size} gives an image of {result.geometry.original_size}: {planned}")
+    tokens, expected = result.tokens, (1, *result.geometry.grid_size)
+    if tokens.ndim != 4 or tuple(tokens.shape[:3]) != expected:
+        raise ImageTokensError(f"{path}: tokens of shape {tuple(tokens.shape)} do not fit the {expected[1:]} token grid")
+    if not mx.issubdtype(tokens.dtype, mx.floating):
+        raise ImageTokensError(f"{path}: tokens of dtype {tokens.dtype}; image tokens are floating point")
+    if not mx.isfinite(tokens).all().item():
+        raise ImageTokensError(f"{path}: tokens with NaN or infinite values")
     return result
 
 
-def load_image_tokens(predictor, path: str | Path) -> ImageTokensFile:
-    """Set the predictor's image from a tokens file, as ``set_image`` would; refuse another model or sizing."""
+def load_image_tokens(predictor, path: str | Path, image: Any = None, image_name: str | None = None) -> ImageTokensFile:
+    """Set the predictor's image from a tokens file, as ``set_image`` would.
+
+    Refused for another model or sizing, for tokens the model's encoder cannot have made (channels, dtype)
+    and, when ``image`` (a path, PIL image or array, named ``image_name`` in messages) is given, if the
+    tokens were made from other pixels.
+    """
     saved = read_image_tokens(path)
     mine = model_fingerprint(predictor.model)
     if saved.model_fingerprint != mine:
@@ -150,5 +178,16 @@ def load_image_tokens(predictor, path: str | Path) -> ImageTokensFile:
             f"{path}: image tokens were made with sizing {saved.sizing!r} at size {saved.size}, "
             f"but this predictor uses sizing {predictor.sizing!r} at size {predictor.size}"
         )
-    predictor.set_image_tokens(saved.tokens, saved.geometry)
+    channels = predictor.model.config.decoder.embed_dim
+    dtype = tree_flatten(predictor.model.image_encoder.parameters())[0][1].dtype  # what its tokens come in
+    if saved.tokens.shape[3] != channels or saved.tokens.dtype != dtype:
+        raise ImageTokensError(f"{path}: tokens of {saved.tokens.shape[3]} channels in {saved.tokens.dtype}, but this "
+                               f"model's encoder makes {channels} channels in {dtype}")
+    if image is not None:
+        fingerprint = pixel_fingerprint(as_rgb_array(image))
+        if fingerprint != saved.image_fingerprint:
+            name = image_name or (str(image) if isinstance(image, (str, Path)) else "the given image")
+            raise ImageTokensError(f"{path}: image tokens were made from {saved.describe_image()}, not from "
+                                   f"{name} [{fingerprint}]; encode this image")
+    predictor.set_image_tokens(saved.tokens, saved.geometry, saved.image_fingerprint)
     return saved

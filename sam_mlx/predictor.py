@@ -7,23 +7,40 @@ upscaling of the chosen masks to the image's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from ._blas import single_threaded
-from .image_io import as_rgb_array
-from .layers import keep_prompt_buffers
+from .image_io import as_rgb_array, pixel_fingerprint
+from .layers import keep_prompt_buffers, on_cpu
 from .prompt_encoder import PADDING_LABEL, prompt_batch_size
 from .resize import upscale_mask_logits, upscaled_masks_above
+from .resources import check_encoding_fits
 from .token_bands import parallel_bands
 from .sam import Sam
 from .transforms import ImageGeometry, image_geometry, preprocess
 from .two_way_transformer import ImageSide
 
 MASK_THRESHOLD = 0.0
+# SAM's low-res logits lie within about +-100; far larger hints would overflow float32 in the hint encoder
+_MASK_INPUT_LIMIT = 1e6
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: _Method) -> _Method:
+    """Run the method holding the predictor's ``lock``: calls from several threads take turns."""
+
+    @functools.wraps(method)
+    def locked(self: SamPredictor, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class SamPredictor:
@@ -31,17 +48,26 @@ class SamPredictor:
 
     ``sizing``/``size``: ``"original"`` (default: longest side resized to 1024 and padded,
     exactly as Meta's SAM) or ``"stretch"`` (resized to multiples of 16, no padding).
+
+    Any thread may call it, several threads too: each call holds ``lock`` (hold it yourself to make a
+    sequence of calls, such as ``set_image`` then ``predict``, one). Several predictors, one per thread,
+    compute at the same time.
     """
 
     def __init__(self, model: Sam, sizing: str = "original", size: int | tuple[int, int] | None = None):
+        self.lock = threading.RLock()
         self.model = model
         self.sizing = sizing
         self.size = _size(model.config.image_size if size is None else size)
-        image_geometry((1, 1), sizing, self.size)  # validate the sizing early
+        widest = image_geometry((1, 1), sizing, self.size)  # validates the sizing early
+        if sizing == "stretch" and isinstance(self.size, int):  # the largest grid an image can get: a square
+            widest = image_geometry((self.size, self.size), sizing, self.size)
+        check_encoding_fits(model.config, widest.padded_size, on_cpu())
         keep_prompt_buffers()
         self.reset_image()
 
     # ---------------------------------------------------------------- image
+    @_one_call_at_a_time
     def set_image(self, image: Any, image_format: str = "RGB") -> None:
         """Encode an image (H x W x 3 uint8 array, PIL image or path) and keep its tokens."""
         if image_format not in ("RGB", "BGR"):
@@ -53,26 +79,31 @@ class SamPredictor:
         with parallel_bands():
             tokens = self.model.encode_image(preprocess(array, geometry))
             mx.eval(tokens)
-        self.set_image_tokens(tokens, geometry)
+        self.set_image_tokens(tokens, geometry, pixel_fingerprint(array))
 
-    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry) -> None:
-        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry``."""
+    @_one_call_at_a_time
+    def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry, image_fingerprint: str | None = None) -> None:
+        """Use already computed image tokens (1 x h x w x C) for an image of ``geometry`` (whose pixels have
+        ``image_io.pixel_fingerprint`` ``image_fingerprint``, if known)."""
         expected = (1, *geometry.grid_size)
         if tuple(tokens.shape[:3]) != expected:
             raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
         self.features = tokens
         self.geometry = geometry
+        self.image_fingerprint = image_fingerprint
         self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
         with parallel_bands():
             self.image_side = self.model.project_image(tokens, self.image_pe)
             mx.eval(self.image_pe, self.image_side)
         self.is_image_set = True
 
+    @_one_call_at_a_time
     def reset_image(self) -> None:
         self.features: mx.array | None = None
         self.geometry: ImageGeometry | None = None
         self.image_pe: mx.array | None = None
         self.image_side: ImageSide | None = None
+        self.image_fingerprint: str | None = None
         self.is_image_set = False
 
     @property
@@ -83,6 +114,7 @@ class SamPredictor:
     def input_size(self) -> tuple[int, int]:
         return self._require_image().input_size
 
+    @_one_call_at_a_time
     def get_image_embedding(self) -> np.ndarray:
         """The image tokens as the original returns them: 1 x C x h x w float32."""
         self._require_image()
@@ -133,6 +165,7 @@ class SamPredictor:
         )
         return masks[0], iou[0], None if low_res is None else low_res[0]
 
+    @_one_call_at_a_time
     def predict_batch(
         self,
         point_coords: np.ndarray | None = None,
@@ -170,6 +203,7 @@ class SamPredictor:
         low_res = np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32) if return_low_res else None
         return masks, np.zeros((0, count), np.float32), low_res
 
+    @_one_call_at_a_time
     def prepare_prompts(
         self,
         point_coords: np.ndarray | None,
@@ -219,6 +253,9 @@ class SamPredictor:
             raise ValueError(f"mask_input must be B x {' x '.join(map(str, expected))} low-res logits, got {mask_input.shape}")
         if not np.isfinite(mask_input).all():
             raise ValueError("mask_input contains NaN or infinite values")
+        largest = float(np.abs(mask_input).max(initial=0))
+        if largest > _MASK_INPUT_LIMIT:  # e.g. a float64 1e300: inf in float32, NaN masks after
+            raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), got {largest:g}")
         return mx.array(mask_input[:, 0].astype(np.float32))
 
     def decode(
@@ -238,6 +275,7 @@ class SamPredictor:
         return self.model.decode(self.features, g.padded_size, points, boxes, masks, multimask_output, self.image_pe,
                                  self.image_side, None if full_grid else g.read_grid)
 
+    @_one_call_at_a_time
     def decode_numpy(
         self,
         points: tuple[mx.array, mx.array] | None,
@@ -252,12 +290,14 @@ class SamPredictor:
             mx.eval(low_res, iou)
         return np.array(low_res), np.array(iou)
 
+    @_one_call_at_a_time
     def upscale(self, low_res_logits: mx.array) -> mx.array:
         """... x h x w low-res logits (whole grid, or ``decode(full_grid=False)``'s part) -> ... x H x W logits
         at the original image size."""
         g = self._low_res_geometry(low_res_logits.shape)
         return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
 
+    @_one_call_at_a_time
     def masks_above(self, low_res_logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
         """``upscale(low_res_logits) > t`` for each threshold t: bool ... x H x W masks, upscaled only near their edges."""
         g = self._low_res_geometry(low_res_logits.shape)

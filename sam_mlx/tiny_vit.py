@@ -30,9 +30,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .attention import attention
-from .checkpoint import CheckpointError, checked_shape
-from .config import _from_dict
+from .checkpoint import CheckpointError, checked_shape, require_float
+from .config import _from_dict, check_fields
 from .layers import LayerNorm, gelu, layer_norm_2d
+from .mlx_threads import compiled
 from .token_bands import across_rows
 
 _BN_EPS = 1e-5  # torch.nn.BatchNorm2d default, as in the original
@@ -59,10 +60,15 @@ class TinyViTConfig:
     kind = "tiny_vit"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         per_stage = (self.embed_dims, self.depths, self.num_heads, self.window_sizes)
         # The strides (4, 2, 2, 1) give MobileSAM's stride-16 output only with four stages.
         if any(len(t) != 4 for t in per_stage):
             raise ValueError(f"TinyViTConfig needs 4 stages, got {[len(t) for t in per_stage]}")
+        for i in range(1, 4):
+            if self.embed_dims[i] % self.num_heads[i]:
+                raise ValueError(f"TinyViTConfig.num_heads[{i}] ({self.num_heads[i]}) must divide embed_dims[{i}] "
+                                 f"({self.embed_dims[i]})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TinyViTConfig":
@@ -91,7 +97,7 @@ class ConvBN(nn.Module):
         return mx.conv2d(x, self.weight, stride=self.stride, padding=k // 2) + self.bias
 
 
-@mx.compile
+@compiled
 def _depthwise_conv(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
     """B x H x W x C (*) C x k x k x 1 depthwise conv, padding k // 2, as k*k fused shifted multiply-adds."""
     k, s = weight.shape[1], stride
@@ -329,6 +335,7 @@ def _checked(state: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) 
     found = checked_shape(state, key, len(expected), str(expected))
     if found != expected:
         raise CheckpointError(f"{key} has shape {found}, expected {expected}")
+    require_float(state[key], key)
     return np.asarray(state[key], dtype=np.float64)
 
 

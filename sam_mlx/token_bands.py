@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,12 +29,11 @@ import mlx.core as mx
 
 from . import _blas
 from .layers import on_cpu
+from .mlx_threads import this_thread
 
 # Measured on 2 cores only (2 bands: a prompt's decode ~34 -> ~27 ms, a ViT-B encoding ~11 -> ~8.7 s);
 # more cores get more bands, up to this many.
 _MAX_BANDS = 8
-_extra_streams: list[mx.Stream] = []
-_streams_lock = threading.Lock()
 
 
 def band_count() -> int:
@@ -53,11 +51,12 @@ def band_count() -> int:
 
 
 def band_streams(count: int) -> list[mx.Stream]:
-    """The default stream for band 0, then one CPU stream (thread) per further band, made once."""
-    with _streams_lock:
-        while len(_extra_streams) < count - 1:
-            _extra_streams.append(mx.new_stream(mx.cpu))
-    return [mx.default_stream(mx.default_device()), *_extra_streams[: count - 1]]
+    """The calling thread's default stream for band 0, then one CPU stream (thread) per further band, made once
+    per calling thread: MLX streams work only in the thread that made them (``mlx_threads``)."""
+    extra = this_thread().streams
+    while len(extra) < count - 1:
+        extra.append(mx.new_stream(mx.cpu))
+    return [mx.default_stream(mx.default_device()), *extra[: count - 1]]
 
 
 def chunk_streams(spread: bool) -> list[mx.Stream]:

@@ -113,8 +113,8 @@ def main() -> None:
     variants = args.variants.split(",")
     results: list[dict] = []
     for round_ in range(args.rounds):
-        for command in args.commands.split(","):
-            order = variants if (round_ + len(results)) % 2 == 0 else variants[::-1]
+        for c, command in enumerate(args.commands.split(",")):
+            order = variants if (round_ + c) % 2 == 0 else variants[::-1]  # each variant first and last in turn
             for variant in order:
                 out = work / f"out_{round_}_{command}_{variant.replace(' ', '_')}"
                 cli_args = command_args(command, folder, model, args.points_per_side)

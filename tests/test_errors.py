@@ -121,7 +121,7 @@ def test_weights_with_the_wrong_number_of_dimensions(tiny_checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def mobile_sam_state() -> dict[str, np.ndarray]:
-    return read_torch_checkpoint(MOBILE_SAM)
+    return {name: np.asarray(tensor) for name, tensor in read_torch_checkpoint(MOBILE_SAM).items()}
 
 
 @pytest.mark.parametrize(

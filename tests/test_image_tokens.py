@@ -163,7 +163,7 @@ def test_other_format_version_refused(model, encoded, tmp_path):
     arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     old = tmp_path / "old.safetensors"
     mx.save_safetensors(str(old), arrays, metadata={**metadata, "format_version": "1"})
-    with pytest.raises(ImageTokensError, match=r"old.safetensors: image tokens format version '1', expected '2'"):
+    with pytest.raises(ImageTokensError, match=r"old.safetensors: image tokens format version '1', expected '3'"):
         load_image_tokens(sam_mlx.SamPredictor(model), old)
 
 
