@@ -1033,9 +1033,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop at the first image that fails (default: go on, list failures at the end "
                       f"and in {FAILURES_FILE}, exit code 1)")
     runs.add_argument("--resume", action="store_true",
-                      help="skip the images whose outputs a run with the same model and settings completed (its "
-                      "JSON report and every file it lists, or its tokens file); the images themselves are "
-                      "taken to be unchanged")
+                      help="skip the images whose outputs a run with the same model and settings completed: "
+                      "segment and everything, its JSON report and every file it lists (the image is taken to be "
+                      "unchanged); encode, its tokens file, made from the same pixels")
     ray = runs.add_argument_group("Ray", "run the images on Ray Data workers: pip install 'sam-mlx[ray]'. The "
                                   "outputs are those of a run without --ray. Workers find the images, the model and "
                                   "--out-dir at the command's paths (on a cluster: a shared file system)")
