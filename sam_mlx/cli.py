@@ -1000,6 +1000,21 @@ def cmd_info(args: argparse.Namespace) -> None:
         print("\n".join(lines))
 
 
+def cmd_app(args: argparse.Namespace) -> None:
+    try:
+        from .app.library import Library
+        from .app.server import serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
+    library = Library(args.images or ["."], args.out_dir)
+    model = sam_mlx.load(_model_to_load(args))
+    serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
+          open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
+          announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sam-mlx`` argument parser with its subcommands."""
     common = _Parser(add_help=False)
@@ -1128,6 +1143,22 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--min-mask-region-area", type=_count, default=0, metavar="A",
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
+
+    app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
+                              description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
+                              "hover, click and drag for masks, several objects per image, export. Other local "
+                              "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
+    app.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="images or folders (default: this folder)")
+    app.add_argument("--port", type=_count, default=8000, metavar="N", help="port on 127.0.0.1 (default: 8000; 0: any)")
+    app.add_argument("--no-browser", action="store_true", help="do not open the browser")
+    app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
+                     help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
+    app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
+    app.add_argument("--prefetch", type=_count, default=2, metavar="N",
+                     help="images ahead to encode in the background (default: 2)")
+    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
+                     "with --json the address, port and token are printed on stdout as one JSON object")
+    app.set_defaults(func=cmd_app)
 
     info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "

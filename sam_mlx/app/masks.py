@@ -1,0 +1,114 @@
+"""Masks over HTTP: compact encodings (1-bit PNG, COCO RLE) and the clean-up of a mask's holes and islands."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from ..mask_utils import batched_mask_to_box, mask_to_rle, remove_small_regions, rle_to_mask
+
+MASK_FORMATS = ("png", "rle")
+
+
+def encode_mask(mask: np.ndarray, mask_format: str) -> dict:
+    """H x W bool mask -> ``{"png": base64 1-bit PNG}`` or ``{"rle": COCO uncompressed RLE}``.
+
+    The PNG (white mask, black background marked transparent) is what a browser draws fastest: decoded off
+    its main thread and coloured by the canvas, ~2 KB for a photo's mask;
+    the RLE (column-major run lengths starting with zeros, as COCO and ``sam-mlx everything``) suits other
+    programs. Both are lossless.
+    """
+    if mask_format == "png":
+        return {"png": base64.b64encode(_png(mask)).decode("ascii")}
+    if mask_format == "rle":
+        return {"rle": mask_to_rle(mask[None])[0]}
+    raise ValueError(f"mask format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+
+
+def encode_masks(masks: np.ndarray, mask_format: str, max_side: int | None = None) -> list[dict]:
+    """C x H x W bool masks -> ``encode_mask`` of each with its ``"box"``: x1, y1, x2, y2 of its first and last
+    pixel columns and rows (inclusive, at the full size), or None for an empty mask (a page draws only inside it).
+
+    ``max_side``: masks whose longer side is larger are sent shrunk to it (nearest pixels), for showing.
+    """
+    boxes = [box.tolist() if box.any() or mask[0, 0] else None for mask, box in zip(masks, batched_mask_to_box(masks))]
+    height, width = masks.shape[-2:]
+    if max_side and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        rows = ((np.arange(max(round(height * scale), 1)) + 0.5) / scale).astype(np.int64)
+        cols = ((np.arange(max(round(width * scale), 1)) + 0.5) / scale).astype(np.int64)
+        masks = masks[:, np.minimum(rows, height - 1)][:, :, np.minimum(cols, width - 1)]
+    return [{**encode_mask(mask, mask_format), "box": box} for mask, box in zip(masks, boxes)]
+
+
+def _png(mask: np.ndarray) -> bytes:
+    """A 1-bit grayscale PNG of an H x W bool mask, black (0) marked transparent.
+
+    Written here rather than by Pillow, which takes ~4x longer for such images (~4.7 against ~1.3 ms for a
+    1800 x 1200 mask): rows of packed bits, each after filter byte 0 (none), deflated at level 1.
+    """
+    height, width = mask.shape
+    rows = np.zeros((height, (width + 7) // 8 + 1), np.uint8)
+    rows[:, 1:] = np.packbits(mask, axis=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", b"\x00\x00")
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
+
+
+def decode_mask(data: object, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``encode_mask``'s output (either form) -> H x W bool; ``size`` (width, height) is checked when given."""
+    if not isinstance(data, dict) or not ({"png", "rle"} & data.keys()):
+        raise ValueError('a mask must be {"png": base64 PNG} or {"rle": {"size": [H, W], "counts": [...]}}')
+    if "png" in data:
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(data["png"], validate=True))) as im:
+                mask = np.array(im.convert("L")) > 127
+        except (binascii.Error, TypeError, OSError, ValueError) as exc:
+            raise ValueError(f"mask: not a base64 PNG ({exc})") from None
+    else:
+        rle = data["rle"]
+        try:
+            mask = rle_to_mask(rle)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"mask: not a COCO uncompressed RLE ({exc})") from None
+    if size is not None and mask.shape != (size[1], size[0]):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
+    return mask
+
+
+def clean_mask(mask: np.ndarray, fill_holes: float = 0, remove_islands: float = 0) -> np.ndarray:
+    """Fill the holes and drop the islands smaller than the given areas (pixels; 0 leaves them).
+
+    As segment everything's ``min_mask_region_area`` (8-connected regions), but with an area for each.
+    """
+    if fill_holes > 0:
+        mask, _ = remove_small_regions(mask, fill_holes, "holes")
+    if remove_islands > 0:
+        mask, _ = remove_small_regions(mask, remove_islands, "islands")
+    return mask
+
+
+def clean_shown_mask(mask: np.ndarray, image_size: tuple[int, int], fill_holes: float, remove_islands: float,
+                     mask_format: str) -> dict:
+    """``clean_mask`` of a mask as ``encode_masks`` sent it, possibly shrunk from an image of ``image_size``
+    (width, height): areas are scaled by the shrinking, the box is given at the image's size."""
+    width, height = image_size
+    factor = mask.size / (width * height)
+    cleaned = clean_mask(mask, fill_holes * factor, remove_islands * factor)
+    encoded = encode_masks(cleaned[None], mask_format)[0]
+    if encoded["box"] and cleaned.shape != (height, width):
+        sx, sy = width / cleaned.shape[1], height / cleaned.shape[0]
+        x1, y1, x2, y2 = encoded["box"]
+        encoded["box"] = [int(x1 * sx), int(y1 * sy), min(int((x2 + 1) * sx), width - 1),
+                          min(int((y2 + 1) * sy), height - 1)]
+    return {"mask": encoded, "area": round(int(cleaned.sum()) / factor)}
