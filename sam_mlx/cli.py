@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sam_mlx  # before mlx: loads OpenBLAS first
@@ -28,19 +28,41 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .amg.mask_utils import batched_mask_to_box, box_xyxy_to_xywh, coco_encode_rle, rle_to_mask  # noqa: E402
+from .amg.mask_utils import (  # noqa: E402
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    coco_decode_rle,
+    coco_encode_rle,
+    mask_to_rle,
+    rle_to_mask,
+)
 from .checkpoints.hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
 from .checkpoints.load import load_checkpoint, read_state_dict, save_model  # noqa: E402
 from .io.atomic import atomic_write, locked_folder, one_set_of_files, remove_abandoned_temporaries  # noqa: E402
-from .io.export import DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, parse_formats  # noqa: E402
-from .io.images import load_image  # noqa: E402
+from .io.export import (  # noqa: E402
+    COCO_FILES,
+    DEFAULT_SIMPLIFY,
+    FORMATS,
+    Exporter,
+    ExportObject,
+    ImageEntry,
+    parse_formats,
+)
+from .io.images import load_image, pixel_fingerprint  # noqa: E402
 from .io.overlay import draw_overlay  # noqa: E402
-from .io.tokens import load_image_tokens, model_identity, read_image_tokens, save_image_tokens  # noqa: E402
+from .io.tokens import (  # noqa: E402
+    load_image_tokens,
+    model_fingerprint,
+    model_identity,
+    read_image_tokens,
+    save_image_tokens,
+)
 from .ops.blas import reference_blas_in_use  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
 FAILURES_FILE = "failures.json"
+TOKENS_SUFFIX = ".tokens.safetensors"  # encode --out-dir: one STEM.tokens.safetensors per image
 
 
 class CliError(Exception):
@@ -109,14 +131,29 @@ def _formats(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _pixels(text: str) -> float:
+def _non_negative(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not (value >= 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} >= 0, got {text!r}")
     return value
+
+
+def _amount(text: str) -> float:
+    return _non_negative(text, "an amount")
+
+
+def _resource(text: str) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    if not name.strip() or not amount:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. mlx=1), got {text!r}")
+    return name.strip(), _amount(amount)
+
+
+def _pixels(text: str) -> float:
+    return _non_negative(text, "a number of pixels")
 
 
 # ---------------------------------------------------------------- helpers
@@ -124,11 +161,11 @@ def _model_name(args: argparse.Namespace) -> str | None:
     return args.model or os.environ.get(MODEL_ENV)
 
 
-def _load_model(args: argparse.Namespace):
+def _model_to_load(args: argparse.Namespace) -> str:
     name = _model_name(args)
     if not name:
         raise CliError(f"no model: pass --model NAME|PATH (e.g. sam-vit-base or a .pth file) or set {MODEL_ENV}")
-    return sam_mlx.load(name)
+    return name
 
 
 def _predictor(args: argparse.Namespace, model, default_sizing: str = "original", default_size=None):
@@ -208,6 +245,10 @@ class Prompt:
 
     def check(self, width: int, height: int, name: str) -> None:
         _check_prompts(self.points, self.boxes, width, height, name)
+
+    def describe(self) -> dict:
+        return {"points": self.points.tolist(), "labels": self.labels.tolist(), "boxes": self.boxes.tolist(),
+                "label": self.label}
 
 
 def _prompt(points, labels, boxes, label, where: str) -> Prompt:
@@ -376,10 +417,10 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _emit(args: argparse.Namespace, record: dict) -> None:
-    """With --json, one JSON object on a line of stdout (messages and progress stay on stderr)."""
+def _emit(args: argparse.Namespace, record: dict, out=None) -> None:
+    """With --json, one JSON object on a line of stdout (or ``out``; messages and progress stay on stderr)."""
     if getattr(args, "json", False):
-        print(json.dumps(record), flush=True)
+        print(json.dumps(record), file=out or sys.stdout, flush=True)
 
 
 def _warn_if_slow_blas(command: str) -> None:
@@ -408,30 +449,350 @@ def _exporter(args: argparse.Namespace, labels: Sequence[str] = ()) -> Exporter:
     return Exporter(args.out_dir, args.export, simplify=args.simplify, best_only=args.best, labels=labels)
 
 
-def _run_images(args: argparse.Namespace, count: int, items: Sequence, process: Callable, exporter: Exporter) -> int:
-    """``process(index, item) -> dict`` for each image; return the exit code.
+@dataclass
+class ImageJob:
+    """One image of a run: its path as given (the reports name it so), its COCO ``file_name`` (the path below
+    the folder it was found in), the stem of its output files and, for ``segment``, its prompts."""
+
+    path: Path
+    name: str
+    stem: str
+    prompts: list[Prompt] = field(default_factory=list)
+
+
+@dataclass
+class ImageDone:
+    """An image's outcome: its --json record (files written, scores, seconds; ``"skipped": true`` when --resume
+    found its outputs complete), the end of its progress line, and its share of the run-level exports."""
+
+    record: dict
+    message: str
+    entry: ImageEntry | None = None
+
+
+@dataclass
+class ImageFailed:
+    """An image that failed, with the error in one line."""
+
+    error: str
+
+
+def _jobs(images: Sequence[ImageInput], prompts: Sequence[list[Prompt]] | None = None) -> list[ImageJob]:
+    stems = _output_stems([image.path for image in images])
+    prompts = prompts if prompts is not None else [[] for _ in images]
+    return [ImageJob(image.path, image.name, stem, p) for image, stem, p in zip(images, stems, prompts)]
+
+
+class ImageWork:
+    """A command's work on one image, the same in this process and in Ray workers (``sam_mlx.ray_data``).
+
+    Made from the command's arguments where the command runs, and picklable until ``setup`` loads the
+    model where the images are processed (once per worker). ``work(job)`` writes the image's outputs, each
+    file atomically; with --resume it first looks for outputs complete from a run with the same model and
+    settings, and returns at once (``skipped``) when it finds them.
+    """
+
+    command = ""
+
+    def __init__(self, args: argparse.Namespace, exporter: Exporter | None = None):
+        self.args = args
+        self.exporter = exporter
+        self.model_name = _model_to_load(args)  # resolved here: a worker's $SAM_MLX_MODEL may differ
+        self.out_dir = Path(args.out_dir)
+
+    def setup(self) -> None:
+        """Load the model (and what runs it)."""
+        raise NotImplementedError
+
+    def __call__(self, job: ImageJob, progress: Callable[[int, int], None] | None = None) -> ImageDone:
+        if self.args.resume:
+            done = self.resumed(job)
+            if done is not None:
+                return done
+        return self.process(job, progress)
+
+    def process(self, job: ImageJob, progress: Callable[[int, int], None] | None) -> ImageDone:
+        raise NotImplementedError
+
+    def resumed(self, job: ImageJob) -> ImageDone | None:
+        """The image's outcome if a run with this model and settings wrote all its outputs, else None."""
+        raise NotImplementedError
+
+
+class _EncodeWork(ImageWork):
+    """``encode``: the image tokens of each image, ``--out FILE`` or ``OUT_DIR/STEM.tokens.safetensors``."""
+
+    command = "encode"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        if args.out:
+            self.out_dir = Path(args.out).parent
+
+    def setup(self) -> None:
+        self.predictor = _predictor(self.args, sam_mlx.load(self.model_name))
+
+    def output(self, job: ImageJob) -> Path:
+        return Path(self.args.out) if self.args.out else self.out_dir / f"{job.stem}{TOKENS_SUFFIX}"
+
+    def process(self, job: ImageJob, progress: Callable[[int, int], None] | None) -> ImageDone:
+        laps = _Laps()
+        image = load_image(job.path)
+        laps("load")
+        self.predictor.set_image(image)
+        laps("encode")
+        path = save_image_tokens(self.predictor, self.output(job), image_name=str(job.path))
+        laps("write")
+        h, w = self.predictor.geometry.grid_size
+        seconds = laps.total()
+        return ImageDone({"image": str(job.path), "files": [str(path)], "seconds": seconds},
+                         f"{h}x{w} image tokens in {seconds['total']:.1f} s -> {path}")
+
+    def resumed(self, job: ImageJob) -> ImageDone | None:
+        path = self.output(job)
+        try:
+            saved = read_image_tokens(path)
+        except (OSError, ValueError):
+            return None
+        predictor = self.predictor
+        if (saved.model_fingerprint, saved.sizing, saved.size) != (
+                model_fingerprint(predictor.model), predictor.sizing, predictor.size):
+            return None
+        try:
+            if saved.image_fingerprint != pixel_fingerprint(load_image(job.path)):  # the image has changed
+                return None
+        except (OSError, ValueError):
+            return None
+        return ImageDone({"image": str(job.path), "files": [str(path)], "skipped": True},
+                         f"tokens complete from an earlier run -> {path}")
+
+
+class _MaskWork(ImageWork):
+    """What ``segment`` and ``everything`` share: an overlay, exports and a JSON report per image, the report
+    written last; a report whose ``expected`` keys match and whose files all exist is complete."""
+
+    def expected(self, job: ImageJob) -> dict:
+        """The report's keys that must match for --resume: the model and the settings that shape the outputs."""
+        raise NotImplementedError
+
+    def _settings(self) -> dict:
+        return {"export": list(self.args.export), "simplify": self.args.simplify, "best": self.args.best}
+
+    def objects(self, report: dict) -> list[ExportObject]:
+        """The exported masks as the report describes them (to remake the run-level exports of a resumed image)."""
+        raise NotImplementedError
+
+    def resumed(self, job: ImageJob) -> ImageDone | None:
+        path = self.out_dir / f"{job.stem}.json"
+        try:
+            report = json.loads(path.read_text())
+            expected = json.loads(json.dumps(self.expected(job)))  # tuples as lists, as the report has them
+            if any(report.get(key) != value for key, value in expected.items()):
+                return None
+            files = [self.out_dir / name for name in (report["overlay"], *report["exports"])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if not all(file.is_file() for file in files):
+            return None
+        entry = None
+        if any(kind in COCO_FILES for kind in self.args.export):
+            entry = self.exporter.entry(job.name, report["width"], report["height"], self.objects(report))
+        return ImageDone({"image": str(job.path), "files": [str(f) for f in (*files, path)], "skipped": True},
+                         f"outputs complete from an earlier run -> {path}", entry)
+
+
+class _SegmentWork(_MaskWork):
+    command = "segment"
+
+    def __init__(self, args: argparse.Namespace, labels: Sequence[str]):
+        super().__init__(args, _exporter(args, labels))
+
+    def setup(self) -> None:
+        self.saved = read_image_tokens(self.args.tokens) if self.args.tokens else None
+        # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
+        self.predictor = _predictor(self.args, sam_mlx.load(self.model_name),
+                                    *((self.saved.sizing, self.saved.size) if self.saved else ()))
+
+    def expected(self, job: ImageJob) -> dict:
+        predictor = self.predictor
+        settings = {"prompts": [p.describe() for p in job.prompts], "multimask": self.args.multimask,
+                    **self._settings()}
+        return {"model": model_identity(predictor.model), "sizing": predictor.sizing, "size": predictor.size,
+                "settings": settings}
+
+    def objects(self, report: dict) -> list[ExportObject]:
+        return [ExportObject(coco_decode_rle(m["segmentation"]), label=m["label"], score=m["score"],
+                             extra={"prompt": m["prompt"]}, group=m["prompt_index"]) for m in report["masks"]]
+
+    def process(self, job: ImageJob, progress: Callable[[int, int], None] | None) -> ImageDone:
+        laps = _Laps()
+        image = load_image(job.path)
+        height, width = image.shape[:2]
+        laps("load")
+        for prompt in job.prompts:
+            prompt.check(width, height, job.path.name)
+        if self.saved:
+            if self.saved.geometry.original_size != (height, width):
+                h, w = self.saved.geometry.original_size
+                raise CliError(f"{self.args.tokens} was encoded from a {w}x{h} image, but {job.path} is "
+                               f"{width}x{height}")
+            load_image_tokens(self.predictor, self.args.tokens, image, image_name=str(job.path))
+        else:
+            self.predictor.set_image(image)
+        laps("encode")
+        report, objects, overlay = _segment(self.predictor, image, job.prompts, self.args.multimask, job.stem,
+                                            self.exporter)
+        laps("decode")
+        out_dir = self.out_dir
+        with _replacing_outputs(out_dir, job.stem):
+            files, entry = self.exporter.write(job.path, image, objects, stem=job.stem, file_name=job.name)
+            _save_png(overlay, out_dir / report["overlay"])
+            report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
+            report["settings"] = self.expected(job)["settings"]
+            _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
+        laps("write")
+        seconds = laps.total()
+        written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
+        return ImageDone({"image": str(job.path), "files": [str(p) for p in written],
+                          "scores": [m["score"] for m in report["masks"]], "seconds": seconds},
+                         f"{len(objects)} masks in {seconds['total']:.1f} s -> {out_dir / report['overlay']}", entry)
+
+
+class _EverythingWork(_MaskWork):
+    command = "everything"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args, _exporter(args))
+
+    def setup(self) -> None:
+        args = self.args
+        self.model = sam_mlx.load(self.model_name)
+        self.generator = sam_mlx.SamAutomaticMaskGenerator(
+            self.model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+            crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
+            output_mode="uncompressed_rle", sizing=args.sizing or "original", size=args.size,
+        )
+
+    def expected(self, job: ImageJob) -> dict:
+        args = self.args
+        settings = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
+                    "stability_score_thresh": args.stability_score_thresh, "crop_n_layers": args.crop_n_layers,
+                    "min_mask_region_area": args.min_mask_region_area, "sizing": args.sizing or "original",
+                    "size": args.size, **self._settings()}
+        return {"model": model_identity(self.model), "settings": settings}
+
+    def objects(self, report: dict) -> list[ExportObject]:
+        return [_everything_object(coco_decode_rle(r["segmentation"]), r) for r in report["annotations"]]
+
+    def process(self, job: ImageJob, progress: Callable[[int, int], None] | None) -> ImageDone:
+        path, out_dir = job.path, self.out_dir
+        laps = _Laps()
+        image = load_image(path)
+        laps("load")
+        records = self.generator.generate(image, progress=progress)
+        laps("generate")
+        masks = [rle_to_mask(r["segmentation"]) for r in records]
+        objects = [_everything_object(mask, r) for mask, r in zip(masks, records)]
+        overlay = f"{job.stem}_overlay.png"
+        annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
+        height, width = image.shape[:2]
+        expected = self.expected(job)
+        with _replacing_outputs(out_dir, job.stem):
+            files, entry = self.exporter.write(path, image, objects, stem=job.stem, file_name=job.name)
+            _save_png(draw_overlay(image, masks), out_dir / overlay)
+            _write_json(
+                {"image": str(path), "width": width, "height": height, "model": expected["model"],
+                 "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
+                 "settings": expected["settings"], "annotations": annotations},
+                out_dir / f"{job.stem}.json",
+            )
+        laps("write")
+        seconds = laps.total()
+        written = [*files, out_dir / overlay, out_dir / f"{job.stem}.json"]
+        return ImageDone({"image": str(path), "files": [str(p) for p in written],
+                          "scores": [r["predicted_iou"] for r in records], "seconds": seconds},
+                         f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
+
+
+def _everything_object(mask: np.ndarray, record: dict) -> ExportObject:
+    return ExportObject(mask, score=record["predicted_iou"], stability_score=record["stability_score"],
+                        extra={"point_coords": record["point_coords"], "crop_box": record["crop_box"]})
+
+
+_OUTPUT_NAMES = {".": r".+\.(json|png|safetensors)", "yolo": r".+\.txt", "labelme": r".+\.json"}  # by folder
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    """Remove the temporaries that writers of outputs left when they were killed (a Ray worker, a run)."""
+    for folder, names in _OUTPUT_NAMES.items():
+        if (out_dir / folder).is_dir():
+            remove_abandoned_temporaries(out_dir / folder, names)
+
+
+def _run_here(
+    work: ImageWork, jobs: Sequence[ImageJob], survive: bool
+) -> Iterator[tuple[ImageJob, ImageDone | ImageFailed]]:
+    """Each image's outcome, processed in this process one after the other (``work`` set up)."""
+    for i, job in enumerate(jobs, 1):
+        try:
+            yield job, work(job, _ProgressBar(f"[{i}/{len(jobs)}] {job.path}"))
+        except Exception as exc:
+            if not survive:
+                raise
+            yield job, ImageFailed(_one_line(exc))
+
+
+_RAY_OPTIONS = ("workers", "batch_size", "worker_cpus", "worker_gpus", "worker_resource", "worker_threads")
+
+
+def _run_images(args: argparse.Namespace, work: ImageWork, jobs: Sequence[ImageJob]) -> int:
+    """Process each image, here or on Ray workers (--ray); return the exit code.
 
     With several images and no --fail-fast, a failing image is reported and skipped: the others are
     written, the failures listed on stderr and in failures.json, and the exit code is 1. The run-level
     exports (COCO, YOLO classes) are written at the end, covering the images done.
     """
-    out_dir = Path(args.out_dir)
+    count = len(jobs)
+    given = [f"--{name.replace('_', '-')}" for name in _RAY_OPTIONS if getattr(args, name) is not None]
+    if args.ray is None and given:
+        raise CliError(f"{given[0]} goes with --ray")
     survive = count > 1 and not args.fail_fast
+    if args.ray is None:
+        _warn_if_slow_blas(work.command)
+        work.setup()
+        return _report(args, work, jobs, _run_here(work, jobs, survive), survive, sys.stdout)
+    from .ray_data import RayOptions, run_jobs
+
+    json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # Ray prints its workers' deaths on stdout: --json has it
+        return _report(args, work, jobs, run_jobs(work, jobs, RayOptions.from_args(args)), survive, json_out)
+
+
+def _report(args: argparse.Namespace, work: ImageWork, jobs: Sequence[ImageJob],
+            outcomes: Iterator[tuple[ImageJob, ImageDone | ImageFailed]], survive: bool, json_out) -> int:
+    """Report each outcome (stderr, --json lines on ``json_out``), write the run-level files; the exit code."""
+    out_dir, count = work.out_dir, len(jobs)
     failures: list[dict] = []
+    clear = "\r\033[K" if sys.stderr.isatty() else ""  # over a live progress bar
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out_dir)
     try:
-        for i, item in enumerate(items, 1):
-            try:
-                record = process(i, item)
-            except Exception as exc:
+        for i, (job, outcome) in enumerate(outcomes, 1):
+            if isinstance(outcome, ImageFailed):
                 if not survive:
-                    raise
-                failures.append({"image": str(item.path), "error": _one_line(exc)})
-                _log(f"[{i}/{count}] {item.path}: failed: {failures[-1]['error']}")
-                _emit(args, failures[-1])
+                    raise CliError(outcome.error)
+                failures.append({"image": str(job.path), "error": outcome.error})
+                _log(f"{clear}[{i}/{count}] {job.path}: failed: {outcome.error}")
+                _emit(args, failures[-1], json_out)
                 continue
-            _emit(args, record)
+            if outcome.entry is not None:
+                work.exporter.add_entry(outcome.entry)
+            _log(f"{clear}[{i}/{count}] {job.path}: {outcome.message}")
+            _emit(args, outcome.record, json_out)
     finally:
-        run_files = exporter.close()
+        run_files = work.exporter.close() if work.exporter is not None else []
+        _remove_temporaries(out_dir)
     failures_file = out_dir / FAILURES_FILE
     if failures:
         _write_json({"failures": failures}, failures_file)
@@ -439,22 +800,15 @@ def _run_images(args: argparse.Namespace, count: int, items: Sequence, process: 
         _log(f"sam-mlx {args.command}: {len(failures)} of {count} images failed (listed in {failures_file}):")
         for failure in failures:
             _log(f"  {failure['image']}: {failure['error']}")
-    else:
+    elif not getattr(args, "out", None):  # encode --out FILE writes no run files beside FILE
         failures_file.unlink(missing_ok=True)  # an earlier run's
-    _emit(args, {"summary": {"images": count, "failed": len(failures), "files": [str(p) for p in run_files]}})
+    _emit(args, {"summary": {"images": count, "failed": len(failures), "files": [str(p) for p in run_files]}},
+          json_out)
     return 1 if failures else 0
 
 
 # ---------------------------------------------------------------- commands
-@dataclass
-class _SegmentJob:
-    path: Path
-    name: str  # COCO file_name
-    stem: str
-    prompts: list[Prompt]
-
-
-def _segment_jobs(args: argparse.Namespace) -> list[_SegmentJob]:
+def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
     """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
     if args.prompts:
         if args.images or args.point or args.bg_point or args.box or args.label:
@@ -470,73 +824,32 @@ def _segment_jobs(args: argparse.Namespace) -> list[_SegmentJob]:
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
         pairs = [(image, [prompt]) for image in _expand_images(args.images, args.recursive, Path(args.out_dir))]
-    stems = _output_stems([image.path for image, _ in pairs])
-    return [_SegmentJob(image.path, image.name, stem, prompts) for (image, prompts), stem in zip(pairs, stems)]
+    return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     jobs = _segment_jobs(args)
     if args.tokens and len(jobs) != 1:
         raise CliError("--tokens goes with exactly one image (the one it was encoded from)")
+    if args.tokens and args.ray is not None:
+        raise CliError("--tokens goes with one image, encoded already: run it without --ray")
     labels = [p.label for job in jobs for p in job.prompts if p.label]
-    exporter = _exporter(args, labels=list(dict.fromkeys(labels)))
-    saved = read_image_tokens(args.tokens) if args.tokens else None
-    _warn_if_slow_blas("segment")
-    # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
-    predictor = _predictor(args, _load_model(args), *((saved.sizing, saved.size) if saved else ()))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def process(i: int, job: _SegmentJob) -> dict:
-        laps = _Laps()
-        image = load_image(job.path)
-        height, width = image.shape[:2]
-        laps("load")
-        for prompt in job.prompts:
-            prompt.check(width, height, job.path.name)
-        if args.tokens:
-            if saved.geometry.original_size != (height, width):
-                h, w = saved.geometry.original_size
-                raise CliError(f"{args.tokens} was encoded from a {w}x{h} image, but {job.path} is {width}x{height}")
-            load_image_tokens(predictor, args.tokens, image, image_name=str(job.path))
-        else:
-            predictor.set_image(image)
-        laps("encode")
-        report, objects, overlay = _segment(predictor, image, job.prompts, args.multimask, job.stem, exporter)
-        laps("decode")
-        with _replacing_outputs(out_dir, job.stem):
-            files = exporter.add(job.path, image, objects, stem=job.stem, file_name=job.name)
-            _save_png(overlay, out_dir / report["overlay"])
-            report["exports"] = [p.relative_to(out_dir).as_posix() for p in files]
-            _write_json({"image": str(job.path), **report}, out_dir / f"{job.stem}.json")
-        laps("write")
-        seconds = laps.total()
-        _log(f"[{i}/{len(jobs)}] {job.path}: {len(objects)} masks in {seconds['total']:.1f} s "
-             f"-> {out_dir / report['overlay']}")
-        written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
-        return {"image": str(job.path), "files": [str(p) for p in written],
-                "scores": [m["score"] for m in report["masks"]], "seconds": seconds}
-
-    return _run_images(args, len(jobs), jobs, process, exporter)
+    return _run_images(args, _SegmentWork(args, list(dict.fromkeys(labels))), jobs)
 
 
 _REPORT_KEYS = {"png": "file", "cutout": "cutout"}  # a mask's files in segment's JSON report
 
 
-def _segment(
-    predictor: sam_mlx.SamPredictor,
-    image: np.ndarray,
-    prompts: Sequence[Prompt],
-    multimask: bool | None,
-    stem: str,
-    exporter: Exporter,
-) -> tuple[dict, list[ExportObject], Image.Image]:
-    """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay.
+def segment_prompts(
+    predictor: sam_mlx.SamPredictor, prompts: Sequence[Prompt], multimask: bool | None
+) -> tuple[list[dict], list[ExportObject]]:
+    """Decode the prompts on the predictor's image: a record per mask (prompt_index, mask_index, multimask,
+    score, area, bbox, segmentation as COCO RLE, label, prompt) and the masks to export, in the same order.
 
     Every box of a prompt is one prompt (with all its points), all B decoded as one batch; no box is
     one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask.
     """
-    records, objects, masks_drawn = [], [], []
+    records, objects = [], []
     group = 0  # SAM's candidates for one prompt (one box) form a group: --best keeps its top one
     for prompt in prompts:
         points, labels, boxes = prompt.points, prompt.labels, prompt.boxes
@@ -554,40 +867,47 @@ def _segment(
             box = boxes[b].tolist() if len(boxes) else None
             described = {"points": points.tolist(), "labels": labels.tolist(), "box": box}
             for c in range(masks.shape[1]):
-                files = exporter.object_files(stem, len(records))
-                records.append({**{_REPORT_KEYS[kind]: name for kind, name in files.items()}, "prompt_index": group,
-                                "mask_index": c, "multimask": several, "score": float(scores[b, c]),
-                                **_mask_record(masks[b, c]), "label": prompt.label, "prompt": described})
-                objects.append(ExportObject(masks[b, c], label=prompt.label, score=float(scores[b, c]),
+                mask = masks[b, c]
+                records.append({"prompt_index": group, "mask_index": c, "multimask": several,
+                                "score": float(scores[b, c]), **_mask_record(mask),
+                                "segmentation": coco_encode_rle(mask_to_rle(mask[None])[0]),
+                                "label": prompt.label, "prompt": described})
+                objects.append(ExportObject(mask, label=prompt.label, score=float(scores[b, c]),
                                             extra={"prompt": described}, group=group))
-                masks_drawn.append(masks[b, c])
             group += 1
+    return records, objects
+
+
+def _segment(
+    predictor: sam_mlx.SamPredictor,
+    image: np.ndarray,
+    prompts: Sequence[Prompt],
+    multimask: bool | None,
+    stem: str,
+    exporter: Exporter,
+) -> tuple[dict, list[ExportObject], Image.Image]:
+    """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay."""
+    records, objects = segment_prompts(predictor, prompts, multimask)
     chosen = set(exporter.selected(objects))
-    for i, record in enumerate(records):
-        if i not in chosen:  # --best: no files for the others
-            for kind in exporter.object_files(stem, i):
-                del record[_REPORT_KEYS[kind]]
+    records = [{**({_REPORT_KEYS[kind]: name for kind, name in exporter.object_files(stem, i).items()}
+                   if i in chosen else {}), **record}  # --best: no files for the others
+               for i, record in enumerate(records)]
     all_points = np.concatenate([p.points for p in prompts])
     all_labels = np.concatenate([p.labels for p in prompts])
     all_boxes = np.concatenate([p.boxes for p in prompts])
     height, width = image.shape[:2]
     report = {"width": width, "height": height, "model": model_identity(predictor.model), "sizing": predictor.sizing,
               "size": predictor.size, "overlay": f"{stem}_overlay.png", "masks": records}
-    return report, objects, draw_overlay(image, masks_drawn, all_points, all_labels, all_boxes)
+    overlay = draw_overlay(image, [obj.mask for obj in objects], all_points, all_labels, all_boxes)
+    return report, objects, overlay
 
 
-def cmd_encode(args: argparse.Namespace) -> None:
-    image = load_image(args.image)
-    _warn_if_slow_blas("encode")
-    predictor = _predictor(args, _load_model(args))
-    laps = _Laps()
-    predictor.set_image(image)
-    path = save_image_tokens(predictor, args.out, image_name=str(args.image))
-    laps("encode")
-    h, w = predictor.geometry.grid_size
-    seconds = laps.total()
-    _log(f"{args.image}: {h}x{w} image tokens in {seconds['total']:.1f} s -> {path}")
-    _emit(args, {"image": str(args.image), "files": [str(path)], "seconds": seconds})
+def cmd_encode(args: argparse.Namespace) -> int:
+    images = _expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
+    if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
+        raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
+                       f"(one STEM{TOKENS_SUFFIX} per image)")
+    return _run_images(args, _EncodeWork(args), _jobs(images))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -604,7 +924,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 class _ProgressBar:
-    """One self-overwriting status line on a terminal; only the final state elsewhere (logs stay clean)."""
+    """One self-overwriting status line on a terminal (the line of the outcome replaces it); nothing elsewhere."""
 
     def __init__(self, label: str, width: int = 30):
         self.label, self.width = label, width
@@ -616,58 +936,10 @@ class _ProgressBar:
             bar = "#" * filled + "." * (self.width - filled)
             print(f"\r{self.label} [{bar}] {done}/{total} points", end="", file=sys.stderr, flush=True)
 
-    def finish(self, message: str) -> None:
-        print(("\r\033[K" if self.live else "") + f"{self.label} {message}", file=sys.stderr, flush=True)
-
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    out_dir = Path(args.out_dir)
-    images = _expand_images(args.images, args.recursive, out_dir)
-    stems = _output_stems([image.path for image in images])
-    exporter = _exporter(args)
-    _warn_if_slow_blas("everything")
-    model = _load_model(args)
-    generator = sam_mlx.SamAutomaticMaskGenerator(
-        model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-        crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
-        output_mode="uncompressed_rle", sizing=args.sizing or "original", size=args.size,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def process(i: int, item: tuple[ImageInput, str]) -> dict:
-        image_input, stem = item
-        path = image_input.path
-        laps = _Laps()
-        image = load_image(path)
-        laps("load")
-        progress = _ProgressBar(f"[{i}/{len(images)}] {path}")
-        records = generator.generate(image, progress=progress)
-        laps("generate")
-        masks = [rle_to_mask(r["segmentation"]) for r in records]
-        objects = [ExportObject(mask, score=r["predicted_iou"], stability_score=r["stability_score"],
-                                extra={"point_coords": r["point_coords"], "crop_box": r["crop_box"]})
-                   for mask, r in zip(masks, records)]
-        overlay = f"{stem}_overlay.png"
-        annotations = [{**r, "segmentation": coco_encode_rle(r["segmentation"])} for r in records]
-        height, width = image.shape[:2]
-        with _replacing_outputs(out_dir, stem):
-            files = exporter.add(path, image, objects, stem=stem, file_name=image_input.name)
-            _save_png(draw_overlay(image, masks), out_dir / overlay)
-            _write_json(
-                {"image": str(path), "width": width, "height": height, "model": model_identity(model),
-                 "overlay": overlay, "exports": [p.relative_to(out_dir).as_posix() for p in files],
-                 "annotations": annotations},
-                out_dir / f"{stem}.json",
-            )
-        laps("write")
-        seconds = laps.total()
-        progress.finish(f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}")
-        written = [*files, out_dir / overlay, out_dir / f"{stem}.json"]
-        return {"image": str(path), "files": [str(p) for p in written],
-                "scores": [r["predicted_iou"] for r in records], "seconds": seconds}
-
-    return _run_images(args, len(images), list(zip(images, stems)), process, exporter)
+    images = _expand_images(args.images, args.recursive, Path(args.out_dir))
+    return _run_images(args, _EverythingWork(args), _jobs(images))
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -743,7 +1015,8 @@ def cmd_app(args: argparse.Namespace) -> None:
             raise
         raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
     library = Library(args.images or ["."], args.out_dir)
-    serve(library, _load_model(args), sizing=args.sizing or "original", size=args.size, port=args.port,
+    model = sam_mlx.load(_model_to_load(args))
+    serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
@@ -775,10 +1048,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"polygon simplification tolerance (default: {DEFAULT_SIMPLIFY}; 0 keeps every corner)")
     outputs.add_argument("--best", action="store_true",
                          help="export only the top-scoring mask of each prompt (of each image for everything)")
-    outputs.add_argument("--recursive", action="store_true", help="take the images in subfolders of folders too")
-    outputs.add_argument("--fail-fast", action="store_true",
-                         help="stop at the first image that fails (default: go on, list failures at the end "
-                         f"and in {FAILURES_FILE}, exit code 1)")
+    runs = _Parser(add_help=False)
+    runs.add_argument("--recursive", action="store_true", help="take the images in subfolders of folders too")
+    runs.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first image that fails (default: go on, list failures at the end "
+                      f"and in {FAILURES_FILE}, exit code 1)")
+    runs.add_argument("--resume", action="store_true",
+                      help="skip the images whose outputs a run with the same model and settings completed: "
+                      "segment and everything, its JSON report and every file it lists (the image is taken to be "
+                      "unchanged); encode, its tokens file, made from the same pixels")
+    ray = runs.add_argument_group("Ray", "run the images on Ray Data workers: pip install 'sam-mlx[ray]'. The "
+                                  "outputs are those of a run without --ray. Workers find the images, the model and "
+                                  "--out-dir at the command's paths (on a cluster: a shared file system)")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="alone: start a local Ray instance for the run; ADDRESS (host:port, ray://host:port or "
+                     "auto): join that Ray cluster")
+    ray.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="Ray workers, each loading the model once (default: as many as the cluster has room for, "
+                     "at most one per image batch)")
+    ray.add_argument("--batch-size", type=_positive_int, metavar="N",
+                     help="images per task given to a worker; a retried task redoes its batch (default: 1)")
+    ray.add_argument("--worker-cpus", type=_amount, metavar="C", help="CPUs each worker reserves (default: 1)")
+    ray.add_argument("--worker-gpus", type=_amount, metavar="G",
+                     help="GPUs each worker reserves (Linux with mlx[cuda]; default: 0)")
+    ray.add_argument("--worker-resource", type=_resource, action="append", metavar="NAME=AMOUNT",
+                     help="a custom Ray resource each worker reserves, e.g. mlx=1 for one worker per Mac whose "
+                     "node was started with --resources='{\"mlx\": 1}' (repeatable)")
+    ray.add_argument("--worker-threads", type=_positive_int, metavar="N",
+                     help="MLX row bands and OpenBLAS threads of each worker on a CPU (default: its CPUs, at least 1)")
 
     parser = _Parser(prog="sam-mlx", description="Segment Anything (SAM v1) in MLX.")
     parser.add_argument("--version", action="version", version=f"sam-mlx {sam_mlx.__version__}")
@@ -786,7 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    seg = commands.add_parser("segment", parents=[common, model, outputs], help="masks for point and box prompts",
+    seg = commands.add_parser("segment", parents=[common, model, outputs, runs], help="masks for point and box prompts",
                               description="Segment images with point and box prompts (pixel coordinates; "
                               "write negative numbers as --box=-5,0,90,80), or with a prompts file giving each "
                               "image its own prompts. Writes per image an overlay PNG, a JSON of scores, areas, "
@@ -811,11 +1108,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--tokens", metavar="FILE", help="image tokens from `sam-mlx encode` to skip the encoder")
     seg.set_defaults(func=cmd_segment)
 
-    enc = commands.add_parser("encode", parents=[common, model], help="save an image's tokens for later prompting",
-                              description="Run the image encoder once and save the image tokens (safetensors) "
-                              "for `sam-mlx segment --tokens` or sam_mlx.load_image_tokens.")
-    enc.add_argument("image", metavar="IMAGE")
-    enc.add_argument("--out", required=True, metavar="FILE", help="tokens file to write (.safetensors)")
+    enc = commands.add_parser("encode", parents=[common, model, runs], help="save images' tokens for later prompting",
+                              description="Run the image encoder once per image and save the image tokens "
+                              "(safetensors) for `sam-mlx segment --tokens` or "
+                              "sam_mlx.load_image_tokens.")
+    enc.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
+    where = enc.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="FILE", help="tokens file of a single image (.safetensors)")
+    where.add_argument("--out-dir", default=".", metavar="DIR",
+                       help=f"output folder: one STEM{TOKENS_SUFFIX} per image (default: current folder)")
     enc.set_defaults(func=cmd_encode)
 
     conv = commands.add_parser("convert", parents=[common], help="convert a checkpoint to sam_mlx safetensors",
@@ -826,7 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     conv.set_defaults(func=cmd_convert)
 
-    every = commands.add_parser("everything", parents=[common, model, outputs], help="masks for everything in images",
+    every = commands.add_parser("everything", parents=[common, model, outputs, runs],
+                                help="masks for everything in images",
                                 description="Segment everything with SAM's automatic mask generator (a grid of "
                                 "point prompts, filtered and de-duplicated). Writes per image an overlay PNG of all "
                                 "masks, a JSON of annotations as Meta's generator makes them (COCO RLE "

@@ -256,7 +256,9 @@ ERRORS = [
     ("bad convert dtype", ["convert", MODEL, "--out", "x.safetensors", "--dtype", "int8"], 2, "invalid choice"),
     ("bad size", ["encode", DOG, "--out", "x.safetensors", "--size", "1000", "--model", MODEL], 1,
      "multiple of 16"),
-    ("missing --out", ["encode", DOG], 2, "the following arguments are required: --out"),
+    ("--out with a folder", ["encode", str(IMAGES), "--out", "x.safetensors", "--model", MODEL], 1,
+     "--out FILE takes one image"),
+    ("--out and --out-dir", ["encode", DOG, "--out", "x.safetensors", "--out-dir", "x"], 2, "not allowed with"),
     ("no command", [], 2, "the following arguments are required: COMMAND"),
 ]
 

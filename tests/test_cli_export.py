@@ -215,7 +215,7 @@ def test_slow_blas_warning(env, tmp_path):  # noqa: F811
 
 def test_missing_opencv_fails_before_the_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cv2", None)
-    monkeypatch.setattr(cli, "_load_model", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(sam_mlx, "load", lambda *args, **kwargs: pytest.fail("loaded the model"))
     code = cli.main(["segment", str(IMAGES / "dog.jpg"), "--point", "1,1", "--export", "png,yolo",
                      "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -281,36 +281,38 @@ def test_recursive_folders_skip_the_output_folder(tmp_path):
     assert [i.name for i in cli._expand_images([str(tmp_path / "sub")], recursive=True)] == ["b.png", "deeper/c.JPG"]
 
 
-class _Item:
-    def __init__(self, name: str):
-        self.path = Path(name)
+class _Work(cli.ImageWork):
+    """Images named bad.jpg fail; the others are done."""
 
+    command = "everything"
 
-class _Exporter:
-    def close(self):
-        return []
+    def __init__(self, args):
+        super().__init__(args)
+        self.done = []
+
+    def setup(self):
+        pass
+
+    def process(self, job, progress):
+        if job.path.name == "bad.jpg":
+            raise ValueError("bad.jpg: not a readable image (truncated)")
+        self.done.append(job.path.name)
+        return cli.ImageDone({"image": job.path.name}, "done")
 
 
 @pytest.mark.parametrize("fail_fast", [False, True])
 def test_run_loop_goes_on_after_a_failure(tmp_path, capsys, fail_fast):
-    args = cli.build_parser().parse_args(["everything", "x", "--out-dir", str(tmp_path), "--json"]
+    args = cli.build_parser().parse_args(["everything", "x", "--out-dir", str(tmp_path), "--json", "--model", "m"]
                                          + ["--fail-fast"] * fail_fast)
-    done = []
-
-    def process(i, item):
-        if item.path.name == "bad.jpg":
-            raise ValueError("bad.jpg: not a readable image (truncated)")
-        done.append(item.path.name)
-        return {"image": item.path.name}
-
-    items = [_Item(n) for n in ("a.jpg", "bad.jpg", "c.jpg")]
+    work = _Work(args)
+    jobs = [cli.ImageJob(Path(n), n, Path(n).stem) for n in ("a.jpg", "bad.jpg", "c.jpg")]
     if fail_fast:
         with pytest.raises(ValueError, match="truncated"):
-            cli._run_images(args, 3, items, process, _Exporter())
-        assert done == ["a.jpg"] and not (tmp_path / "failures.json").exists()
+            cli._run_images(args, work, jobs)
+        assert work.done == ["a.jpg"] and not (tmp_path / "failures.json").exists()
         return
-    assert cli._run_images(args, 3, items, process, _Exporter()) == 1
-    assert done == ["a.jpg", "c.jpg"]
+    assert cli._run_images(args, work, jobs) == 1
+    assert work.done == ["a.jpg", "c.jpg"]
     assert json.loads((tmp_path / "failures.json").read_text()) == {
         "failures": [{"image": "bad.jpg", "error": "bad.jpg: not a readable image (truncated)"}]}
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -8,7 +8,9 @@ The export API of the ``sam-mlx`` command and the local app::
 
 ``add`` writes an image's files and returns their paths; ``close`` writes the files that
 cover the whole run (COCO, the YOLO classes) and returns theirs. Every file is written
-atomically (``checkpoint.atomic_write``). Beyond the contract's names: ``ExportObject.group``,
+atomically (``checkpoint.atomic_write``). A run spread over processes (Ray workers) calls ``write`` in
+the workers, which returns the image's share of the run-level files as an ``ImageEntry``, and
+``add_entry`` with those in the process that calls ``close``. Beyond the contract's names: ``ExportObject.group``,
 ``Exporter(labels=...)`` (categories known up front), ``add(file_name=...)`` (COCO's file name),
 ``Exporter.selected`` (what ``best_only`` keeps), ``Exporter.object_files`` (a mask's PNG names),
 ``parse_formats``, ``require_opencv`` and the polygon functions ``mask_polygons``, ``hole_free_pieces``,
@@ -95,6 +97,18 @@ class ExportObject:
     stability_score: float | None = None
     extra: dict | None = None  # e.g. the prompt, carried into COCO annotations and LabelMe shapes
     group: int | None = None  # objects of one prompt share a group (best_only keeps each group's best)
+
+
+@dataclass
+class ImageEntry:
+    """An image's share of the run-level files (picklable): COCO's image and its annotations without ids, per
+    COCO format, and the labels of the objects the files show, in order (they number categories and classes)."""
+
+    file_name: str
+    width: int
+    height: int
+    labels: list[str | None]
+    annotations: dict[str, list[dict]]
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -311,6 +325,14 @@ class Exporter:
         ``stem`` names the files (default: the image's stem); ``file_name`` is the image's COCO
         ``file_name`` (default: its file name; the command gives the path below the input folder).
         """
+        written, entry = self.write(image_path, image, objects, stem, file_name)
+        self.add_entry(entry)
+        return written
+
+    def write(self, image_path: str | Path, image: np.ndarray, objects: Sequence[ExportObject],
+              stem: str | None = None, file_name: str | None = None) -> tuple[list[Path], ImageEntry]:
+        """``add``'s files, without keeping the image's share of the run-level files: that is returned, for
+        ``add_entry`` here or in the process that writes them (``close``)."""
         image_path = Path(image_path)
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -332,18 +354,50 @@ class Exporter:
                 rgba = np.dstack([image * objects[i].mask[..., None].astype(np.uint8), alpha])
                 written.append(self._png(Image.fromarray(rgba, "RGBA"), files["cutout"], compress_level=1))
         kept = [(i, objects[i]) for i in chosen if np.any(objects[i].mask)]
-        outlines = {i: mask_polygons(obj.mask, self.simplify, outline=True) for i, obj in kept} \
-            if "coco" in self.formats else {}
         centres = {i: mask_polygons(obj.mask, self.simplify, outline=False) for i, obj in kept} \
             if {"yolo", "labelme"} & set(self.formats) else {}
-        if self._coco_annotations:
-            self._add_coco(file_name or image_path.name, width, height, kept, outlines)
         if "yolo" in self.formats:
             lines = [self._yolo_line(obj, centres[i], width, height) for i, obj in kept]
             written.append(self._text("".join(lines), Path("yolo") / f"{stem}.txt"))
         if "labelme" in self.formats:
             written.append(self._labelme(image_path, stem, width, height, kept, centres))
-        return written
+        return written, self.entry(file_name or image_path.name, width, height, objects)
+
+    def entry(self, file_name: str, width: int, height: int, objects: Sequence[ExportObject]) -> ImageEntry:
+        """The image's share of the run-level files (``write`` returns it; a resumed run makes it again for
+        an image whose files a run before wrote)."""
+        kept = [(i, objects[i]) for i in self.selected(objects) if np.any(objects[i].mask)]
+        annotations: dict[str, list[dict]] = {name: [] for name in self._coco_annotations}
+        for name, entries in annotations.items():
+            for _, obj in kept:
+                mask = np.asarray(obj.mask, dtype=bool)
+                x1, y1, x2, y2 = (int(v) for v in batched_mask_to_box(mask))
+                if name == "coco":
+                    segmentation = [polygon.reshape(-1).tolist()
+                                    for polygon in mask_polygons(mask, self.simplify, outline=True)]
+                else:
+                    segmentation = coco_encode_rle(mask_to_rle(mask[None])[0])
+                annotation = {
+                    "segmentation": segmentation, "area": int(mask.sum()), "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1],
+                    "iscrowd": 0, "score": obj.score, "predicted_iou": obj.score,
+                    "stability_score": obj.stability_score,
+                }
+                entries.append({**annotation, **_extra(obj, _COCO_KEYS)})
+        return ImageEntry(file_name, width, height, [obj.label for _, obj in kept], annotations)
+
+    def add_entry(self, entry: ImageEntry) -> None:
+        """Keep an image's share of the run-level files; images are numbered in the order of these calls."""
+        for label in entry.labels:
+            self._category(label)
+        if not self._coco_annotations:
+            return
+        image_id = len(self._coco_images) + 1
+        self._coco_images.append({"id": image_id, "file_name": entry.file_name, "width": entry.width,
+                                  "height": entry.height})
+        for name, entries in self._coco_annotations.items():
+            for label, annotation in zip(entry.labels, entry.annotations[name]):
+                entries.append({"id": len(entries) + 1, "image_id": image_id,
+                                "category_id": self._category(label) + 1, **annotation})
 
     def close(self) -> list[Path]:
         """Write the run-level files: the COCO file(s) and, with labels, YOLO's classes.txt; return their paths."""
@@ -393,26 +447,6 @@ class Exporter:
     def _text(self, text: str, relative: Path) -> Path:
         path = self.out_dir / relative
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), suffix=path.suffix)
-
-    def _add_coco(self, file_name: str, width: int, height: int, kept: list[tuple[int, ExportObject]],
-                  outlines: dict[int, list[np.ndarray]]) -> None:
-        image_id = len(self._coco_images) + 1
-        self._coco_images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for name, entries in self._coco_annotations.items():
-            for i, obj in kept:
-                mask = np.asarray(obj.mask, dtype=bool)
-                x1, y1, x2, y2 = (int(v) for v in batched_mask_to_box(mask))
-                if name == "coco":
-                    segmentation = [polygon.reshape(-1).tolist() for polygon in outlines[i]]
-                else:
-                    segmentation = coco_encode_rle(mask_to_rle(mask[None])[0])
-                annotation = {
-                    "id": len(entries) + 1, "image_id": image_id, "category_id": self._category(obj.label) + 1,
-                    "segmentation": segmentation, "area": int(mask.sum()), "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1],
-                    "iscrowd": 0, "score": obj.score, "predicted_iou": obj.score,
-                    "stability_score": obj.stability_score,
-                }
-                entries.append({**annotation, **_extra(obj, _COCO_KEYS)})
 
     def _yolo_line(self, obj: ExportObject, polygons: list[np.ndarray], width: int, height: int) -> str:
         polygon = bridged(polygons).astype(np.float64)

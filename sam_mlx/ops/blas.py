@@ -69,6 +69,12 @@ def blas_description() -> str:
     return "bundled reference BLAS (slow; install libopenblas0-pthread)"
 
 
+def set_threads(count: int) -> None:
+    """Let the loaded OpenBLAS use ``count`` threads, process-wide (without a loaded OpenBLAS, nothing changes)."""
+    if _library is not None:
+        _library.openblas_set_num_threads(count)
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run the loaded OpenBLAS on one thread inside the block (process-wide), then restore its thread count.
