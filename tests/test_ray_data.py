@@ -36,6 +36,22 @@ PHOTOS = ("dog.jpg", "groceries.jpg", "truck.jpg")
 SMALL = ["--sizing", "stretch", "--size", "512"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _worker_threads_restored():
+    """The map_batches classes, and the command with Ray in this process, set the process's row bands and OpenBLAS
+    threads as a Ray worker's (``ray_data.use_threads``): both are restored after this module, or the tests after
+    it would run with one band."""
+    bands = os.environ.get("SAM_MLX_BANDS")
+    threads = blas._library.openblas_get_num_threads() if blas._library else None
+    yield
+    if bands is None:
+        os.environ.pop("SAM_MLX_BANDS", None)
+    else:
+        os.environ["SAM_MLX_BANDS"] = bands
+    if threads is not None:
+        blas.set_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
