@@ -22,31 +22,13 @@ from pathlib import Path
 
 import sam_mlx  # before mlx: loads OpenBLAS first
 
+# isort: split
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ._blas import reference_blas_in_use  # noqa: E402
-from .checkpoint import (  # noqa: E402
-    atomic_write,
-    load_checkpoint,
-    locked_folder,
-    one_set_of_files,
-    read_state_dict,
-    remove_abandoned_temporaries,
-    save_model,
-)
-from .export import COCO_FILES, DEFAULT_SIMPLIFY, FORMATS, Exporter, ExportObject, ImageEntry, parse_formats  # noqa: E402
-from .hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
-from .image_io import load_image, pixel_fingerprint  # noqa: E402
-from .image_tokens import (  # noqa: E402
-    load_image_tokens,
-    model_fingerprint,
-    model_identity,
-    read_image_tokens,
-    save_image_tokens,
-)
-from .mask_utils import (  # noqa: E402
+from .amg.mask_utils import (  # noqa: E402
     batched_mask_to_box,
     box_xyxy_to_xywh,
     coco_decode_rle,
@@ -54,7 +36,28 @@ from .mask_utils import (  # noqa: E402
     mask_to_rle,
     rle_to_mask,
 )
-from .overlay import draw_overlay  # noqa: E402
+from .checkpoints.hub import HubError, default_cache_dir, resolve_checkpoint  # noqa: E402
+from .checkpoints.load import load_checkpoint, read_state_dict, save_model  # noqa: E402
+from .io.atomic import atomic_write, locked_folder, one_set_of_files, remove_abandoned_temporaries  # noqa: E402
+from .io.export import (  # noqa: E402
+    COCO_FILES,
+    DEFAULT_SIMPLIFY,
+    FORMATS,
+    Exporter,
+    ExportObject,
+    ImageEntry,
+    parse_formats,
+)
+from .io.images import load_image, pixel_fingerprint  # noqa: E402
+from .io.overlay import draw_overlay  # noqa: E402
+from .io.tokens import (  # noqa: E402
+    load_image_tokens,
+    model_fingerprint,
+    model_identity,
+    read_image_tokens,
+    save_image_tokens,
+)
+from .ops.blas import reference_blas_in_use  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
@@ -662,11 +665,9 @@ class _EverythingWork(_MaskWork):
         super().__init__(args, _exporter(args))
 
     def setup(self) -> None:
-        from .automatic_mask_generator import SamAutomaticMaskGenerator
-
         args = self.args
         self.model = sam_mlx.load(self.model_name)
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = sam_mlx.SamAutomaticMaskGenerator(
             self.model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
             pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
             crop_n_layers=args.crop_n_layers, min_mask_region_area=args.min_mask_region_area,
@@ -729,7 +730,9 @@ def _remove_temporaries(out_dir: Path) -> None:
             remove_abandoned_temporaries(out_dir / folder, names)
 
 
-def _run_here(work: ImageWork, jobs: Sequence[ImageJob], survive: bool) -> Iterator[tuple[ImageJob, ImageDone | ImageFailed]]:
+def _run_here(
+    work: ImageWork, jobs: Sequence[ImageJob], survive: bool
+) -> Iterator[tuple[ImageJob, ImageDone | ImageFailed]]:
     """Each image's outcome, processed in this process one after the other (``work`` set up)."""
     for i, job in enumerate(jobs, 1):
         try:
@@ -967,13 +970,14 @@ def _counts(names) -> dict[str, int]:
 def cmd_info(args: argparse.Namespace) -> None:
     from mlx.utils import tree_flatten
 
-    from ._blas import blas_description
-    from .token_bands import band_count
+    from .ops.bands import band_count
+    from .ops.blas import blas_description
 
     info: dict = {"sam_mlx": sam_mlx.__version__, "mlx": mx.__version__, "device": str(mx.default_device()),
                   "blas": blas_description(), "row_bands": band_count(), "model_cache": str(default_cache_dir())}
     lines = [f"sam_mlx {info['sam_mlx']}", f"mlx {info['mlx']} (default device: {info['device']})",
-             f"BLAS: {info['blas']}", f"mask decoder: image tokens in {info['row_bands']} row band(s), one MLX stream each",
+             f"BLAS: {info['blas']}",
+             f"mask decoder: image tokens in {info['row_bands']} row band(s), one MLX stream each",
              f"model cache: {info['model_cache']}"]
     name = _model_name(args)
     if name:
@@ -983,12 +987,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         stored_in = local if local.is_file() else path
         stored = _stored_dtypes(stored_in)
         params = tree_flatten(model.parameters())
-        encoder = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for k, v in params if k.startswith("image_encoder."))
-        rest = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for k, v in params if not k.startswith("image_encoder."))
+        dtypes = [(k.startswith("image_encoder."), str(v.dtype).removeprefix("mlx.core.")) for k, v in params]
+        encoder = dict.fromkeys(dtype for in_encoder, dtype in dtypes if in_encoder)
+        rest = dict.fromkeys(dtype for in_encoder, dtype in dtypes if not in_encoder)
         info["model"] = {"name": name, "identity": model_identity(model),
                          "parameters": sum(v.size for _, v in params), "stored_dtypes": stored,
-                         "stored_in": str(stored_in), "compute_dtypes": {"image_encoder": "+".join(encoder),
-                                                                         "prompt_encoder_and_mask_decoder": "+".join(rest)},
+                         "stored_in": str(stored_in),
+                         "compute_dtypes": {"image_encoder": "+".join(encoder),
+                                            "prompt_encoder_and_mask_decoder": "+".join(rest)},
                          "config": model.config.to_dict()}
         lines += [f"model: {name}: {info['model']['identity']}, {info['model']['parameters'] / 1e6:.1f} M parameters",
                   f"stored dtype: {', '.join(f'{k} ({n} tensors)' for k, n in stored.items())} in {stored_in}",
@@ -1105,7 +1111,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = commands.add_parser("encode", parents=[common, model, runs], help="save images' tokens for later prompting",
                               description="Run the image encoder once per image and save the image tokens "
                               "(safetensors) for `sam-mlx segment --tokens` or "
-                              "sam_mlx.image_tokens.load_image_tokens.")
+                              "sam_mlx.load_image_tokens.")
     enc.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
     where = enc.add_mutually_exclusive_group()
     where.add_argument("--out", metavar="FILE", help="tokens file of a single image (.safetensors)")
@@ -1121,7 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     conv.set_defaults(func=cmd_convert)
 
-    every = commands.add_parser("everything", parents=[common, model, outputs, runs], help="masks for everything in images",
+    every = commands.add_parser("everything", parents=[common, model, outputs, runs],
+                                help="masks for everything in images",
                                 description="Segment everything with SAM's automatic mask generator (a grid of "
                                 "point prompts, filtered and de-duplicated). Writes per image an overlay PNG of all "
                                 "masks, a JSON of annotations as Meta's generator makes them (COCO RLE "

@@ -38,8 +38,55 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.global_attention_blocks {self.global_attention_blocks} must be blocks "
                              f"0..{self.depth - 1}")
 
+    @property
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        """The blocks of each stage: windowed-attention blocks closed by a global-attention one (4 stages in SAM);
+        blocks after the last global one form a last stage."""
+        stages, current = [], []
+        for i in range(self.depth):
+            current.append(i)
+            if i in self.global_attention_blocks:
+                stages.append(tuple(current))
+                current = []
+        return tuple(stages + [tuple(current)] if current else stages)
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ViTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """MobileSAM's TinyViT image encoder, one entry per stage. Defaults are TinyViT-5M.
+
+    Stage 0 is convolutional (MBConv), so ``num_heads[0]`` and ``window_sizes[0]`` are
+    unused placeholders that keep the tuples aligned with the stages.
+    """
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    mbconv_expand_ratio: float = 4.0  # hidden width of the stage-0 MBConv blocks
+    local_conv_size: int = 3  # kernel of the depthwise conv between attention and MLP
+
+    kind = "tiny_vit"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        per_stage = (self.embed_dims, self.depths, self.num_heads, self.window_sizes)
+        # The strides (4, 2, 2, 1) give MobileSAM's stride-16 output only with four stages.
+        if any(len(t) != 4 for t in per_stage):
+            raise ValueError(f"TinyViTConfig needs 4 stages, got {[len(t) for t in per_stage]}")
+        for i in range(1, 4):
+            if self.embed_dims[i] % self.num_heads[i]:
+                raise ValueError(f"TinyViTConfig.num_heads[{i}] ({self.num_heads[i]}) must divide embed_dims[{i}] "
+                                 f"({self.embed_dims[i]})")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TinyViTConfig:
         return _from_dict(cls, data)
 
 
@@ -63,15 +110,18 @@ class PromptDecoderConfig:
                              f"embed_dim ({self.embed_dim})")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PromptDecoderConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PromptDecoderConfig:
         return _from_dict(cls, data)
+
+
+ENCODER_CONFIGS: dict[str, type[ViTConfig] | type[TinyViTConfig]] = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    """Everything needed to build a SAM model; ``encoder`` is a ViTConfig or a TinyViTConfig."""
+    """Everything needed to build a SAM model."""
 
-    encoder: Any = field(default_factory=ViTConfig)
+    encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
     decoder: PromptDecoderConfig = field(default_factory=PromptDecoderConfig)
     image_size: int = 1024  # the square input the encoder was trained on
 
@@ -89,17 +139,14 @@ class SamConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SamConfig":
-        from .tiny_vit import TinyViTConfig
-
-        kinds = {"vit": ViTConfig, "tiny_vit": TinyViTConfig}
+    def from_dict(cls, data: dict[str, Any]) -> SamConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a model config is a JSON object, got {type(data).__name__}")
         kind = data.get("encoder_kind")
-        if kind not in kinds:
-            raise ValueError(f"unknown image encoder kind {kind!r}; expected one of {sorted(kinds)}")
+        if kind not in ENCODER_CONFIGS:
+            raise ValueError(f"unknown image encoder kind {kind!r}; expected one of {sorted(ENCODER_CONFIGS)}")
         return cls(
-            encoder=kinds[kind].from_dict(data.get("encoder")),
+            encoder=ENCODER_CONFIGS[kind].from_dict(data.get("encoder")),
             decoder=PromptDecoderConfig.from_dict(data.get("decoder")),
             image_size=data.get("image_size", 1024),
         )
@@ -108,7 +155,7 @@ class SamConfig:
     def name(self) -> str:
         """A short human name: vit_b / vit_l / vit_h / vit_custom / tiny_vit."""
         enc = self.encoder
-        if enc.kind != "vit":
+        if not isinstance(enc, ViTConfig):
             return enc.kind
         known = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
         return known.get((enc.embed_dim, enc.depth), "vit_custom")

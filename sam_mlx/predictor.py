@@ -1,32 +1,29 @@
 """SamPredictor: the original predictor API (``set_image`` once, ``predict`` per prompt) on MLX.
 
-The image encoder runs once in ``set_image`` and its tokens are kept; each
-``predict`` then only runs the prompt encoder, the small mask decoder and the
-upscaling of the chosen masks to the image's size.
+The image encoder runs once in ``set_image`` and its tokens are kept; each ``predict`` then only
+runs the prompt encoder, the small mask decoder and the upscaling of the chosen masks to the
+image's size. The predictor checks its inputs and maps them between the image and the encoder
+input; SAM itself runs through the fast path (``sam_mlx.fast.FastSam``).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
-from ._blas import single_threaded
-from .image_io import as_rgb_array, pixel_fingerprint
-from .layers import keep_prompt_buffers, on_cpu
-from .prompt_encoder import PADDING_LABEL, prompt_batch_size
-from .resize import upscale_mask_logits, upscaled_masks_above
+from .fast import EncodedImage, FastSam
+from .io.images import as_rgb_array, pixel_fingerprint
+from .modeling.prompt_encoder import PADDING_LABEL, prompt_batch_size
+from .modeling.sam import Sam
+from .ops import backend
 from .resources import check_encoding_fits
-from .token_bands import parallel_bands
-from .sam import Sam
-from .transforms import ImageGeometry, image_geometry, preprocess
-from .two_way_transformer import ImageSide
+from .transforms import MASK_THRESHOLD, ImageGeometry, checked_size, image_geometry
 
-MASK_THRESHOLD = 0.0
 # SAM's low-res logits lie within about +-100; far larger hints would overflow float32 in the hint encoder
 _MASK_INPUT_LIMIT = 1e6
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -58,12 +55,12 @@ class SamPredictor:
         self.lock = threading.RLock()
         self.model = model
         self.sizing = sizing
-        self.size = _size(model.config.image_size if size is None else size)
-        widest = image_geometry((1, 1), sizing, self.size)  # validates the sizing early
+        self.size = checked_size(sizing, model.config.image_size if size is None else size)
+        widest = image_geometry((1, 1), sizing, self.size)
         if sizing == "stretch" and isinstance(self.size, int):  # the largest grid an image can get: a square
             widest = image_geometry((self.size, self.size), sizing, self.size)
-        check_encoding_fits(model.config, widest.padded_size, on_cpu())
-        keep_prompt_buffers()
+        check_encoding_fits(model.config, widest.padded_size, backend.on_cpu())
+        self._sam = FastSam(model)
         self.reset_image()
 
     # ---------------------------------------------------------------- image
@@ -76,54 +73,61 @@ class SamPredictor:
         if image_format == "BGR":
             array = np.ascontiguousarray(array[..., ::-1])
         geometry = image_geometry(array.shape[:2], self.sizing, self.size)
-        with parallel_bands():
-            tokens = self.model.encode_image(preprocess(array, geometry))
-            mx.eval(tokens)
-        self.set_image_tokens(tokens, geometry, pixel_fingerprint(array))
+        self.reset_image()  # the last image's tokens are not kept while the next one is encoded
+        self._image = self._sam.encode_image(array, geometry)
+        self.image_fingerprint = pixel_fingerprint(array)
 
     @_one_call_at_a_time
     def set_image_tokens(self, tokens: mx.array, geometry: ImageGeometry, image_fingerprint: str | None = None) -> None:
         """Use already computed image tokens (1 x h x w x C) for an image of ``geometry`` (whose pixels have
-        ``image_io.pixel_fingerprint`` ``image_fingerprint``, if known)."""
+        ``io.images.pixel_fingerprint`` ``image_fingerprint``, if known)."""
         expected = (1, *geometry.grid_size)
         if tuple(tokens.shape[:3]) != expected:
             raise ValueError(f"image tokens of shape {tuple(tokens.shape)} do not fit a {expected[1:]} token grid")
-        self.features = tokens
-        self.geometry = geometry
+        self._image = self._sam.prepare(tokens, geometry)
         self.image_fingerprint = image_fingerprint
-        self.image_pe = self.model.prompt_encoder.coordinate_encoder.grid(*geometry.grid_size)
-        with parallel_bands():
-            self.image_side = self.model.project_image(tokens, self.image_pe)
-            mx.eval(self.image_pe, self.image_side)
-        self.is_image_set = True
 
     @_one_call_at_a_time
     def reset_image(self) -> None:
-        self.features: mx.array | None = None
-        self.geometry: ImageGeometry | None = None
-        self.image_pe: mx.array | None = None
-        self.image_side: ImageSide | None = None
+        self._image: EncodedImage | None = None
         self.image_fingerprint: str | None = None
-        self.is_image_set = False
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._image is not None
+
+    @property
+    def encoded_image(self) -> EncodedImage:
+        """The image as the fast path keeps it, to decode it with ``sam_mlx.fast.FastSam`` directly (hold ``lock``
+        meanwhile)."""
+        return self._require_image()
+
+    @property
+    def features(self) -> mx.array:
+        """The image tokens, 1 x h x w x C (channels-last)."""
+        return self._require_image().tokens
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return self._require_image().geometry
 
     @property
     def original_size(self) -> tuple[int, int]:
-        return self._require_image().original_size
+        return self.geometry.original_size
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self._require_image().input_size
+        return self.geometry.input_size
 
     @_one_call_at_a_time
     def get_image_embedding(self) -> np.ndarray:
         """The image tokens as the original returns them: 1 x C x h x w float32."""
-        self._require_image()
         return np.array(self.features.astype(mx.float32)).transpose(0, 3, 1, 2)
 
-    def _require_image(self) -> ImageGeometry:
-        if not self.is_image_set:
+    def _require_image(self) -> EncodedImage:
+        if self._image is None:
             raise RuntimeError("no image set: call set_image(...) before predict or get_image_embedding")
-        return self.geometry
+        return self._image
 
     # ---------------------------------------------------------------- prompts
     def predict(
@@ -182,15 +186,15 @@ class SamPredictor:
         all in the original image's pixels; whichever are given must agree on B. Prompts with
         fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``: as ``predict``.
         """
-        prompts = self.prepare_prompts(point_coords, point_labels, boxes, mask_input)
+        image = self._require_image()
+        prompts = self._prepare_prompts(point_coords, point_labels, boxes, mask_input)
         if prompt_batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits, return_low_res)
-        low_res, iou = self.decode_numpy(*prompts, multimask_output, full_grid=return_low_res)
+        low_res, iou = self._sam.decode(image, *prompts, multimask_output, read_grid_only=not return_low_res)
         if return_logits:
-            with single_threaded():
-                masks = np.array(self.upscale(mx.array(low_res)))
+            masks = self._sam.upscale(image, low_res)
         else:
-            masks = self.masks_above(low_res, (MASK_THRESHOLD,))[0]
+            masks = self._sam.masks_above(image, low_res, (MASK_THRESHOLD,))[0]
         return masks, iou, low_res if return_low_res else None
 
     def _no_masks(
@@ -203,8 +207,7 @@ class SamPredictor:
         low_res = np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32) if return_low_res else None
         return masks, np.zeros((0, count), np.float32), low_res
 
-    @_one_call_at_a_time
-    def prepare_prompts(
+    def _prepare_prompts(
         self,
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
@@ -212,7 +215,7 @@ class SamPredictor:
         mask_input: np.ndarray | None,
     ) -> tuple[tuple[mx.array, mx.array] | None, mx.array | None, mx.array | None]:
         """Check batched prompts against the image and move them to encoder-input coordinates."""
-        geometry = self._require_image()
+        geometry = self.geometry
         h, w = geometry.original_size
         batch_sizes = {}
         points = None
@@ -250,69 +253,16 @@ class SamPredictor:
         expected = (1, 4 * grid_h, 4 * grid_w)
         mask_input = np.asarray(mask_input)
         if mask_input.ndim != 4 or mask_input.shape[1:] != expected:
-            raise ValueError(f"mask_input must be B x {' x '.join(map(str, expected))} low-res logits, got {mask_input.shape}")
+            raise ValueError(
+                f"mask_input must be B x {' x '.join(map(str, expected))} low-res logits, got {mask_input.shape}"
+            )
         if not np.isfinite(mask_input).all():
             raise ValueError("mask_input contains NaN or infinite values")
         largest = float(np.abs(mask_input).max(initial=0))
         if largest > _MASK_INPUT_LIMIT:  # e.g. a float64 1e300: inf in float32, NaN masks after
-            raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), got {largest:g}")
+            raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), "
+                             f"got {largest:g}")
         return mx.array(mask_input[:, 0].astype(np.float32))
-
-    def decode(
-        self,
-        points: tuple[mx.array, mx.array] | None,
-        boxes: mx.array | None,
-        masks: mx.array | None,
-        multimask_output: bool,
-        full_grid: bool = True,
-    ) -> tuple[mx.array, mx.array]:
-        """Prompts in encoder-input coordinates -> (low-res logits B x C x h x w, iou B x C), lazily.
-
-        Without ``full_grid``, the low-res logits of ``geometry.read_grid``'s tokens only: all that
-        ``upscale`` and ``masks_above`` read.
-        """
-        g = self._require_image()
-        return self.model.decode(self.features, g.padded_size, points, boxes, masks, multimask_output, self.image_pe,
-                                 self.image_side, None if full_grid else g.read_grid)
-
-    @_one_call_at_a_time
-    def decode_numpy(
-        self,
-        points: tuple[mx.array, mx.array] | None,
-        boxes: mx.array | None,
-        masks: mx.array | None,
-        multimask_output: bool,
-        full_grid: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``decode``, evaluated now with the decoder's token bands in parallel -> numpy (low-res logits, iou)."""
-        with parallel_bands():
-            low_res, iou = self.decode(points, boxes, masks, multimask_output, full_grid)
-            mx.eval(low_res, iou)
-        return np.array(low_res), np.array(iou)
-
-    @_one_call_at_a_time
-    def upscale(self, low_res_logits: mx.array) -> mx.array:
-        """... x h x w low-res logits (whole grid, or ``decode(full_grid=False)``'s part) -> ... x H x W logits
-        at the original image size."""
-        g = self._low_res_geometry(low_res_logits.shape)
-        return upscale_mask_logits(low_res_logits, g.padded_size, g.input_size, g.original_size)
-
-    @_one_call_at_a_time
-    def masks_above(self, low_res_logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
-        """``upscale(low_res_logits) > t`` for each threshold t: bool ... x H x W masks, upscaled only near their edges."""
-        g = self._low_res_geometry(low_res_logits.shape)
-        return upscaled_masks_above(low_res_logits, g.padded_size, g.input_size, g.original_size, thresholds)
-
-    def _low_res_geometry(self, shape: Sequence[int]) -> ImageGeometry:
-        """The geometry of low-res logits shaped ... x h x w: those of the top-left h/4 x w/4 tokens, from
-        ``read_grid`` to the whole grid, upscale as the encoder input's top-left 4h x 4w pixels."""
-        g = self._require_image()
-        size = tuple(shape[-2:])
-        low, high = (tuple(4 * t for t in grid) for grid in (g.read_grid, g.grid_size))
-        if len(shape) < 2 or not all(a <= s <= b and s % 4 == 0 for a, s, b in zip(low, size, high)):
-            raise ValueError(f"low-res logits must be ... x {high[0]} x {high[1]} for this image "
-                             f"(or its read part, ... x {low[0]} x {low[1]}), got shape {tuple(shape)}")
-        return ImageGeometry(g.original_size, g.input_size, (4 * size[0], 4 * size[1]))
 
 
 def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -337,17 +287,6 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
             f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {labels[bad][0].item()!r}"
         )
     return coords, labels.astype(np.int32)
-
-
-def _size(size: Any) -> int | tuple[int, int]:
-    """A size as given (an integer or a pair, numpy types too) -> int or tuple of two ints."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        return int(size)
-    if isinstance(size, (tuple, list, np.ndarray)) and len(size) == 2 and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
-    ):
-        return int(size[0]), int(size[1])
-    raise ValueError(f"size must be an integer or a (height, width) pair of integers, got {size!r}")
 
 
 def _boxes(boxes: Any, w: int, h: int) -> np.ndarray:

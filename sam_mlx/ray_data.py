@@ -40,10 +40,10 @@ from PIL import Image
 
 import sam_mlx
 
-from . import _blas
 from .cli import CliError, ImageDone, ImageFailed, ImageJob, ImageWork, _one_line, _prompt, segment_prompts
-from .image_io import load_image, pil_to_rgb
-from .image_tokens import ImageTokensError, model_fingerprint, model_identity
+from .io.images import load_image, pil_to_rgb
+from .io.tokens import ImageTokensError, model_fingerprint, model_identity
+from .ops import blas
 from .transforms import ImageGeometry, image_geometry
 
 
@@ -211,7 +211,7 @@ def use_threads(threads: int | None = None) -> None:
             pass
     if threads is not None:
         os.environ["SAM_MLX_BANDS"] = str(threads)
-        _blas.set_threads(threads)
+        blas.set_threads(threads)
 
 
 # ---------------------------------------------------------------- map_batches classes
@@ -333,10 +333,8 @@ class SegmentEverything(_RowMapper):
     """
 
     def __init__(self, model: str, threads: int | None = None, **generator: Any):
-        from .automatic_mask_generator import SamAutomaticMaskGenerator
-
         super().__init__(model, threads)
-        self.generator = SamAutomaticMaskGenerator(self.model, **{**generator, "output_mode": "coco_rle"})
+        self.generator = sam_mlx.SamAutomaticMaskGenerator(self.model, **{**generator, "output_mode": "coco_rle"})
 
     def results(self, image: np.ndarray, row: dict[str, Any]) -> dict[str, Any]:
         height, width = image.shape[:2]

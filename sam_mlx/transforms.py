@@ -1,4 +1,4 @@
-"""Image sizing, normalisation and coordinate transforms between the image and the encoder input.
+"""Image sizing, normalisation, coordinate transforms and mask post-processing between the image and the model.
 
 Two sizings:
 - ``original`` (default, as Meta's SAM): resize so the longest side is ``size`` (1024),
@@ -12,16 +12,20 @@ Two sizings:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from .resize import linear_taps
-from .sam import PIXEL_MEAN, PIXEL_STD
+from .modeling.common import linear_resize_matrix, linear_taps
 
 PATCH = 16
 SIZINGS = ("original", "stretch")
+PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet's, in 0..255, as SAM was trained
+PIXEL_STD = (58.395, 57.12, 57.375)
+MASK_THRESHOLD = 0.0  # a mask is where its upscaled logits are above this
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,20 @@ def image_geometry(
     return ImageGeometry((h, w), target, target)
 
 
+def checked_size(sizing: str, size: Any) -> int | tuple[int, int]:
+    """A size as given (an integer or a pair, numpy types too) -> int or tuple of two ints, valid for ``sizing``."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = int(size)
+    elif isinstance(size, (tuple, list, np.ndarray)) and len(size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size
+    ):
+        size = int(size[0]), int(size[1])
+    else:
+        raise ValueError(f"size must be an integer or a (height, width) pair of integers, got {size!r}")
+    image_geometry((1, 1), sizing, size)  # raises for a sizing it does not fit
+    return size
+
+
 def preprocess(image: np.ndarray, geometry: ImageGeometry) -> mx.array:
     """H x W x 3 uint8 RGB -> 1 x H' x W' x 3 normalized float32 encoder input.
 
@@ -114,3 +132,29 @@ def preprocess(image: np.ndarray, geometry: ImageGeometry) -> mx.array:
     ph, pw = geometry.padded_size
     x = np.pad(x, ((0, ph - h), (0, pw - w), (0, 0)))
     return mx.array(x[None])
+
+
+@lru_cache(maxsize=64)
+def mask_resize_matrix(low_res: int, padded: int, valid: int, original: int) -> np.ndarray:
+    """(original, low_res) matrix: upscale to ``padded``, keep the first ``valid``, resize to ``original``.
+
+    SAM's mask post-processing (two bilinear interpolations and a crop) folded into one matrix per
+    axis. Like each interpolation, its rows are non-negative and sum to 1: every output is a weighted
+    mean of its inputs. The second interpolation is applied as its two taps per row, not as a matrix
+    product through numpy's BLAS, whose threads spin on after a multi-threaded product.
+    """
+    up = linear_resize_matrix(low_res, padded)[:valid].astype(np.float64)
+    lo, hi, frac = linear_taps(valid, original)
+    return ((1.0 - frac)[:, None] * up[lo] + frac[:, None] * up[hi]).astype(np.float32)
+
+
+def upscale_masks(low_res: mx.array, geometry: ImageGeometry) -> mx.array:
+    """SAM's mask post-processing: ... x 4h x 4w low-res logits -> ... x H x W logits at the image's size.
+
+    Bilinearly upscaled to the padded encoder input, cropped to the resized image, bilinearly resized to
+    the image: ``Ry @ logits @ Rx.T``. The predictor computes the same band by band, and for binary masks
+    only at their edges (``fast.masks``).
+    """
+    axes = zip(low_res.shape[-2:], geometry.padded_size, geometry.input_size, geometry.original_size)
+    rows, cols = (mx.array(mask_resize_matrix(*axis)) for axis in axes)
+    return rows @ low_res.astype(mx.float32) @ cols.T

@@ -29,9 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import sam_mlx  # noqa: E402  (OpenBLAS before mlx)
 from app_process import CHROMIUM, CHROMIUM_ARGS, start_app  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
+
+import sam_mlx  # noqa: E402  (OpenBLAS before mlx)
 
 SHARED = ROOT.parent / "shared"
 POINTS = [(500, 375), (1100, 500), (1350, 900), (300, 880), (900, 250), (1560, 640)]  # on truck.jpg's 1800 x 1200

@@ -107,7 +107,7 @@ def worker_mlx(args) -> dict:
     import numpy as np
 
     import sam_mlx
-    from sam_mlx.image_io import load_image
+    from sam_mlx.io.images import load_image
 
     image = load_image(args.image)
     predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
@@ -120,9 +120,7 @@ def worker_mlx(args) -> dict:
     stretch.predict(coords, labels)
     result["prompt_stretch512_s"] = timed(lambda: stretch.predict(coords, labels), 20)
     if args.worker_everything:
-        from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
-
-        time_everything(SamAutomaticMaskGenerator(predictor.model), image, result)
+        time_everything(sam_mlx.SamAutomaticMaskGenerator(predictor.model), image, result)
     return result
 
 
@@ -153,7 +151,9 @@ def worker_prompts(args) -> dict:
     if args.worker == "prompts-mlx":
         import sam_mlx  # first: it loads OpenBLAS before mlx
 
+        # isort: split
         import mlx.core as mx
+
         from sam_mlx.transforms import image_geometry
 
         predictor = sam_mlx.SamPredictor(sam_mlx.load(args.checkpoint))
@@ -178,7 +178,7 @@ def worker_prompts(args) -> dict:
         options["prompt_hint_s"] = {"mask_input": low_res[[np.argmax(scores)]], "multimask_output": False}
         for key, kwargs in options.items():
             predictor.predict(coords, labels, **kwargs)  # warm-up
-            result[key] = timed(lambda: predictor.predict(coords, labels, **kwargs), 12)
+            result[key] = timed(lambda kwargs=kwargs: predictor.predict(coords, labels, **kwargs), 12)
     return result
 
 
@@ -191,7 +191,7 @@ def _rgb(path: Path):
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def _torch_sam(args, decoder_only: bool = False) -> "torch.nn.Module":
+def _torch_sam(args, decoder_only: bool = False) -> torch.nn.Module:
     """Meta's Sam with the checkpoint's weights. With ``decoder_only`` (always for MobileSAM) only its prompt
     encoder and mask decoder are loaded, and its image encoder returns sam_mlx's saved embedding."""
     import numpy as np
@@ -269,7 +269,7 @@ def make_checkpoints(models: list[str], folder: Path) -> dict[str, str]:
 
 
 def machine() -> dict:
-    import sam_mlx._blas as blas  # before mlx: loads OpenBLAS as sam_mlx does
+    import sam_mlx.ops.blas as blas  # before mlx: loads OpenBLAS as sam_mlx does
 
     blas.load_system_blas()
     import mlx.core as mx

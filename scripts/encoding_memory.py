@@ -26,9 +26,9 @@ import numpy as np
 import sam_mlx
 import mlx.core as mx
 from sam_mlx.config import SamConfig
-from sam_mlx.layers import on_cpu
+from sam_mlx.modeling.sam import Sam
+from sam_mlx.ops.backend import on_cpu
 from sam_mlx.resources import encoding_memory
-from sam_mlx.sam import Sam
 
 def peak_mb():
     status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines())

@@ -23,10 +23,10 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import sam_mlx  # noqa: E402,F401  (before mlx: loads OpenBLAS on Linux)
-from sam_mlx.checkpoint import load_checkpoint, save_model  # noqa: E402
+from sam_mlx.checkpoints.load import load_checkpoint, save_model  # noqa: E402
 from sam_mlx.config import SamConfig, ViTConfig  # noqa: E402
-from sam_mlx.image_tokens import model_fingerprint  # noqa: E402
-from sam_mlx.sam import Sam  # noqa: E402
+from sam_mlx.io.tokens import model_fingerprint  # noqa: E402
+from sam_mlx.modeling.sam import Sam  # noqa: E402
 
 VIT_H = ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attention_blocks=(7, 15, 23, 31), mlp_dim=5120)
 

@@ -101,7 +101,7 @@ def main() -> None:
     import ray
 
     import sam_mlx
-    from sam_mlx.checkpoint import load_checkpoint, save_model
+    from sam_mlx.checkpoints.load import load_checkpoint, save_model
 
     work = Path(tempfile.mkdtemp(prefix="many_images_"))
     folder = work / "images"

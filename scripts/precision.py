@@ -19,87 +19,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("SAM_MLX_SHARED", ROOT.parent / "shared"))
-PHOTOS = ("dog", "truck", "groceries")
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 
-import sam_mlx  # noqa: E402  (before mlx: loads OpenBLAS on Linux)
-import mlx.core as mx  # noqa: E402
-from sam_mlx.checkpoint import DTYPES  # noqa: E402
+from helpers import MOBILE_SAM, PHOTOS, best_mask_ious, gpu_branches, shared_prompt_outputs  # noqa: E402
 
+# isort: split
+import mlx.core as mx  # noqa: E402  (after sam_mlx, imported by helpers: OpenBLAS first)
 
-@contextlib.contextmanager
-def gpu_branches() -> Iterator[None]:
-    """Inside this block sam_mlx takes its GPU branches whatever the device: ``on_cpu`` answers False
-    in every sam_mlx module that reads it (models loaded inside also get the GPU's default precision)."""
-    modules = [m for name, m in list(sys.modules.items()) if name.startswith("sam_mlx") and hasattr(m, "on_cpu")]
-    saved = [m.on_cpu for m in modules]
-    for module in modules:
-        module.on_cpu = lambda: False
-    try:
-        yield
-    finally:
-        for module, on_cpu in zip(modules, saved):
-            module.on_cpu = on_cpu
-
-
-def prompt_keywords(prompt: dict) -> dict:
-    """A shared reference prompt ({"points", "labels"} and/or "box") as ``SamPredictor.predict`` keywords."""
-    kwargs = {"box": np.array(prompt["box"], np.float64)} if "box" in prompt else {}
-    if "points" in prompt:
-        kwargs.update(point_coords=np.array(prompt["points"], np.float64), point_labels=np.array(prompt["labels"]))
-    return kwargs
-
-
-def shared_prompt_outputs(model: sam_mlx.Sam, photo: str) -> dict[Any, Any]:
-    """Every shared prompt of ``photo`` at the original sizing -> {"tokens": 1 x C x h x w float32,
-    (prompt, "multi" | "single" | "hint"): predict's (masks, scores, low-res logits), ("batch", "multi"):
-    predict_batch's of two points}. "hint" feeds back the best of the 3 masks' low-res logits."""
-    prompts = json.loads((SHARED / "reference" / "mobile_sam" / f"{photo}.json").read_text())["prompts"]
-    predictor = sam_mlx.SamPredictor(model)
-    predictor.set_image(str(SHARED / "images" / f"{photo}.jpg"))
-    out: dict[Any, Any] = {"tokens": predictor.get_image_embedding().astype(np.float32)}
-    for prompt in prompts:
-        kwargs = prompt_keywords(prompt)
-        multi = predictor.predict(**kwargs)
-        out[prompt["name"], "multi"] = multi
-        out[prompt["name"], "single"] = predictor.predict(**kwargs, multimask_output=False)
-        hint = multi[2][[int(np.argmax(multi[1]))]]
-        out[prompt["name"], "hint"] = predictor.predict(**kwargs, mask_input=hint, multimask_output=False)
-    h, w = predictor.original_size
-    points = np.array([[[w / 3, h / 2]], [[2 * w / 3, h / 3]]])
-    out["batch", "multi"] = predictor.predict_batch(points, np.ones((2, 1), np.int32))
-    return out
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two boolean masks; 1.0 when both are empty."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def best_mask_ious(full: dict, other: dict) -> dict[Any, float]:
-    """Per 3-mask prompt of ``shared_prompt_outputs``: the IoU between the two runs' masks at the index
-    of the best float32 (``full``) score; the smallest of a batch's prompts."""
-    ious = {}
-    for key in (k for k in full if k != "tokens" and k[1] == "multi"):
-        (masks, scores, _), (other_masks, _, _) = full[key], other[key]
-        masks, other_masks = (m.reshape(-1, *m.shape[-3:]) for m in (masks, other_masks))  # B x C x H x W
-        per_prompt = []
-        for prompt_masks, prompt_other, prompt_scores in zip(masks, other_masks, scores.reshape(len(masks), -1)):
-            best = int(np.argmax(prompt_scores))
-            per_prompt.append(mask_iou(prompt_masks[best], prompt_other[best]))
-        ious[key[0]] = min(per_prompt)
-    return ious
+import sam_mlx  # noqa: E402
 
 
 def compare(full: dict, other: dict) -> dict[str, Any]:
@@ -120,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     dtypes, photos = args.dtypes.split(","), args.photos.split(",")
-    checkpoint = str(SHARED / "weights" / "mobile_sam.pt")
+    checkpoint = str(MOBILE_SAM)
     results: dict[str, Any] = {"gpu_branches": args.gpu_branches, "device": str(mx.default_device())}
     with gpu_branches() if args.gpu_branches else contextlib.nullcontext():
         full = {photo: shared_prompt_outputs(sam_mlx.load(checkpoint, dtype="float32"), photo) for photo in photos}
         for dtype in dtypes:
             model = sam_mlx.load(checkpoint, dtype="float32")
-            model.image_encoder.set_dtype(DTYPES[dtype])
+            model.image_encoder.set_dtype(sam_mlx.DTYPES[dtype])
             for photo in photos:
                 print(f"{dtype}: {photo}", file=sys.stderr, flush=True)
                 results[f"{dtype}/{photo}"] = compare(full[photo], shared_prompt_outputs(model, photo))

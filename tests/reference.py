@@ -99,9 +99,8 @@ def _install_torchvision_shim() -> None:
     transforms.functional = functional
     torchvision = types.ModuleType("torchvision")
     torchvision.transforms = transforms
-    sys.modules.update(
-        {"torchvision": torchvision, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
-    )
+    sys.modules.update({"torchvision": torchvision, "torchvision.transforms": transforms,
+                        "torchvision.transforms.functional": functional})
 
 
 def reference_predictor_class():

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import MOBILE_SAM, ROOT
+from helpers import MOBILE_SAM, ROOT
 
 
 def test_benchmark_runs_and_reports_ratios(tmp_path):

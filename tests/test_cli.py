@@ -17,16 +17,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM
 from mlx.utils import tree_flatten
 from PIL import Image
 
 import sam_mlx
-from sam_mlx import checkpoint, cli
-from sam_mlx.checkpoint import load_checkpoint
-from sam_mlx.image_tokens import read_image_tokens
-from sam_mlx.mask_utils import coco_decode_rle
-from sam_mlx.token_bands import band_count
+from helpers import IMAGES, MOBILE_SAM
+from sam_mlx import cli
+from sam_mlx.amg.mask_utils import coco_decode_rle
+from sam_mlx.checkpoints import load as checkpoint
+from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.tokens import read_image_tokens
+from sam_mlx.ops.bands import band_count
 
 MODEL = str(MOBILE_SAM)
 DOG = str(IMAGES / "dog.jpg")
@@ -140,7 +141,8 @@ def test_segment_folder_with_batched_boxes(env, dog, tmp_path):
     assert [line.split()[0] for line in lines] == ["[1/2]", "[2/2]"] and "dog.jpg" in lines[0]
     for stem in ("dog", "groceries"):
         report = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
-        assert not any(m["multimask"] for m in report["masks"]) and [m["prompt"]["box"] for m in report["masks"]] == boxes
+        assert not any(m["multimask"] for m in report["masks"])
+        assert [m["prompt"]["box"] for m in report["masks"]] == boxes
         assert all(m["prompt"]["points"] == [[700.0, 100.0]] and m["prompt"]["labels"] == [0] for m in report["masks"])
     masks, scores, _ = dog.predict_batch(np.array([[[700.0, 100.0]]] * 2), np.array([[0]] * 2), np.array(boxes, float),
                                          multimask_output=False)

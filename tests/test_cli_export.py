@@ -17,15 +17,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM
 from PIL import Image
-from test_cli import env, ok, read_mask, run  # noqa: F401  (env: the module's fixture)
-from test_export import coco_masks, iou, labelme_masks, yolo_masks
 
 import sam_mlx
+from export_readers import coco_masks, iou, labelme_masks, yolo_masks
+from helpers import IMAGES, MOBILE_SAM
 from sam_mlx import cli
-from sam_mlx.checkpoint import load_checkpoint, save_model
-from sam_mlx.mask_utils import coco_decode_rle
+from sam_mlx.amg.mask_utils import coco_decode_rle
+from sam_mlx.checkpoints.load import load_checkpoint, save_model
+from test_cli import env, ok, read_mask, run  # noqa: F401  (env: the module's fixture)
 
 MODEL = str(MOBILE_SAM)
 ALL = "png,cutout,coco,coco-rle,yolo,labelme"

@@ -6,14 +6,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import MOBILE_SAM
 from PIL import Image
-from reference import build_reference_sam
 from safetensors.numpy import save_file
 
 import sam_mlx
+from helpers import MOBILE_SAM
+from reference import build_reference_sam
 from sam_mlx import CheckpointError
-from sam_mlx.torch_pickle import read_torch_checkpoint
+from sam_mlx.checkpoints.torch_pickle import read_torch_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +85,12 @@ def test_missing_extra_and_misshaped_keys(tiny_checkpoint, tmp_path):
 
     missing = dict(state)
     del missing["mask_decoder.iou_prediction_head.layers.2.bias"]
-    with pytest.raises(CheckpointError, match=r"missing\.pth.*iou_head\.layers\.2\.bias"):
+    message = r"missing\.pth: missing key 'mask_decoder\.iou_prediction_head\.layers\.2\.bias'"
+    with pytest.raises(CheckpointError, match=message):
         sam_mlx.load(_save_state(missing, tmp_path / "missing.pth"))
 
     extra = dict(state, **{"mask_decoder.surprise.weight": np.zeros(3, np.float32)})
-    with pytest.raises(CheckpointError, match="surprise"):
+    with pytest.raises(CheckpointError, match=r"extra\.pth: unexpected weights mask_decoder\.surprise\.weight"):
         sam_mlx.load(_save_state(extra, tmp_path / "extra.pth"))
 
     wrong = dict(state)
@@ -159,7 +160,7 @@ def test_safetensors_with_bad_metadata(tiny_checkpoint, tmp_path):
     import mlx.core as mx
 
     path = tmp_path / "meta.safetensors"
-    metadata = {"format_version": "1", "sam_mlx_config": json.dumps({"encoder_kind": "swin"})}
+    metadata = {"format_version": "2", "sam_mlx_config": json.dumps({"encoder_kind": "swin"})}
     mx.save_safetensors(str(path), {"a": mx.zeros(2)}, metadata=metadata)
     with pytest.raises(CheckpointError, match="meta.safetensors: invalid sam_mlx metadata .*swin"):
         sam_mlx.load(str(path))
@@ -170,12 +171,12 @@ def test_other_format_version_refused(tiny_checkpoint, tmp_path):
 
     good = sam_mlx.save_model(sam_mlx.load(str(tiny_checkpoint)), tmp_path / "good.safetensors")
     arrays, metadata = mx.load(str(good), return_metadata=True)
-    assert metadata["format_version"] == "1"
+    assert metadata["format_version"] == "2"
     unversioned = {k: v for k, v in metadata.items() if k != "format_version"}
-    for version, changed in (("'2'", {**unversioned, "format_version": "2"}), ("None", unversioned)):
+    for version, changed in (("'1'", {**unversioned, "format_version": "1"}), ("None", unversioned)):
         path = tmp_path / f"v{len(changed)}.safetensors"
         mx.save_safetensors(str(path), arrays, metadata=changed)
-        message = f"{path}: sam_mlx model format version {version}, expected '1'"
+        message = f"{path}: sam_mlx model format version {version}, expected '2'"
         with pytest.raises(CheckpointError, match=re.escape(message)):
             sam_mlx.load(str(path))
 
@@ -207,12 +208,12 @@ def _modes(tmp_path):
     yield "RGBA", Image.fromarray(np.dstack([rgb, np.full((40, 60), 128, np.uint8)]))
     yield "P", Image.fromarray(rgb).convert("P")
     yield "CMYK", Image.fromarray(rgb).convert("CMYK")
-    yield "I;16", Image.fromarray((rgb[..., 0].astype(np.uint16) * 257))
+    yield "I;16", Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
     yield "F", Image.fromarray(rgb[..., 0].astype(np.float32) / 255.0)
 
 
 def test_image_modes(tmp_path):
-    from sam_mlx.image_io import as_rgb_array
+    from sam_mlx.io.images import as_rgb_array
 
     for mode, image in _modes(tmp_path):
         array = as_rgb_array(image)
@@ -243,7 +244,7 @@ def test_exif_rotated_photo(tmp_path, predictor):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(rgb).save(path, exif=exif.tobytes(), quality=95)
-    from sam_mlx.image_io import load_image
+    from sam_mlx.io.images import load_image
 
     seen = load_image(path)
     assert seen.shape == (60, 40, 3)
@@ -310,7 +311,8 @@ def test_predict_before_set_image(tiny_checkpoint):
         (dict(point_coords=[[-1, 10]], point_labels=[1]), "outside"),
         (dict(point_coords=[[np.nan, 10]], point_labels=[1]), "NaN"),
         (dict(point_coords=[[np.inf, 10]], point_labels=[1]), "infinite"),
-        (dict(point_coords=[[10, 10]], point_labels=[2]), r"1 \(foreground\), 0 \(background\) or -1 \(padding\), got 2"),
+        (dict(point_coords=[[10, 10]], point_labels=[2]),
+         r"1 \(foreground\), 0 \(background\) or -1 \(padding\), got 2"),
         (dict(point_coords=[[10, 10], [0, 0]], point_labels=[-1, -1]), "only padding points"),
         (dict(point_coords=[[10, 10], [20, 20]], point_labels=[1]), "point_labels has shape"),
         (dict(point_coords=[10, 10], point_labels=[1]), "N x 2"),

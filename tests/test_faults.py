@@ -19,17 +19,18 @@ from pathlib import Path
 
 import sam_mlx  # first: loads OpenBLAS before mlx
 
+# isort: split
 import huggingface_hub  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from reference import build_reference_sam  # noqa: E402
 
-from sam_mlx import hub  # noqa: E402
-from sam_mlx.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from sam_mlx.image_tokens import ImageTokensError, read_image_tokens  # noqa: E402
+from reference import build_reference_sam  # noqa: E402
+from sam_mlx.checkpoints import hub  # noqa: E402
+from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint  # noqa: E402
+from sam_mlx.io.tokens import ImageTokensError, read_image_tokens  # noqa: E402
 
 REPO = "someone/tiny-sam"
 FILE = "sam_tiny.pth"
@@ -42,8 +43,8 @@ import json, os, sys, time, warnings
 from pathlib import Path
 import sam_mlx
 import mlx.core as mx
-from sam_mlx import hub
-from sam_mlx.checkpoint import load_checkpoint
+from sam_mlx.checkpoints import hub
+from sam_mlx.checkpoints.load import load_checkpoint
 
 args = json.loads(sys.argv[1])
 real_save = mx.save_safetensors
@@ -257,7 +258,7 @@ def test_two_processes_convert_at_once(checkpoint, reference_model, tmp_path):
 TOKENS = '''
 import shutil
 import numpy as np
-from sam_mlx.image_tokens import save_image_tokens
+from sam_mlx.io.tokens import save_image_tokens
 
 predictor = sam_mlx.SamPredictor(sam_mlx.load(args["source"]), sizing="stretch", size=128)
 predictor.set_image(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))

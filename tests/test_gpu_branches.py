@@ -1,11 +1,11 @@
 """The code an Apple GPU runs, checked here on the CPU device.
 
-On a GPU sam_mlx takes other branches than on the CPU (``layers.on_cpu``): MLX's fused attention
-kernel with the relative-position term as its mask, MLX's LayerNorm and softmax, one band of image
+On a GPU sam_mlx's fast path takes other branches than on the CPU (``ops.backend.on_cpu``): MLX's fused
+attention kernel with the relative-position term as its mask, MLX's LayerNorm and softmax, one band of image
 tokens, a batch's prompts decoded together, and a half-precision image encoder by default. CI has no
-Apple GPU, so these tests take the GPU branches on the CPU device (``scripts/precision.py``'s
-``gpu_branches``) and compare them with the CPU branches, which the parity tests check against the
-original. What they cannot check is Metal's own kernels, nor any speed.
+Apple GPU, so these tests take the GPU branches on the CPU device (``helpers.gpu_branches``) and compare
+them with the CPU branches, which the parity tests check against the original. What they cannot check is
+Metal's own kernels, nor any speed.
 """
 
 import mlx.core as mx
@@ -13,13 +13,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, MOBILE_SAM
 from mlx.utils import tree_flatten
-from precision import PHOTOS, best_mask_ious, gpu_branches, shared_prompt_outputs
-from reference import build_reference_sam
 
 import sam_mlx
-from sam_mlx import layers
+from helpers import IMAGES, MOBILE_SAM, PHOTOS, best_mask_ious, gpu_branches, shared_prompt_outputs
+from reference import build_reference_sam
+from sam_mlx.ops import backend
 
 HALF_PRECISION_PHOTOS = ("groceries",)  # a float16 encoding takes ~25 s on the CPU; bfloat16 did worst here
 
@@ -35,12 +34,12 @@ def mobile_sam_runs() -> dict:
     model = sam_mlx.load(str(MOBILE_SAM))
     runs = {"cpu": {p: shared_prompt_outputs(model, p) for p in PHOTOS}}
     with gpu_branches():
-        assert not layers.on_cpu()  # the patch bites
+        assert not backend.on_cpu()  # the patch bites
         runs["gpu"] = {p: shared_prompt_outputs(model, p) for p in PHOTOS}
         default = sam_mlx.load(str(MOBILE_SAM))
         runs["gpu_default_dtypes"] = encoder_dtypes(default)
         runs["gpu_default"] = {p: shared_prompt_outputs(default, p) for p in HALF_PRECISION_PHOTOS}
-    assert layers.on_cpu()  # and is undone
+    assert backend.on_cpu()  # and is undone
     return runs
 
 
@@ -106,39 +105,43 @@ def test_gpu_branches_equal_the_cpu_branches_with_a_vit(tmp_path, sizing, size):
 
 def test_tiny_vit_activations_stay_far_below_the_float16_limit(monkeypatch):
     """Why float16 is safe for TinyViT: every layer's output, in float32, on the shared photos, noise, black
-    and white, stays under 1/16 of float16's largest value, 65504 (measured: ~900 at most, on noise)."""
-    from sam_mlx import tiny_vit
-    from sam_mlx.image_io import as_rgb_array
+    and white, stays under 1/16 of float16's largest value, 65504 (measured: ~900 at most, on noise).
+    Measured through the fast path's layers (the plain model's are the same values, computed far slower)."""
+    from sam_mlx.fast import FastSam
+    from sam_mlx.fast import tiny_vit as fast_tiny_vit
+    from sam_mlx.io.images import as_rgb_array
     from sam_mlx.transforms import image_geometry, preprocess
 
     largest = []
-    for cls in (tiny_vit.ConvBN, tiny_vit.MBConv, tiny_vit.PatchMerging, tiny_vit.WindowAttention,
-                tiny_vit.TinyViTMLP, tiny_vit.TinyViTBlock, nn.Linear, nn.Conv2d):
-        def recorded(self, *args, _call=cls.__call__):
-            out = _call(self, *args)
+
+    def recorded(call):
+        def record(*args):
+            out = call(*args)
             largest.append(mx.abs(out).max())
             return out
-        monkeypatch.setattr(cls, "__call__", recorded)
-    model = sam_mlx.load(str(MOBILE_SAM))
+        return record
+
+    for name in ("_conv", "_mbconv", "_patch_merging", "_window_attention", "_tiny_vit_block"):
+        monkeypatch.setattr(fast_tiny_vit, name, recorded(getattr(fast_tiny_vit, name)))
+    monkeypatch.setattr(nn.Linear, "__call__", recorded(nn.Linear.__call__))
+    model = FastSam(sam_mlx.load(str(MOBILE_SAM)))
     rng = np.random.default_rng(0)
     images = [as_rgb_array(str(IMAGES / f"{p}.jpg")) for p in PHOTOS] + [
         rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8), np.zeros((600, 800, 3), np.uint8),
         np.full((600, 800, 3), 255, np.uint8)]
     for image in images:
         largest.clear()
-        tokens = model.encode_image(preprocess(image, image_geometry(image.shape[:2], "original", 1024)))
+        tokens = model.encode(preprocess(image, image_geometry(image.shape[:2], "original", 1024)))
         peak = mx.max(mx.stack([tokens.abs().max(), *largest])).item()
         assert len(largest) > 50 and 100 < peak < 65504 / 16
 
 
 def test_segment_everything_on_the_gpu_branches():
     """Segment everything (an 8 x 8 grid), whose batches a GPU decodes whole."""
-    from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
-
     model = sam_mlx.load(str(MOBILE_SAM))
 
     def generate() -> list[dict]:
-        generator = SamAutomaticMaskGenerator(model, points_per_side=8, points_per_batch=32)
+        generator = sam_mlx.SamAutomaticMaskGenerator(model, points_per_side=8, points_per_batch=32)
         return sorted(generator.generate(str(IMAGES / "dog.jpg")), key=lambda r: (r["crop_box"], r["point_coords"]))
 
     cpu = generate()

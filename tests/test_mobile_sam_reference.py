@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
-from precision import mask_iou
 
 import sam_mlx
-from sam_mlx.prompt_encoder import MaskHintEncoder
+from helpers import IMAGES, MOBILE_SAM, REFERENCE, mask_iou, predict_kwargs
+from sam_mlx.fast import EncodedImage, FastSam
+from sam_mlx.modeling.mask_decoder import MaskHintEncoder
 
 NAMES = ("truck", "dog", "groceries")
 
@@ -50,12 +50,18 @@ def reference_prompts(prompt: dict, original_size) -> tuple:
     return points, boxes
 
 
-def decode(predictor, prompt, mode: str, hint=None):
-    points, boxes = reference_prompts(prompt, predictor.original_size)
+def decode(fast: FastSam, image: EncodedImage, prompt, mode: str, hint=None):
+    """The fast path's decode of a prompt in the reference's coordinates -> (low-res logits, IoU, masks)."""
+    points, boxes = reference_prompts(prompt, image.geometry.original_size)
     mask = None if hint is None else mx.array(hint)  # B x 256 x 256
-    low, iou = predictor.decode(points, boxes, mask, multimask_output=mode == "multi")
-    masks = predictor.upscale(low) > 0
-    return np.array(low[0]), np.array(iou[0]), np.array(masks[0])
+    low, iou = fast.decode(image, points, boxes, mask, multimask_output=mode == "multi")
+    return low[0], iou[0], fast.upscale(image, low)[0] > 0
+
+
+def encoded(predictor) -> tuple[FastSam, EncodedImage]:
+    """The fast path with the predictor's image."""
+    fast = FastSam(predictor.model)
+    return fast, fast.prepare(predictor.features, predictor.geometry)
 
 
 def reference_masks(ref, key: str, width: int) -> np.ndarray:
@@ -86,7 +92,7 @@ def test_image_embedding(case):
 def test_decoder_on_shared_embedding(case, mode, monkeypatch):
     """Prompt encoder + mask decoder fed the shared embedding reproduce the shared logits and IoU.
 
-    A mask hint shifts the predictor's kept image side: its full dense embedding is never built.
+    A mask hint shifts the fast path's kept image side: its full dense embedding is never built.
     """
     _, ref, prompts, predictor = case
 
@@ -94,11 +100,11 @@ def test_decoder_on_shared_embedding(case, mode, monkeypatch):
         raise AssertionError("the mask hint's dense embedding was built")
 
     monkeypatch.setattr(MaskHintEncoder, "__call__", no_dense_embedding)
-    fresh = sam_mlx.SamPredictor(predictor.model)
-    fresh.set_image_tokens(mx.array(ref["image_embedding"].transpose(1, 2, 0)[None]), predictor.geometry)
+    fast = FastSam(predictor.model)
+    image = fast.prepare(mx.array(ref["image_embedding"].transpose(1, 2, 0)[None]), predictor.geometry)
     for prompt in prompts:
         key = f"{prompt['name']}/{mode}"
-        low, iou, masks = decode(fresh, prompt, mode)
+        low, iou, masks = decode(fast, image, prompt, mode)
         assert np.abs(low - ref[f"{key}/low_res_logits"]).max() <= 1e-3, key
         assert np.abs(iou - ref[f"{key}/iou"]).max() <= 1e-3, key
         expected = reference_masks(ref, key, int(ref["original_size"][1]))
@@ -106,7 +112,7 @@ def test_decoder_on_shared_embedding(case, mode, monkeypatch):
 
         if mode == "single":  # the mask hint: best multimask logits fed back
             best = ref[f"{prompt['name']}/multi/low_res_logits"][np.argmax(ref[f"{prompt['name']}/multi/iou"])]
-            low, iou, _ = decode(fresh, prompt, "single", hint=best[None])
+            low, iou, _ = decode(fast, image, prompt, "single", hint=best[None])
             assert np.abs(low - ref[f"{prompt['name']}/hint/low_res_logits"]).max() <= 1e-3
             assert np.abs(iou - ref[f"{prompt['name']}/hint/iou"]).max() <= 1e-3
 
@@ -116,14 +122,15 @@ def test_end_to_end_masks(case, mode):
     """From the photo: sam_mlx's own encoding, IoU scores within 1e-3, every mask IoU >= 0.99."""
     _, ref, prompts, predictor = case
     original_size = tuple(int(s) for s in ref["original_size"])
+    fast, image = encoded(predictor)
     for prompt in prompts:
         name = prompt["name"]
         if mode == "hint":
-            multi_low, multi_iou, _ = decode(predictor, prompt, "multi")
-            low, iou, masks = decode(predictor, prompt, "single", hint=multi_low[np.argmax(multi_iou)][None])
+            multi_low, multi_iou, _ = decode(fast, image, prompt, "multi")
+            low, iou, masks = decode(fast, image, prompt, "single", hint=multi_low[np.argmax(multi_iou)][None])
             expected = original_postprocess(ref[f"{name}/hint/low_res_logits"], ref["input_size"], original_size)
         else:
-            low, iou, masks = decode(predictor, prompt, mode)
+            low, iou, masks = decode(fast, image, prompt, mode)
             expected = reference_masks(ref, f"{name}/{mode}", original_size[1])
         assert np.abs(iou - ref[f"{name}/{mode}/iou"]).max() <= 1e-3, (name, mode)
         assert masks.shape == expected.shape
@@ -169,11 +176,14 @@ def test_predict_without_low_res_logits_gives_the_same_masks(case):
             read_logits, _, _ = predictor.predict(**kwargs, multimask_output=multimask, return_logits=True,
                                                   return_low_res=False)
             np.testing.assert_allclose(read_logits, logits, atol=1e-4)
-    with pytest.raises(ValueError, match=r"low-res logits must be \.\.\. x 256 x 256 .*\.\.\. x 172 x 256\), got shape \(3, 168, 256\)"):
-        predictor.masks_above(low[..., :168, :].repeat(3, axis=0), (0.0,))
+    fast, image = encoded(predictor)
+    message = r"low-res logits must be \.\.\. x 256 x 256 .*\.\.\. x 172 x 256\), got shape \(3, 168, 256\)"
+    with pytest.raises(ValueError, match=message):
+        fast.masks_above(image, low[..., :168, :].repeat(3, axis=0), (0.0,))
 
 
-@pytest.mark.parametrize("dtype, embedding_tol, score_tol, iou_floor", [("float16", 5e-3, 5e-3, 0.95), ("bfloat16", 3e-2, 2e-2, 0.9)])
+@pytest.mark.parametrize("dtype, embedding_tol, score_tol, iou_floor",
+                         [("float16", 5e-3, 5e-3, 0.95), ("bfloat16", 3e-2, 2e-2, 0.9)])
 def test_half_precision_model_on_cpu(dtype, embedding_tol, score_tol, iou_floor):
     """A float16 / bfloat16 model (all weights cast) predicts like the float32 one on the CPU.
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM, ROOT
 from PIL import Image
+
+from helpers import IMAGES, MOBILE_SAM, ROOT
 
 DOG = str(IMAGES / "dog.jpg")
 CLI = "import sys; from sam_mlx.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -7,11 +7,11 @@ sam_mlx loads that file (without torch) and both predictors run the same prompts
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES
 from PIL import Image
-from reference import build_reference_sam, reference_predictor_class
 
 import sam_mlx
+from helpers import IMAGES
+from reference import build_reference_sam, reference_predictor_class
 
 CONFIGS = {
     # ViT-B shape: 64x64 grid, 14x14 windows (the grid needs padding to 70).
@@ -58,7 +58,7 @@ def test_config_inferred(predictors):
     name, _, ours = predictors
     cfg = ours.model.config.encoder
     expected = CONFIGS[name]
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (expected["embed_dim"], expected["depth"], expected["num_heads"])
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == tuple(expected[k] for k in ("embed_dim", "depth", "num_heads"))
     assert cfg.global_attention_blocks == expected["global_attn_indexes"]
     assert cfg.window_size == expected["window_size"]
 

@@ -22,18 +22,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import IMAGES, MOBILE_SAM, ROOT
 from PIL import Image
 
 import sam_mlx
-from sam_mlx import _blas, cli
-from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_mlx.checkpoint import load_checkpoint, save_model
-from sam_mlx.image_tokens import ImageTokensError, read_image_tokens
+from helpers import IMAGES, MOBILE_SAM, ROOT
+from sam_mlx import SamAutomaticMaskGenerator, cli
+from sam_mlx.checkpoints.load import load_checkpoint, save_model
+from sam_mlx.io.tokens import ImageTokensError, read_image_tokens
+from sam_mlx.ops import blas
 from sam_mlx.ray_data import EncodeImages, SegmentEverything, SegmentPrompts, set_image_from_row
 
 PHOTOS = ("dog.jpg", "groceries.jpg", "truck.jpg")
 SMALL = ["--sizing", "stretch", "--size", "512"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _worker_threads_restored():
+    """The map_batches classes, and the command with Ray in this process, set the process's row bands and OpenBLAS
+    threads as a Ray worker's (``ray_data.use_threads``): both are restored after this module, or the tests after
+    it would run with one band."""
+    bands = os.environ.get("SAM_MLX_BANDS")
+    threads = blas._library.openblas_get_num_threads() if blas._library else None
+    yield
+    if bands is None:
+        os.environ.pop("SAM_MLX_BANDS", None)
+    else:
+        os.environ["SAM_MLX_BANDS"] = bands
+    if threads is not None:
+        blas.set_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +82,10 @@ def run(*args: str, one_thread: bool = False) -> tuple[int, list[dict]]:
 
     ``one_thread``: one row band and one OpenBLAS thread, as a Ray worker with 1 CPU has.
     """
-    before = (os.environ.get("SAM_MLX_BANDS"), _blas._library.openblas_get_num_threads() if _blas._library else None)
+    before = (os.environ.get("SAM_MLX_BANDS"), blas._library.openblas_get_num_threads() if blas._library else None)
     if one_thread:
         os.environ["SAM_MLX_BANDS"] = "1"
-        _blas.set_threads(1)
+        blas.set_threads(1)
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -80,7 +96,7 @@ def run(*args: str, one_thread: bool = False) -> tuple[int, list[dict]]:
         else:
             os.environ["SAM_MLX_BANDS"] = before[0]
         if before[1] is not None:
-            _blas.set_threads(before[1])
+            blas.set_threads(before[1])
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     for line in lines:
         line.pop("seconds", None)
@@ -169,7 +185,8 @@ def test_encode_and_segment_on_ray_write_the_same_files(ray_instance, model, pho
         {"image": str(photos / "broken.jpg"), "points": [[1, 1]]},
     ]))
     commands = {"encode": ["encode", str(photos), "--model", model, *SMALL],
-                "segment": ["segment", "--prompts", str(prompts), "--model", model, "--export", "png,coco,yolo", *SMALL]}
+                "segment": ["segment", "--prompts", str(prompts), "--model", model, "--export", "png,coco,yolo",
+                            *SMALL]}
     for name, args in commands.items():
         plain, on_ray = tmp_path / f"{name}_plain", tmp_path / f"{name}_ray"
         plain_run = run(*args, "--out-dir", str(plain), one_thread=True)

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 import pytest
+
 import reference
 
 

@@ -16,16 +16,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES, MOBILE_SAM, ROOT
 from mlx.utils import tree_flatten
-from reference import build_reference_sam
 
 import sam_mlx
-from sam_mlx import cli
-from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_mlx.checkpoint import CheckpointError, load_checkpoint, save_model
-from sam_mlx.image_io import load_image
-from sam_mlx.image_tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
+from helpers import IMAGES, MOBILE_SAM, ROOT
+from reference import build_reference_sam
+from sam_mlx import SamAutomaticMaskGenerator, cli
+from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint, save_model
+from sam_mlx.io.images import load_image
+from sam_mlx.io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 
 DOG, GROCERIES = IMAGES / "dog.jpg", IMAGES / "groceries.jpg"
 
@@ -56,7 +55,7 @@ def test_tokens_of_another_image_of_the_same_size_are_refused(model, dog_tokens)
     assert "made from dog.jpg [" in message and f"not from {GROCERIES} [" in message
     assert not predictor.is_image_set
     load_image_tokens(predictor, dog_tokens, DOG)  # the right image: accepted
-    from sam_mlx.image_io import pixel_fingerprint
+    from sam_mlx.io.images import pixel_fingerprint
 
     assert predictor.is_image_set and predictor.image_fingerprint == pixel_fingerprint(load_image(DOG))
 
@@ -122,16 +121,17 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
     state["mask_decoder.iou_prediction_head.layers.1.weight"][3, 5] = value
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"bad\.pth: weights with NaN or infinite values: "
-                                              r"mask_decoder\.iou_head\.layers\.1\.weight"):
+                                              r"mask_decoder\.iou_prediction_head\.layers\.1\.weight"):
         load_checkpoint(tmp_path / "bad.pth")
     good = build_reference_sam(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,)).state_dict()
     torch.save(good, tmp_path / "good.pth")
     path = save_model(load_checkpoint(tmp_path / "good.pth"), tmp_path / "good.safetensors")
     arrays, metadata = mx.load(str(path), return_metadata=True)
-    arrays["image_encoder.neck.norm1.bias"] = mx.full(arrays["image_encoder.neck.norm1.bias"].shape, value)
+    name = "image_encoder.channel_projection.norm1.bias"
+    arrays[name] = mx.full(arrays[name].shape, value)
     mx.save_safetensors(str(path), arrays, metadata=metadata)
     with pytest.raises(CheckpointError,
-                       match=r"good\.safetensors: weights with NaN .*image_encoder\.neck\.norm1\.bias"):
+                       match=r"good\.safetensors: weights with NaN .*image_encoder\.channel_projection\.norm1\.bias"):
         load_checkpoint(path)
 
 
@@ -153,8 +153,8 @@ def test_convert_to_float16_refuses_weights_beyond_its_range(tmp_path):
     code = cli.main(["convert", str(tmp_path / "large.pth"), "--out", str(tmp_path / "half.safetensors"),
                      "--dtype", "float16"])
     assert code == 1 and not (tmp_path / "half.safetensors").exists()
-    with pytest.raises(ValueError, match=r"weights image_encoder\.blocks\.1\.mlp\.lin2\.bias exceed float16's largest "
-                                         r"value \(65504\)"):
+    with pytest.raises(ValueError, match=r"weights image_encoder\.stages\.0\.blocks\.1\.mlp\.lin2\.bias exceed "
+                                         r"float16's largest value \(65504\)"):
         save_model(load_checkpoint(tmp_path / "large.pth"), tmp_path / "half.safetensors", dtype="float16")
     save_model(load_checkpoint(tmp_path / "large.pth"), tmp_path / "b.safetensors", dtype="bfloat16")  # in its range
 

@@ -17,15 +17,15 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
 
 import sam_mlx
-from sam_mlx.checkpoint import load_checkpoint
+from helpers import IMAGES, MOBILE_SAM, REFERENCE, predict_kwargs
+from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.config import ViTConfig
-from sam_mlx.coordinate_encoder import CoordinateEncoder
-from sam_mlx.image_encoder import ImageEncoderViT, relative_position_table
-from sam_mlx.image_io import as_rgb_array
-from sam_mlx.token_bands import parallel_bands
+from sam_mlx.fast import FastSam
+from sam_mlx.io.images import as_rgb_array
+from sam_mlx.modeling.coordinate_encoder import CoordinateEncoder
+from sam_mlx.modeling.image_encoder import ImageEncoderViT, relative_position_table
 from sam_mlx.transforms import image_geometry, preprocess
 
 NAMES = ("dog", "groceries", "truck")
@@ -122,8 +122,7 @@ def test_the_original_sizing_moves_these_masks_too(model, predictors, matched):
             original = predictors(name, "original")
             less_padding = sam_mlx.SamPredictor(model)
             geometry = replace(original.geometry, padded_size=(688, 1024))
-            with parallel_bands():
-                tokens = model.encode_image(preprocess(as_rgb_array(IMAGES / f"{name}.jpg"), geometry))
+            tokens = FastSam(model).encode(preprocess(as_rgb_array(IMAGES / f"{name}.jpg"), geometry))
             less_padding.set_image_tokens(tokens, geometry)
             assert min(rescaled[key], matched_iou(original, less_padding, prompt)) < 0.9, key
 
@@ -147,7 +146,7 @@ def test_square_frame_of_coordinates():
     """Prompts and the token grid share the square frame SAM was trained in: a 43 x 64 grid (stretch
     of a 3:2 photo at 1024) gets exactly the encodings of the original's padded square's top 43 rows."""
     encoder = CoordinateEncoder(128)
-    encoder.positional_encoding_gaussian_matrix = mx.random.normal((2, 128), key=mx.random.key(0))
+    encoder.gaussian_matrix = mx.random.normal((2, 128), key=mx.random.key(0))
     np.testing.assert_allclose(np.array(encoder.grid(43, 64)), np.array(encoder.grid(64, 64))[:43], atol=1e-6)
     points = mx.array([[100.5, 600.5], [1000.0, 20.0]])
     np.testing.assert_array_equal(np.array(encoder.encode_points(points, (688, 1024))),
@@ -160,15 +159,15 @@ def test_vit_position_encodings_keep_one_scale():
     """The ViT's learned encodings: a grid with the trained scale on its longest side takes the trained
     tables' top-left part and middle offsets, unresized; a smaller grid resizes both axes alike."""
     config = ViTConfig(embed_dim=32, depth=1, num_heads=2, global_attention_blocks=(0,), mlp_dim=64)
-    vit = ImageEncoderViT(config)
-    vit.pos_embed = mx.random.normal(vit.pos_embed.shape, key=mx.random.key(1))
+    encoding = ImageEncoderViT(config).position_encoding
+    encoding.embedding = mx.random.normal(encoding.embedding.shape, key=mx.random.key(1))
     table = mx.random.normal((127, 16), key=mx.random.key(2))
-    pe = np.array(vit.pos_embed)
-    np.testing.assert_array_equal(np.array(vit.position_encoding(43, 64)), pe[:, :43])
+    pe = np.array(encoding.embedding)
+    np.testing.assert_array_equal(np.array(encoding.for_grid(43, 64)), pe[:, :43])
     np.testing.assert_array_equal(np.array(relative_position_table(table, 43, 64)),
                                   np.array(relative_position_table(table, 64, 64))[:43, :43])
-    half = np.array(vit.position_encoding(32, 32))
-    np.testing.assert_allclose(np.array(vit.position_encoding(21, 32)), half[:, :21], atol=1e-6)
+    half = np.array(encoding.for_grid(32, 32))
+    np.testing.assert_allclose(np.array(encoding.for_grid(21, 32)), half[:, :21], atol=1e-6)
     assert np.abs(half - pe[:, ::2, ::2]).max() > 1e-3  # resized (averaged), not subsampled
 
 

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import IMAGES, MOBILE_SAM, ROOT
 
 import sam_mlx
-from sam_mlx.automatic_mask_generator import SamAutomaticMaskGenerator
-from sam_mlx.checkpoint import load_checkpoint
+from helpers import IMAGES, MOBILE_SAM, ROOT
+from sam_mlx import SamAutomaticMaskGenerator
+from sam_mlx.checkpoints.load import load_checkpoint
 
 POINTS = [(500, 375), (600, 200), (300, 450)]  # inside the 800 x 534 dog and the 1800 x 1200 truck
 

@@ -12,7 +12,7 @@ hovers: the latest position of each hover stream only; a position not started wh
 
 The encoder thread takes the image the user looks at (``focus``), then the next images ahead (``prefetch``) once
 interactive work has paused for ``idle_seconds``. Encoded images keep their predictor in memory (the last
-``keep_images``) and their tokens on disk in ``tokens_dir`` (``sam_mlx.image_tokens`` files, named by the image
+``keep_images``) and their tokens on disk in ``tokens_dir`` (``sam_mlx.io.tokens`` files, named by the image
 file's content, the model and the sizing), so an image encoded once, in this run or an earlier one, opens without
 the encoder.
 """
@@ -30,12 +30,14 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from .. import SamPredictor
-from ..image_io import load_image
-from ..image_tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
-from ..predictor import MASK_THRESHOLD
+from ..fast import FastSam
+from ..io.images import load_image
+from ..io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
+from ..transforms import MASK_THRESHOLD
 from .library import ImageEntry, Library
 from .masks import encode_masks
 
@@ -94,6 +96,7 @@ class Engine:
                  size: int | tuple[int, int] | None = None, keep_images: int = 6, idle_seconds: float = 0.4,
                  hint_bytes: int = 256 << 20, log: Callable[[str], None] = lambda message: None):
         self.model = model
+        self._fast = FastSam(model)  # hover decodes through the fast path directly
         self.log = log
         self.library = library
         self.tokens_dir = Path(tokens_dir)
@@ -331,10 +334,16 @@ class Engine:
                 return None
         predictor = self.predictor(image_id)
         start = time.perf_counter()
-        prompts = predictor.prepare_prompts(np.array([[[x, y]]]), np.array([[1]]), None, None)
-        low_res, scores = predictor.decode_numpy(*prompts, multimask_output=True, full_grid=False)
-        best = int(scores[0].argmax())
-        mask = predictor.masks_above(low_res[0, best], (MASK_THRESHOLD,))[0]
+        with predictor.lock:  # the predictor's image through the fast path: only the best candidate is upscaled
+            image = predictor.encoded_image
+            height, width = image.geometry.original_size
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise ValueError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image")
+            point = mx.array(image.geometry.to_input_coords(np.array([[[x, y]]])))
+            low_res, scores = self._fast.decode(image, (point, mx.ones((1, 1), mx.int32)), None, None,
+                                                multimask_output=True, read_grid_only=True)
+            best = int(scores[0].argmax())
+            mask = self._fast.masks_above(image, low_res[0, best], (MASK_THRESHOLD,))[0]
         decode_ms = (time.perf_counter() - start) * 1e3
         return {"score": round(float(scores[0, best]), 5), "mask": encode_masks(mask[None], mask_format, max_side)[0],
                 "decode_ms": round(decode_ms, 2)}

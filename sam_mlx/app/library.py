@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..cli import IMAGE_SUFFIXES, CliError, _expand_images, _output_stems
-from ..image_io import load_image
+from ..io.images import load_image
 
 # Formats a browser shows as they are; other images (and EXIF-rotated ones) are sent re-encoded as decoded.
 _BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from ..mask_utils import batched_mask_to_box, mask_to_rle, remove_small_regions, rle_to_mask
+from ..amg.mask_utils import batched_mask_to_box, mask_to_rle, remove_small_regions, rle_to_mask
 
 MASK_FORMATS = ("png", "rle")
 

@@ -39,9 +39,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..checkpoint import atomic_write
-from ..image_io import load_image
-from ..image_tokens import model_identity
+from ..io.atomic import atomic_write
+from ..io.images import load_image
+from ..io.tokens import model_identity
 from .engine import Engine, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
 from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask
@@ -321,12 +321,12 @@ def _b64(array: np.ndarray) -> str:
 
 # ---------------------------------------------------------------- export
 class ExportUnavailable(RuntimeError):
-    """sam_mlx.export (the export formats) is not there."""
+    """sam_mlx.io.export (the export formats) is not there."""
 
 
 def _export_module():
     try:
-        from .. import export
+        from ..io import export
     except ImportError:
         return None
     return export
@@ -336,7 +336,7 @@ def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: fl
     """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels)."""
     export = _export_module()
     if export is None:
-        raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.export)")
+        raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.io.export)")
     simplify = export.DEFAULT_SIMPLIFY if simplify is None else float(simplify)
     if not simplify >= 0:
         raise ValueError(f"simplify must be a number of pixels >= 0, got {simplify}")
@@ -374,7 +374,7 @@ def _export(engine: Engine, body: dict) -> dict:
     folder = library.export_dir(_field(body, "folder", str, ""))
     export = _export_module()
     if export is None:
-        raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.export)")
+        raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.io.export)")
     formats = _field(body, "formats", list)
     unknown = [f for f in formats if f not in export.FORMATS]
     if unknown or not formats:
@@ -430,7 +430,7 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
 
     ``announce``: called with ``{url, port, token}`` once the server listens (``sam-mlx app --json``).
     """
-    from ..hub import default_cache_dir
+    from ..checkpoints.hub import default_cache_dir
 
     token = token or secrets.token_urlsafe(24)
     engine = Engine(model, library, tokens_dir or default_cache_dir() / "app_tokens", sizing, size,
@@ -477,5 +477,6 @@ def _listen(port: int) -> socket.socket:
         listener.bind((HOST, port))
     except OSError as exc:
         listener.close()
-        raise ValueError(f"cannot listen on {HOST}:{port} ({exc.strerror}): choose another --port (0: any free one)")
+        message = f"cannot listen on {HOST}:{port} ({exc.strerror}): choose another --port (0: any free one)"
+        raise ValueError(message) from None
     return listener

@@ -1,0 +1,1 @@
+"""Segment everything: the automatic mask generator and its mask utilities."""

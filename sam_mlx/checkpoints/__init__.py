@@ -1,0 +1,1 @@
+"""Checkpoints: reading, converting (Meta, transformers, MobileSAM), building the model, saving, the Hub."""

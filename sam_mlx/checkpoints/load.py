@@ -1,0 +1,237 @@
+"""Checkpoints: read Meta / Hugging Face / sam_mlx files, convert, build the model, save.
+
+Every foreign format is first brought to Meta's original key names (the lingua franca of SAM
+checkpoints, ``hf``), then to sam_mlx's parameters (``meta``). sam_mlx's own files are plain
+safetensors of those parameters, whose metadata holds the config (JSON), the format version and
+the source they were converted from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..config import SamConfig
+from ..io.atomic import atomic_write
+from ..modeling.sam import Sam
+from ..ops import backend
+from .errors import CheckpointError, few, require_float
+from .meta import check_model_fits, convert_meta
+from .torch_pickle import LazyTensor, read_torch_checkpoint
+
+# 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
+# encoder in the mask decoder, mask generator, IoU MLP); version 1's files are refused, not renamed.
+FORMAT_VERSION = "2"
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_FLOAT16_MAX = 65504.0
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """Read any supported checkpoint file's header into ``({name: LazyTensor}, safetensors metadata)``.
+
+    No tensor data is read: ``np.asarray`` reads a tensor once its name, shape and dtype were checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK":
+        return read_torch_checkpoint(path), {}
+    if len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000:
+        return _read_safetensors(path)
+    raise CheckpointError(f"{path}: not a PyTorch (.pth) or safetensors checkpoint")
+
+
+# safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+class SafetensorsTensor(LazyTensor):
+    """A tensor of a safetensors file: ``nbytes`` bytes at byte ``start`` of the file."""
+
+    def __init__(self, path: Path, name: str, shape: tuple[int, ...], stored_type: str, start: int):
+        raw = np.dtype(_SAFETENSORS_DTYPES.get(stored_type, "V1"))
+        super().__init__(str(path), name, shape, np.dtype(np.float32) if stored_type == "BF16" else raw, stored_type)
+        self.path, self.raw_dtype, self.start = path, raw, start
+
+    def load(self) -> np.ndarray:
+        count = int(np.prod(self.stored_shape))
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            raw = f.read(count * self.raw_dtype.itemsize)
+        if len(raw) != count * self.raw_dtype.itemsize:
+            raise CheckpointError(f"{self.path}: weight {self.name} runs past the end of the file (truncated?)")
+        array = np.frombuffer(raw, self.raw_dtype).reshape(self.stored_shape)
+        return (array.astype(np.uint32) << 16).view(np.float32) if self.stored_type == "BF16" else array.copy()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """The header of a safetensors file (checked by the safetensors library: every tensor's bytes lie in the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        return {
+            name: SafetensorsTensor(path, name, tuple(entry["shape"]), entry["dtype"],
+                                    8 + length + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"
+        }, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def detect_format(state: Mapping[str, object]) -> str:
+    """'meta' (Meta's / MobileSAM's names), 'hf' (transformers SamModel) or raise."""
+    keys = set(state)
+    if "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in keys:
+        return "meta"
+    if "shared_image_embedding.positional_embedding" in keys:
+        return "hf"
+    if any(k.startswith(("sam_mask_decoder.", "memory_attention.", "memory_encoder.")) for k in keys):
+        raise CheckpointError("this is a SAM 2 checkpoint (sam_mask_decoder/memory_* keys); sam_mlx supports SAM v1")
+    raise CheckpointError(
+        "not a SAM v1 checkpoint: no prompt_encoder.pe_layer.positional_encoding_gaussian_matrix "
+        "(Meta format) or shared_image_embedding.positional_embedding (Hugging Face format) key"
+    )
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
+    """Any supported foreign state dict -> (sam_mlx weights, config)."""
+    if detect_format(state) == "hf":
+        from .hf import hf_to_meta
+
+        state = hf_to_meta(state)
+    return convert_meta(state)
+
+
+def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> None:
+    """Raise CheckpointError naming any missing, unexpected, mis-shaped or non-float parameter (nothing is read)."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing weights {few(missing)}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected weights {few(extra)}")
+    for key, shape in expected.items():
+        got = tuple(weights[key].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
+        require_float(weights[key], key, f"{source}: ")
+
+
+def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
+    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU (Apple
+    Silicon) half precision, which halves the encoder's memory traffic there.
+
+    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits, and
+    TinyViT's activations stay far below its range (README's Parity, ``scripts/precision.py``). Meta's
+    ViT-H is reported to overflow float16 (segment-anything issue #540), so the ViT keeps bfloat16, which
+    has float32's range. On MLX's CPU backend half-precision matmuls and transcendental functions are
+    slower than float32.
+    """
+    if backend.on_cpu():
+        return mx.float32
+    return mx.bfloat16 if config.encoder.kind == "vit" else mx.float16
+
+
+def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None) -> Sam:
+    """Instantiate Sam from converted weights, checking every name and shape first.
+
+    ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
+    and the small prompt encoder and mask decoder stay in float32.
+    """
+    try:
+        model = Sam(config)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    try:
+        check_model_fits(config, model)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    check_weights(model, weights, source)
+    arrays, non_finite = [], []
+    for key, value in weights.items():  # read one at a time; numpy's finiteness test is faster than MLX's CPU one
+        if isinstance(value, mx.array):
+            finite = mx.isfinite(value).all().item()
+        else:
+            value = np.asarray(value)
+            finite = bool(np.isfinite(value).all())
+            value = mx.array(value)
+        if not finite:
+            non_finite.append(getattr(weights[key], "name", key))  # the file's own name
+        arrays.append((key, value))
+    if non_finite:
+        raise CheckpointError(f"{source}: weights with NaN or infinite values: {few(sorted(non_finite))}")
+    if dtype is not None:
+        arrays = [(k, v.astype(dtype)) for k, v in arrays]
+    else:
+        encoder_dtype = default_encoder_dtype(config)
+        arrays = [
+            (k, v.astype(encoder_dtype if k.startswith("image_encoder.") else mx.float32)) for k, v in arrays
+        ]
+    model.load_weights(arrays)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> Sam:
+    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
+    path = Path(path)
+    state, metadata = read_state_dict(path)
+    if "sam_mlx_config" in metadata:
+        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype)
+    try:
+        weights, config = convert_state_dict(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (ValueError, KeyError) as exc:  # e.g. a config the model refuses (TinyViTConfig's stage count)
+        raise CheckpointError(f"{path}: invalid weights ({exc})") from exc
+    return build_model(weights, config, str(path), dtype)
+
+
+def _sam_mlx_config(metadata: Mapping[str, str], path: Path) -> SamConfig:
+    """The config in a sam_mlx file's metadata, after checking the file's format version."""
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: sam_mlx model format version {version!r}, expected {FORMAT_VERSION!r} "
+            "(convert the original checkpoint again with this sam_mlx)"
+        )
+    try:
+        return SamConfig.from_dict(json.loads(metadata["sam_mlx_config"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON or fields of the wrong kind
+        raise CheckpointError(f"{path}: invalid sam_mlx metadata ({exc})") from exc
+
+
+def save_model(model: Sam, path: str | Path, dtype: str = "float32", source: str = "") -> Path:
+    """Write the model's weights as safetensors (config and source in the metadata), atomically."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    params = tree_flatten(model.parameters())
+    if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
+        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        if too_large:
+            raise ValueError(f"weights {few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
+                             "become infinite: save as bfloat16 or float32")
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
+    metadata = {
+        "format": "sam_mlx",
+        "format_version": FORMAT_VERSION,
+        "sam_mlx_config": json.dumps(model.config.to_dict()),
+        "source": source,
+        "dtype": dtype,
+    }
+    return atomic_write(path, lambda tmp: mx.save_safetensors(tmp, weights, metadata=metadata), suffix=".safetensors")

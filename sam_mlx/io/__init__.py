@@ -1,0 +1,1 @@
+"""Files in and out: images, image tokens, overlays, atomic writes."""

@@ -1,0 +1,77 @@
+"""The whole SAM model: image encoder, coordinate encoder, prompt encoder and mask decoder.
+
+Images are channels-last. The heavy image encoder runs once per image; the coordinate encoder,
+prompt encoder and mask decoder run per prompt. This is the reference model, plain MLX that reads
+top to bottom; ``sam_mlx.fast`` computes the same from these modules' parameters, fast on the CPU.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..config import SamConfig, ViTConfig
+from .coordinate_encoder import CoordinateEncoder
+from .image_encoder import ImageEncoderViT
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder, prompt_batch_size
+from .tiny_vit import TinyViTImageEncoder
+
+
+class Sam(nn.Module):
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        self.config = config
+        if isinstance(config.encoder, ViTConfig):
+            self.image_encoder: ImageEncoderViT | TinyViTImageEncoder = ImageEncoderViT(config.encoder)
+        else:
+            self.image_encoder = TinyViTImageEncoder(config.encoder)
+        d = config.decoder.embed_dim
+        self.coordinate_encoder = CoordinateEncoder(d // 2)
+        self.prompt_encoder = PromptEncoder(d)
+        self.mask_decoder = MaskDecoder(config.decoder)
+
+    @property
+    def encoder_dtype(self) -> mx.Dtype:
+        """The image encoder's weight dtype, which it computes in."""
+        return tree_flatten(self.image_encoder.parameters())[0][1].dtype
+
+    def encode_image(self, image: mx.array) -> mx.array:
+        """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens (in the encoder's dtype)."""
+        return self.image_encoder(image.astype(self.encoder_dtype))
+
+    def encode_prompts(
+        self,
+        points: tuple[mx.array, mx.array] | None,
+        boxes: mx.array | None,
+        input_size: tuple[int, int],
+        batch: int,
+    ) -> mx.array:
+        """Points (B x N x 2 pixels, B x N labels) and boxes (B x 4: x1, y1, x2, y2) of the (H, W) encoder input
+        -> B x N' x D prompt tokens: each coordinate's encoding plus its role's embedding."""
+        encode = self.coordinate_encoder.encode_points
+        point_encodings = None if points is None else (encode(points[0], input_size), points[1])
+        corner_encodings = None if boxes is None else encode(boxes.reshape(-1, 2, 2), input_size)
+        return self.prompt_encoder(point_encodings, corner_encodings, batch)
+
+    def decode(
+        self,
+        image_tokens: mx.array,
+        input_size: tuple[int, int],
+        points: tuple[mx.array, mx.array] | None = None,
+        boxes: mx.array | None = None,
+        mask_input: mx.array | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[mx.array, mx.array]:
+        """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
+
+        image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the prompt coordinates
+        are in; points: (B x N x 2 xy, B x N labels); boxes: B x 4; mask_input: B x 4h x 4w logits.
+        """
+        h, w = image_tokens.shape[1:3]
+        batch = prompt_batch_size(points, boxes, mask_input)
+        prompt_tokens = self.encode_prompts(points, boxes, input_size, batch)
+        image_pe = self.coordinate_encoder.grid(h, w)
+        mask_hint = None if mask_input is None else mask_input[..., None]
+        return self.mask_decoder(image_tokens, image_pe, prompt_tokens, mask_hint, multimask_output)
