@@ -48,6 +48,7 @@ from .io.export import (  # noqa: E402
     ImageEntry,
     parse_formats,
 )
+from .io.folders import ImageInput, expand_images, output_stems  # noqa: E402
 from .io.images import load_image, pixel_fingerprint  # noqa: E402
 from .io.overlay import draw_overlay  # noqa: E402
 from .io.tokens import (  # noqa: E402
@@ -59,7 +60,6 @@ from .io.tokens import (  # noqa: E402
 )
 from .ops.blas import reference_blas_in_use  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
 FAILURES_FILE = "failures.json"
 TOKENS_SUFFIX = ".tokens.safetensors"  # encode --out-dir: one STEM.tokens.safetensors per image
@@ -173,52 +173,6 @@ def _predictor(args: argparse.Namespace, model, default_sizing: str = "original"
     sizing = args.sizing or default_sizing
     size = args.size or (default_size if sizing == default_sizing else None)
     return sam_mlx.SamPredictor(model, sizing=sizing, size=size)
-
-
-@dataclass
-class ImageInput:
-    """An image to process: its path and its COCO ``file_name`` (the path below the folder it was found in)."""
-
-    path: Path
-    name: str
-
-
-def _expand_images(inputs: Sequence[str], recursive: bool = False, out_dir: Path | None = None) -> list[ImageInput]:
-    """Files as given, folders as the images inside them (sorted; with ``recursive``, in subfolders too).
-
-    An output folder inside an input folder is skipped, so a rerun does not take the masks for images.
-    """
-    skip = out_dir.resolve() if out_dir is not None else None
-    images: list[ImageInput] = []
-    for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            candidates = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(
-                p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not (skip is not None and skip != path.resolve() and skip in p.resolve().parents)
-            )
-            if not found:
-                raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            images.extend(ImageInput(p, p.relative_to(path).as_posix()) for p in found)
-        elif path.is_file():
-            images.append(ImageInput(path, path.name))
-        else:
-            raise CliError(f"image not found: {path}")
-    return images
-
-
-def _output_stems(images: Sequence[Path]) -> list[str]:
-    """File-name stems for the outputs, made unique when two inputs share a name."""
-    stems, seen = [], set()
-    for path in images:
-        stem, n = path.stem, 1
-        while stem in seen:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        seen.add(stem)
-        stems.append(stem)
-    return stems
 
 
 def _check_prompts(points: np.ndarray, boxes: np.ndarray, width: int, height: int, name: str) -> None:
@@ -478,7 +432,7 @@ class ImageFailed:
 
 
 def _jobs(images: Sequence[ImageInput], prompts: Sequence[list[Prompt]] | None = None) -> list[ImageJob]:
-    stems = _output_stems([image.path for image in images])
+    stems = output_stems([image.path for image in images])
     prompts = prompts if prompts is not None else [[] for _ in images]
     return [ImageJob(image.path, image.name, stem, p) for image, stem, p in zip(images, stems, prompts)]
 
@@ -823,7 +777,7 @@ def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in _expand_images(args.images, args.recursive, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in expand_images(args.images, args.recursive, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -903,7 +857,7 @@ def _segment(
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    images = _expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
+    images = expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
     if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
         raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
                        f"(one STEM{TOKENS_SUFFIX} per image)")
@@ -938,7 +892,7 @@ class _ProgressBar:
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = _expand_images(args.images, args.recursive, Path(args.out_dir))
+    images = expand_images(args.images, args.recursive, Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 

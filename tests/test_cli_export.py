@@ -270,17 +270,6 @@ def test_prompts_file_excludes_command_line_prompts(tmp_path, capsys):
     assert "no image: give IMAGE|DIR ... or --prompts FILE" in capsys.readouterr().err
 
 
-def test_recursive_folders_skip_the_output_folder(tmp_path):
-    for name in ("a.jpg", "sub/b.png", "sub/deeper/c.JPG", "out/a_mask0.png", "notes.txt"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    flat = cli._expand_images([str(tmp_path)], out_dir=tmp_path / "out")
-    deep = cli._expand_images([str(tmp_path)], recursive=True, out_dir=tmp_path / "out")
-    assert [i.name for i in flat] == ["a.jpg"]
-    assert [i.name for i in deep] == ["a.jpg", "sub/b.png", "sub/deeper/c.JPG"]
-    assert [i.name for i in cli._expand_images([str(tmp_path / "sub")], recursive=True)] == ["b.png", "deeper/c.JPG"]
-
-
 class _Work(cli.ImageWork):
     """Images named bad.jpg fail; the others are done."""
 
