@@ -896,22 +896,16 @@ def cmd_everything(args: argparse.Namespace) -> int:
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# A file's own dtype names (safetensors' and torch's storage classes) as numpy names.
+_STORED_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                  "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+                  "BFloat16Storage": "bfloat16"}
 
 
 def _stored_dtypes(path: Path) -> dict[str, int]:
-    """How many tensors of each dtype a checkpoint file stores (a safetensors header is read, not its data).
-
-    A .pth's bfloat16 tensors count as float32: the reader widens them (numpy has no bfloat16).
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] != b"PK" and len(head) == 8:
-            header = json.loads(f.read(int.from_bytes(head, "little")))
-            kinds = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-            return _counts(_SAFETENSORS_DTYPES.get(kind, kind.lower()) for kind in kinds)
+    """How many tensors of each dtype a checkpoint file stores (read from its header, not its data)."""
     state, _ = read_state_dict(path)
-    return _counts(str(v.dtype) for v in state.values())
+    return _counts(_STORED_DTYPES.get(v.stored_type, v.stored_type) for v in state.values())
 
 
 def _counts(names) -> dict[str, int]:

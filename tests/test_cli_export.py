@@ -191,8 +191,15 @@ def test_version(env):  # noqa: F811
 
 
 def test_info_shows_stored_and_compute_dtypes(tmp_path, capsys):
+    import torch
+
     half = save_model(load_checkpoint(MOBILE_SAM, mx.float32), tmp_path / "half.safetensors", dtype="float16")
-    for model, stored in ((MODEL, "float32"), (str(half), "float16")):
+    brain = save_model(load_checkpoint(MOBILE_SAM, mx.float32), tmp_path / "brain.safetensors", dtype="bfloat16")
+    state = torch.load(MOBILE_SAM, map_location="cpu", weights_only=True)
+    brain_pth = tmp_path / "brain.pth"  # a .pth's bfloat16 is named as such, though the reader widens it
+    torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, brain_pth)
+    cases = ((MODEL, "float32"), (str(half), "float16"), (str(brain), "bfloat16"), (str(brain_pth), "bfloat16"))
+    for model, stored in cases:
         assert cli.main(["info", "--model", model]) == 0
         out = capsys.readouterr().out
         assert f"stored dtype: {stored} (" in out and f"tensors) in {model}" in out
