@@ -966,6 +966,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     model = sam_mlx.load(_model_to_load(args))
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
+          tokens_cache_bytes=args.tokens_cache_mb << 20,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
 
@@ -1109,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
                      help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
+    app.add_argument("--tokens-cache-mb", type=_count, default=2048, metavar="MB",
+                     help="the tokens folder's size limit: the tokens used longest ago are removed first "
+                     "(default: 2048, about 500 images; each image's tokens take ~4 MB)")
     app.add_argument("--prefetch", type=_count, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
     app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
