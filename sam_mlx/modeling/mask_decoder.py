@@ -70,8 +70,13 @@ class MaskGenerator(nn.Module):
         """image: B x h x w x D, mask_tokens: B x M x D -> masks B x M x 4h x 4w."""
         features = self.upscaler(image)  # B x 4h x 4w x D/8
         weights = mx.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.mask_token_mlps)], axis=1)
-        b, h, w, c = features.shape
-        return (weights @ features.reshape(b, h * w, c).swapaxes(1, 2)).reshape(b, -1, h, w)
+        return dot_pixels(weights, features)
+
+
+def dot_pixels(weights: mx.array, features: mx.array) -> mx.array:
+    """weights B x K x C, features B x H x W x C -> B x K x H x W: each weight vector dotted with every pixel."""
+    b, h, w, c = features.shape
+    return (weights @ features.reshape(b, h * w, c).swapaxes(1, 2)).reshape(b, -1, h, w)
 
 
 class MaskDecoder(nn.Module):
