@@ -192,6 +192,8 @@ class SamPredictor:
         as ``predict``.
         """
         image = self._require_image()
+        if hq_token_only and not self.model.config.hq:
+            raise ValueError(f"hq_token_only needs an HQ-SAM model; a {self.model.config.name} model has no HQ token")
         prompts = self._prepare_prompts(point_coords, point_labels, boxes, mask_input)
         if prompt_batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits, return_low_res)
