@@ -29,6 +29,7 @@ from ..ops.backend import keep_prompt_buffers
 from ..ops.bands import parallel_bands
 from ..ops.blas import single_threaded
 from ..transforms import ImageGeometry, preprocess
+from .hq_mask_decoder import decode_hq, hq_features
 from .image_encoder import vit_features
 from .mask_decoder import decode, image_side, mask_hint
 from .masks import upscale_mask_logits, upscaled_masks_above
@@ -38,9 +39,8 @@ from .two_way_transformer import ImageSide
 # The fast version of each image encoder (the image tokens and, if asked, the early features HQ-SAM fuses);
 # another encoder runs as the plain model has it.
 _FAST_ENCODERS = {ImageEncoderViT: vit_features, TinyViTImageEncoder: tiny_vit_features}
-# HQ-SAM's prompts are decoded by the plain model (its refiner's 3x3 convs need whole upscaled features), this
-# many at a time: each carries 4h x 4w x 64 floats through them.
-_HQ_PROMPT_GROUP = 8
+# HQ-SAM's prompts are decoded this many at a time: each carries 4h x 4w x 288 floats through the refiner's convs.
+_HQ_PROMPT_GROUP = 4
 
 
 class EncodedImage(NamedTuple):
@@ -49,7 +49,7 @@ class EncodedImage(NamedTuple):
     tokens: mx.array  # 1 x h x w x C image tokens
     geometry: ImageGeometry
     grid_pe: mx.array  # h x w x D: the token grid's position encoding
-    side: ImageSide | None  # the first decoder layer's per-image projections, in row bands (None for HQ-SAM)
+    side: ImageSide  # the first decoder layer's per-image projections, in row bands
     hq_features: mx.array | None = None  # HQ-SAM: 1 x 4h x 4w x D/8 (``HQMaskDecoder.hq_features``)
 
 
@@ -66,12 +66,13 @@ class FastSam:
 
     def encode_hq(self, pixels: mx.array) -> tuple[mx.array, mx.array]:
         """``model.encode_image_hq(pixels)``, evaluated: HQ-SAM's image tokens and HQ features."""
-        model = self.model
         tokens, early = self._encode(pixels, keep_early=True)
-        dtype = model.mask_decoder.hq_token.dtype
-        hq_features = model.mask_decoder.hq_features(tokens.astype(dtype), early.astype(dtype))
-        mx.eval(hq_features)
-        return tokens, hq_features
+        decoder = self.model.mask_decoder
+        dtype = decoder.hq_token.dtype
+        with parallel_bands():
+            features = hq_features(decoder, tokens.astype(dtype), early.astype(dtype))
+            mx.eval(features)
+        return tokens, features
 
     def _encode(self, pixels: mx.array, keep_early: bool) -> tuple[mx.array, mx.array | None]:
         encoder = self.model.image_encoder
@@ -84,17 +85,14 @@ class FastSam:
     def prepare(self, tokens: mx.array, geometry: ImageGeometry, hq_features: mx.array | None = None) -> EncodedImage:
         """An image's tokens (1 x h x w x C) with what every prompt on it shares, evaluated. HQ-SAM needs the
         image's ``hq_features`` (``encode_hq``)."""
+        if self.model.config.hq and hq_features is None:
+            raise ValueError("HQ-SAM needs the image's HQ features, made from the encoder's early features, "
+                             "which image tokens alone do not hold: encode the image (set_image)")
         grid_pe = self.model.coordinate_encoder.grid(*geometry.grid_size)
-        if self.model.config.hq:
-            if hq_features is None:
-                raise ValueError("HQ-SAM needs the image's HQ features, made from the encoder's early features, "
-                                 "which image tokens alone do not hold: encode the image (set_image)")
-            mx.eval(grid_pe)
-            return EncodedImage(tokens, geometry, grid_pe, None, hq_features)
         with parallel_bands():
             side = image_side(self.model.mask_decoder, tokens, grid_pe)
             mx.eval(grid_pe, side)
-        return EncodedImage(tokens, geometry, grid_pe, side)
+        return EncodedImage(tokens, geometry, grid_pe, side, hq_features)
 
     def encode_image(self, image: np.ndarray, geometry: ImageGeometry) -> EncodedImage:
         """H x W x 3 uint8 RGB, sized and padded as ``geometry`` says -> ``prepare`` of its tokens."""
@@ -120,7 +118,7 @@ class FastSam:
 
         ``read_grid_only``: the low-res logits of ``geometry.read_grid``'s tokens only, all that ``upscale``
         and ``masks_above`` read (a 3:2 photo's padding is a third of the tokens).
-        HQ-SAM: the plain model decodes, C is 1 and ``hq_token_only`` as in the original; the whole grid's logits.
+        HQ-SAM: C is 1 and ``hq_token_only`` as in the original; always the whole grid's logits.
         """
         model, geometry = self.model, image.geometry
         if model.config.hq:
@@ -145,15 +143,20 @@ class FastSam:
         hq_token_only: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``model.decode`` of HQ-SAM, in groups of ``_HQ_PROMPT_GROUP`` prompts."""
-        low_res, iou = [], []
-        for start in range(0, prompt_batch_size(points, boxes, masks), _HQ_PROMPT_GROUP):
+        model, low_res, iou = self.model, [], []
+        batch = prompt_batch_size(points, boxes, masks)
+        for start in range(0, batch, _HQ_PROMPT_GROUP):
             part = slice(start, start + _HQ_PROMPT_GROUP)
             group_points = None if points is None else (points[0][part], points[1][part])
-            group = self.model.decode(
-                image.tokens, image.geometry.padded_size, group_points, None if boxes is None else boxes[part],
-                None if masks is None else masks[part], multimask_output, image.hq_features, hq_token_only,
-            )
-            mx.eval(group)
+            group_boxes = None if boxes is None else boxes[part]
+            group_masks = None if masks is None else masks[part]
+            with parallel_bands():
+                count = prompt_batch_size(group_points, group_boxes, group_masks)
+                prompt_tokens = model.encode_prompts(group_points, group_boxes, image.geometry.padded_size, count)
+                hint = None if group_masks is None else mask_hint(model.mask_decoder, group_masks[..., None])
+                group = decode_hq(model.mask_decoder, image.side, image.grid_pe, prompt_tokens, hint, image.hq_features,
+                                  multimask_output, hq_token_only)
+                mx.eval(group)
             low_res.append(np.array(group[0]))
             iou.append(np.array(group[1]))
         return np.concatenate(low_res), np.concatenate(iou)
