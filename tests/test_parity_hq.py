@@ -1,7 +1,8 @@
 """HQ-SAM vs SysCV's original PyTorch code (segment-anything-hq) and transformers' SamHQModel, random weights.
 
-- the HQ mask decoder at ViT-B's real geometry (64 x 64 tokens, 768-wide early features), on the reference's own
-  image embeddings, every prompt kind, hints, multimask on and off, ``hq_token_only``;
+- the HQ mask decoder at ViT-B's real geometry (64 x 64 tokens, 768-wide early features), on random image
+  embeddings, every prompt kind, hints, multimask on and off, ``hq_token_only``: the fast path (which the predictor
+  runs) in every case, the plain reference model in one (MLX's convs make it slow on the CPU);
 - the whole predictor on a photo, from a ``.pth`` file: a small ViT (HQ-SAM's ViT-B/L/H differ only in the
   encoder's widths and depths, checked by the ViT parity tests) and Light HQ-SAM's TinyViT;
 - a ``save_pretrained`` SamHQModel file, whose multimask output is the three SAM masks sorted by IoU, each plus
@@ -18,7 +19,9 @@ from PIL import Image
 import sam_mlx
 from helpers import IMAGES
 from reference import build_reference_hq_sam, reference_hq_predictor_class
-from sam_mlx.transforms import image_geometry, preprocess
+from sam_mlx.fast import FastSam
+from sam_mlx.fast.hq_mask_decoder import hq_features
+from sam_mlx.transforms import ImageGeometry, image_geometry, preprocess
 
 PROMPTS = {
     "point": dict(point_coords=[[500, 375]], point_labels=[1]),
@@ -35,19 +38,41 @@ def _np(prompt: dict) -> dict:
 @pytest.fixture(scope="module")
 def vit_b_decoder(tmp_path_factory):
     """The original HQ-SAM ViT-B's prompt encoder and HQ decoder, sam_mlx's model loaded from its ``.pth``,
-    and random image embeddings and early features, as the decoder sees them."""
+    random image embeddings and early features, as the decoder sees them, and the fast path's image."""
     ref = build_reference_hq_sam("vit", seed=3)
     path = tmp_path_factory.mktemp("hq_vit_b") / "sam_hq_vit_b.pth"
     torch.save(ref.state_dict(), path)
     rng = np.random.default_rng(0)
     tokens = rng.normal(0, 0.5, (1, 64, 64, 256)).astype(np.float32)
     early = rng.normal(0, 1.0, (1, 64, 64, 768)).astype(np.float32)
-    return ref, sam_mlx.load(str(path)), tokens, early
+    ours = sam_mlx.load(str(path))
+    fast = FastSam(ours)
+    frame = ImageGeometry((1024, 1024), (1024, 1024), (1024, 1024))  # prompts in the encoder input's pixels
+    image = fast.prepare(mx.array(tokens), frame, hq_features(ours.mask_decoder, mx.array(tokens), mx.array(early)))
+    return ref, ours, tokens, early, fast, image
 
 
-def _reference_decode(ref, tokens, early, points, box, mask, multimask, hq_token_only):
+# Two prompts of each kind, encoder-input pixels; the hint is random low-res logits.
+COORDS = np.array([[[500.0, 375.0], [812.5, 300.25]], [[100.0, 900.0], [640.0, 64.0]]], np.float32)
+LABELS = np.array([[1, 0], [1, 1]], np.int64)
+BOXES = np.array([[425, 600, 700, 875], [10, 20, 1000, 500]], np.float32)
+HINT = np.random.default_rng(1).normal(0, 3, (2, 256, 256)).astype(np.float32)
+
+
+def _prompts(kind: str) -> tuple:
+    """(points, boxes, hint) as numpy, None for those the kind has not."""
+    return ((COORDS, LABELS) if kind != "box" else None, BOXES if kind != "points" else None,
+            HINT if kind == "box_points_hint" else None)
+
+
+def _reference_decode(vit_b_decoder, kind, multimask, hq_token_only):
+    ref, _, tokens, early = vit_b_decoder[:4]
+    points, boxes, hint = _prompts(kind)
     with torch.no_grad():
-        sparse, dense = ref.prompt_encoder(points=points, boxes=box, masks=mask)
+        sparse, dense = ref.prompt_encoder(
+            points=None if points is None else tuple(torch.from_numpy(a) for a in points),
+            boxes=None if boxes is None else torch.from_numpy(boxes),
+            masks=None if hint is None else torch.from_numpy(hint[:, None]))
         logits, iou = ref.mask_decoder(
             image_embeddings=torch.from_numpy(tokens).permute(0, 3, 1, 2), image_pe=ref.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
@@ -56,29 +81,34 @@ def _reference_decode(ref, tokens, early, points, box, mask, multimask, hq_token
     return logits.numpy(), iou.numpy()
 
 
-@pytest.mark.parametrize("hq_token_only", [False, True])
-@pytest.mark.parametrize("multimask", [True, False])
-@pytest.mark.parametrize("prompt", ["points", "box", "box_points_hint"])
+def _mx_prompts(kind: str) -> tuple:
+    points, boxes, hint = _prompts(kind)
+    return (None if points is None else (mx.array(points[0]), mx.array(points[1].astype(np.int32))),
+            None if boxes is None else mx.array(boxes), None if hint is None else mx.array(hint))
+
+
+@pytest.mark.parametrize("prompt, multimask, hq_token_only", [
+    ("points", True, False), ("points", False, True), ("box", True, True), ("box", False, False),
+    ("box_points_hint", True, False), ("box_points_hint", False, True),
+])
 def test_vit_b_decoder(vit_b_decoder, prompt, multimask, hq_token_only):
-    ref, ours, tokens, early = vit_b_decoder
-    coords = np.array([[[500.0, 375.0], [812.5, 300.25]], [[100.0, 900.0], [640.0, 64.0]]], np.float32)  # 2 prompts
-    labels = np.array([[1, 0], [1, 1]], np.int64)
-    boxes = np.array([[425, 600, 700, 875], [10, 20, 1000, 500]], np.float32)
-    hint = np.random.default_rng(1).normal(0, 3, (2, 256, 256)).astype(np.float32)
-    use_points, use_box, use_hint = prompt != "box", prompt != "points", prompt == "box_points_hint"
-    expected = _reference_decode(
-        ref, tokens, early, (torch.from_numpy(coords), torch.from_numpy(labels)) if use_points else None,
-        torch.from_numpy(boxes) if use_box else None, torch.from_numpy(hint[:, None]) if use_hint else None,
-        multimask, hq_token_only,
-    )
-    tokens_mx = mx.array(tokens)
-    hq_features = ours.mask_decoder.hq_features(tokens_mx, mx.array(early))
-    logits, iou = ours.decode(
-        tokens_mx, (1024, 1024), (mx.array(coords), mx.array(labels.astype(np.int32))) if use_points else None,
-        mx.array(boxes) if use_box else None, mx.array(hint) if use_hint else None, multimask, hq_features,
-        hq_token_only,
-    )
+    """The fast path (what the predictor runs)."""
+    expected = _reference_decode(vit_b_decoder, prompt, multimask, hq_token_only)
+    fast, image = vit_b_decoder[4:]
+    logits, iou = fast.decode(image, *_mx_prompts(prompt), multimask, hq_token_only=hq_token_only)
     assert logits.shape == expected[0].shape == (2, 1, 256, 256)
+    assert np.abs(logits - expected[0]).max() <= 1e-3
+    assert np.abs(iou - expected[1]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("prompt, multimask, hq_token_only", [("box_points_hint", True, False)])
+def test_vit_b_plain_decoder(vit_b_decoder, prompt, multimask, hq_token_only):
+    """The plain reference model (MLX's convs, slow on the CPU: one case)."""
+    expected = _reference_decode(vit_b_decoder, prompt, multimask, hq_token_only)
+    _, ours, tokens, early = vit_b_decoder[:4]
+    features = ours.mask_decoder.hq_features(mx.array(tokens), mx.array(early))
+    assert np.abs(np.array(features) - np.array(vit_b_decoder[5].hq_features)).max() <= 1e-4  # the fast path's
+    logits, iou = ours.decode(mx.array(tokens), (1024, 1024), *_mx_prompts(prompt), multimask, features, hq_token_only)
     assert np.abs(np.array(logits) - expected[0]).max() <= 1e-3
     assert np.abs(np.array(iou) - expected[1]).max() <= 1e-4
 
@@ -116,9 +146,10 @@ def test_predictor_embedding(predictors):
     assert np.abs(ours.get_image_embedding() - ref.features.numpy()).max() <= 1e-3
 
 
-@pytest.mark.parametrize("hq_token_only", [False, True])
-@pytest.mark.parametrize("multimask", [True, False])
-@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+@pytest.mark.parametrize("prompt, multimask, hq_token_only", [
+    *((prompt, multimask, False) for prompt in sorted(PROMPTS) for multimask in (True, False)),
+    ("box_and_points", True, True),
+])
 def test_predictor_outputs(predictors, prompt, multimask, hq_token_only):
     _, ref, ours = predictors
     kwargs = dict(_np(PROMPTS[prompt]), multimask_output=multimask, hq_token_only=hq_token_only)
@@ -210,7 +241,9 @@ def test_transformers_sam_hq(tmp_path):
 
     image = np.asarray(Image.open(IMAGES / "dog.jpg").convert("RGB"))
     pixels = preprocess(image, image_geometry(image.shape[:2]))
-    tokens, hq_features = ours.encode_image_hq(pixels)
+    fast = FastSam(ours)
+    tokens, features = fast.encode_hq(pixels)
+    encoded = fast.prepare(tokens, ImageGeometry((1024, 1024), (1024, 1024), (1024, 1024)), features)
     with torch.no_grad():
         vision = hf.vision_encoder(torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2))
     embedding, early = vision.last_hidden_state, vision.intermediate_embeddings[0].permute(0, 3, 1, 2)
@@ -228,10 +261,10 @@ def test_transformers_sam_hq(tmp_path):
                 out = hf(image_embeddings=embedding, intermediate_embeddings=vision.intermediate_embeddings,
                          input_points=torch.from_numpy(points)[None], input_labels=torch.from_numpy(labels)[None],
                          input_boxes=torch.from_numpy(box)[None], multimask_output=multimask)
-            logits, iou = ours.decode(tokens, (1024, 1024), (mx.array(points), mx.array(labels.astype(np.int32))),
-                                      mx.array(box), None, multimask, hq_features, hq_token_only)
+            prompts = ((mx.array(points), mx.array(labels.astype(np.int32))), mx.array(box))
+            logits, iou = fast.decode(encoded, *prompts, None, multimask, hq_token_only=hq_token_only)
             assert logits.shape == expected[0].shape == (1, 1, 256, 256)
-            assert np.abs(np.array(logits) - expected[0]).max() <= 1e-3
-            assert np.abs(np.array(iou) - expected[1]).max() <= 1e-4
+            assert np.abs(logits - expected[0]).max() <= 1e-3
+            assert np.abs(iou - expected[1]).max() <= 1e-4
             # transformers' own forward: the same IoU predictions (its best first)
             assert np.abs(np.array(iou) - out.iou_scores[0, :, :1].numpy()).max() <= 1e-4
