@@ -180,10 +180,13 @@ def test_predictor_mask_input_and_batch(predictors):
         assert np.abs(batch_iou[i] - one_iou).max() <= 1e-4 and (batch_masks[i] == one_masks).mean() >= 0.999
 
 
-def test_tokens_alone_are_refused(predictors):
+def test_tokens_alone_are_refused(predictors, tmp_path):
     _, _, ours = predictors
     with pytest.raises(ValueError, match="early features"):
         ours.set_image_tokens(ours.features, ours.geometry)
+    with pytest.raises(ValueError, match="early features"):
+        sam_mlx.save_image_tokens(ours, tmp_path / "tokens.safetensors")
+    assert not (tmp_path / "tokens.safetensors").exists()
 
 
 # ---------------------------------------------------------------- transformers' SamHQModel
