@@ -268,3 +268,22 @@ def reference_hq_predictor_class():
     segment_anything_hq_modeling()
     _install_torchvision_shim()
     return importlib.import_module("segment_anything_hq.predictor").SamPredictor
+
+
+def randomize_transformers_sam(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A transformers ``SamModel`` / ``SamHQModel`` with PyTorch's default inits (as Meta's modules have, not
+    transformers' small ones), relative position tables and position encodings N(0, 0.5), the Gaussian matrix
+    N(0, 1) as Meta's, and LayerNorms moved off 1 and 0 so that the tests see them; in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
+                module.reset_parameters()
+        for name, p in model.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+            elif name.endswith("positional_embedding"):
+                p.normal_(0, 1.0)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()

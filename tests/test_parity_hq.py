@@ -18,7 +18,7 @@ from PIL import Image
 
 import sam_mlx
 from helpers import IMAGES
-from reference import build_reference_hq_sam, reference_hq_predictor_class
+from reference import build_reference_hq_sam, randomize_transformers_sam, reference_hq_predictor_class
 from sam_mlx.fast import FastSam
 from sam_mlx.fast.hq_mask_decoder import hq_features
 from sam_mlx.transforms import ImageGeometry, image_geometry, preprocess
@@ -197,19 +197,8 @@ def _random_hf_hq(tmp_path):
     torch.manual_seed(0)
     vision = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, global_attn_indexes=[1, 3],
                   window_size=14)
-    hf = transformers.SamHQModel(transformers.SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=96)))
-    hf.eval()
-    with torch.no_grad():
-        for module in hf.modules():  # PyTorch's default inits, not transformers' small ones
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
-                module.reset_parameters()
-        for name, p in hf.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name:
-                p.normal_(0, 0.5)
-            elif name.endswith("positional_embedding"):
-                p.normal_(0, 1.0)
-            elif "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    config = transformers.SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=96))
+    hf = randomize_transformers_sam(transformers.SamHQModel(config))
     hf.save_pretrained(tmp_path)
     return hf
 

@@ -69,7 +69,7 @@ def decode_hq(
     b = prompt_tokens.shape[0]
     h, w, d = image_pe.shape
     m = decoder.num_mask_tokens
-    out_tokens = mx.concatenate([decoder.iou_token, decoder.mask_tokens, decoder.hq_token], axis=0)
+    out_tokens = decoder.output_tokens()
     tokens = mx.concatenate([mx.broadcast_to(out_tokens[None], (b, *out_tokens.shape)), prompt_tokens], axis=1)
     count = len(side.image)
     if hint is not None:

@@ -31,7 +31,7 @@ from ..ops.blas import single_threaded
 from ..transforms import ImageGeometry, preprocess
 from .hq_mask_decoder import decode_hq, hq_features
 from .image_encoder import vit_features
-from .mask_decoder import decode, image_side, mask_hint
+from .mask_decoder import MaskHint, decode, image_side, mask_hint
 from .masks import upscale_mask_logits, upscaled_masks_above
 from .tiny_vit import tiny_vit_features
 from .two_way_transformer import ImageSide
@@ -121,12 +121,12 @@ class FastSam:
         HQ-SAM: C is 1 and ``hq_token_only`` as in the original; always the whole grid's logits.
         """
         model, geometry = self.model, image.geometry
-        if model.config.hq:
-            return self._decode_hq(image, points, boxes, masks, multimask_output, hq_token_only)
         with parallel_bands():
             batch = prompt_batch_size(points, boxes, masks)
             prompt_tokens = model.encode_prompts(points, boxes, geometry.padded_size, batch)
             hint = None if masks is None else mask_hint(model.mask_decoder, masks[..., None])
+            if model.config.hq:
+                return self._decode_hq(image, prompt_tokens, hint, multimask_output, hq_token_only)
             read_grid = geometry.read_grid if read_grid_only else None
             low_res, iou = decode(model.mask_decoder, image.side, image.grid_pe, prompt_tokens, hint, multimask_output,
                                   read_grid)
@@ -134,29 +134,17 @@ class FastSam:
         return np.array(low_res), np.array(iou)
 
     def _decode_hq(
-        self,
-        image: EncodedImage,
-        points: tuple[mx.array, mx.array] | None,
-        boxes: mx.array | None,
-        masks: mx.array | None,
-        multimask_output: bool,
+        self, image: EncodedImage, prompt_tokens: mx.array, hint: MaskHint | None, multimask_output: bool,
         hq_token_only: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``model.decode`` of HQ-SAM, in groups of ``_HQ_PROMPT_GROUP`` prompts."""
-        model, low_res, iou = self.model, [], []
-        batch = prompt_batch_size(points, boxes, masks)
-        for start in range(0, batch, _HQ_PROMPT_GROUP):
+        """HQ-SAM's ``decode`` of B prompts (B x N x D tokens, their hints), ``_HQ_PROMPT_GROUP`` at a time."""
+        low_res, iou = [], []
+        for start in range(0, prompt_tokens.shape[0], _HQ_PROMPT_GROUP):
             part = slice(start, start + _HQ_PROMPT_GROUP)
-            group_points = None if points is None else (points[0][part], points[1][part])
-            group_boxes = None if boxes is None else boxes[part]
-            group_masks = None if masks is None else masks[part]
-            with parallel_bands():
-                count = prompt_batch_size(group_points, group_boxes, group_masks)
-                prompt_tokens = model.encode_prompts(group_points, group_boxes, image.geometry.padded_size, count)
-                hint = None if group_masks is None else mask_hint(model.mask_decoder, group_masks[..., None])
-                group = decode_hq(model.mask_decoder, image.side, image.grid_pe, prompt_tokens, hint, image.hq_features,
-                                  multimask_output, hq_token_only)
-                mx.eval(group)
+            group = decode_hq(self.model.mask_decoder, image.side, image.grid_pe, prompt_tokens[part],
+                              None if hint is None else hint._replace(features=hint.features[part]), image.hq_features,
+                              multimask_output, hq_token_only)
+            mx.eval(group)
             low_res.append(np.array(group[0]))
             iou.append(np.array(group[1]))
         return np.concatenate(low_res), np.concatenate(iou)

@@ -60,6 +60,10 @@ class HQMaskDecoder(MaskDecoder):
         self.image_token_upscaler = FeatureUpscaler(d, d // 4, d // 8)
         self.mask_feature_refiner = MaskFeatureRefiner(d // 8)
 
+    def output_tokens(self) -> mx.array:
+        """SAM's output tokens, then the HQ token."""
+        return mx.concatenate([self.iou_token, self.mask_tokens, self.hq_token])
+
     def hq_features(self, image_tokens: mx.array, early_features: mx.array) -> mx.array:
         """An image's HQ features, shared by its prompts: image_tokens 1 x h x w x D and the encoder's
         early features 1 x h x w x E -> 1 x 4h x 4w x D/8."""
@@ -79,15 +83,9 @@ class HQMaskDecoder(MaskDecoder):
         B x 1 x 4h x 4w and IoU predictions B x 1."""
         if hq_features is None:
             raise ValueError("HQ-SAM's mask decoder needs the image's HQ features (from the encoder's early features)")
-        b = prompt_tokens.shape[0]
-        h, w, d = image_pe.shape
         m = self.num_mask_tokens
-        output_tokens = mx.concatenate([self.iou_token, self.mask_tokens, self.hq_token])
-        tokens = mx.concatenate([mx.broadcast_to(output_tokens, (b, *output_tokens.shape)), prompt_tokens], axis=1)
-        image = image_tokens + self.mask_hint_encoder(mask_hint, (h, w), b)
-
-        tokens, image = self.transformer(image, image_pe, tokens)
-        features = self.mask_generator.upscaler(image.reshape(b, h, w, d))  # B x 4h x 4w x D/8
+        tokens, image = self.attend(image_tokens, image_pe, prompt_tokens, mask_hint)
+        features = self.mask_generator.upscaler(image)  # B x 4h x 4w x D/8
         hq_pixels = self.mask_feature_refiner(features) + hq_features
         sam_weights = mx.stack([mlp(tokens[:, 1 + i]) for i, mlp in enumerate(self.mask_generator.mask_token_mlps)],
                                axis=1)  # B x M x D/8

@@ -15,6 +15,7 @@ from PIL import Image
 
 import sam_mlx
 from helpers import IMAGES
+from reference import randomize_transformers_sam
 from sam_mlx.transforms import image_geometry, preprocess
 
 SLIMSAM = {"slimsam-50": dict(hidden_size=384, mlp_dim=1536), "slimsam-77": dict(hidden_size=168, mlp_dim=696)}
@@ -26,18 +27,7 @@ def models(request, tmp_path_factory):
     vision = dict(SLIMSAM[request.param], image_size=256)
     config = transformers.SamConfig(vision_config=vision,
                                     prompt_encoder_config=dict(image_size=256, image_embedding_size=16))
-    hf = transformers.SamModel(config).eval()
-    with torch.no_grad():
-        for module in hf.modules():  # PyTorch's default inits, not transformers' small ones
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
-                module.reset_parameters()
-        for name, p in hf.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name:
-                p.normal_(0, 0.5)
-            elif name.endswith("positional_embedding"):
-                p.normal_(0, 1.0)
-            elif "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    hf = randomize_transformers_sam(transformers.SamModel(config))
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     return request.param, hf, sam_mlx.load(str(folder / "model.safetensors"))
