@@ -214,10 +214,10 @@ def segment_anything_hq_modeling() -> types.SimpleNamespace:
     )
 
 
-def build_reference_hq_sam(encoder: str = "vit", seed: int = 0, **vit):
+def build_reference_hq_sam(encoder: str = "vit", seed: int = 0, image_size: int = 1024, **vit):
     """An HQ-SAM (segment-anything-hq's ``Sam`` with ``MaskDecoderHQ``) with random weights: ``encoder`` "vit"
     (``vit``: embed_dim, depth, num_heads, global_attn_indexes, window_size; ViT-B by default) or "tiny_vit"
-    (Light HQ-SAM's TinyViT-5M, 1024 x 1024 input only)."""
+    (Light HQ-SAM's TinyViT-5M, whose original takes a 1024 x 1024 input only)."""
     m = segment_anything_hq_modeling()
     from functools import partial
 
@@ -225,7 +225,7 @@ def build_reference_hq_sam(encoder: str = "vit", seed: int = 0, **vit):
     if encoder == "vit":
         shape = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14) | vit
         image_encoder = m.ImageEncoderViT(
-            img_size=1024, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), patch_size=16,
+            img_size=image_size, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), patch_size=16,
             qkv_bias=True, use_rel_pos=True, out_chans=256, **shape,
         )
         early_dim = shape["embed_dim"]
@@ -238,8 +238,8 @@ def build_reference_hq_sam(encoder: str = "vit", seed: int = 0, **vit):
         early_dim = 160
     sam = m.Sam(
         image_encoder=image_encoder,
-        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                       mask_in_chans=16),
+        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(image_size // 16, image_size // 16),
+                                       input_image_size=(image_size, image_size), mask_in_chans=16),
         mask_decoder=m.MaskDecoderHQ(
             num_multimask_outputs=3,
             transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),

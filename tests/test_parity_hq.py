@@ -2,7 +2,7 @@
 
 - the HQ mask decoder at ViT-B's real geometry (64 x 64 tokens, 768-wide early features), on random image
   embeddings, every prompt kind, hints, multimask on and off, ``hq_token_only``: the fast path (which the predictor
-  runs) in every case, the plain reference model in one (MLX's convs make it slow on the CPU);
+  runs) in every case; the plain reference model at a 256 x 256 input (MLX's convs make it slow on the CPU);
 - the whole predictor on a photo, from a ``.pth`` file: a small ViT (HQ-SAM's ViT-B/L/H differ only in the
   encoder's widths and depths, checked by the ViT parity tests) and Light HQ-SAM's TinyViT;
 - a ``save_pretrained`` SamHQModel file, whose multimask output is the three SAM masks sorted by IoU, each plus
@@ -101,16 +101,34 @@ def test_vit_b_decoder(vit_b_decoder, prompt, multimask, hq_token_only):
     assert np.abs(iou - expected[1]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("prompt, multimask, hq_token_only", [("box_points_hint", True, False)])
-def test_vit_b_plain_decoder(vit_b_decoder, prompt, multimask, hq_token_only):
-    """The plain reference model (MLX's convs, slow on the CPU: one case)."""
-    expected = _reference_decode(vit_b_decoder, prompt, multimask, hq_token_only)
-    _, ours, tokens, early = vit_b_decoder[:4]
+def test_plain_decoder(tmp_path):
+    """The plain reference model (MLX's convs, slow on the CPU: at a 256 x 256 input, 16 x 16 tokens) against the
+    original and the fast path."""
+    ref = build_reference_hq_sam("vit", seed=4, image_size=256, embed_dim=64, depth=2, num_heads=2,
+                                 global_attn_indexes=(1,), window_size=14)
+    torch.save(ref.state_dict(), tmp_path / "sam_hq.pth")
+    ours = sam_mlx.load(str(tmp_path / "sam_hq.pth"))
+    rng = np.random.default_rng(2)
+    tokens = rng.normal(0, 0.5, (1, 16, 16, 256)).astype(np.float32)
+    early = rng.normal(0, 1.0, (1, 16, 16, 64)).astype(np.float32)
+    points = np.array([[[100.0, 75.0], [200.5, 30.25]]], np.float32), np.array([[1, 0]])
+    box, hint = np.array([[40, 60, 170, 200]], np.float32), rng.normal(0, 3, (1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        sparse, dense = ref.prompt_encoder(points=tuple(torch.from_numpy(a) for a in points),
+                                           boxes=torch.from_numpy(box), masks=torch.from_numpy(hint[:, None]))
+        expected = ref.mask_decoder(
+            image_embeddings=torch.from_numpy(tokens).permute(0, 3, 1, 2), image_pe=ref.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+            hq_token_only=False, interm_embeddings=[torch.from_numpy(early)],
+        )
     features = ours.mask_decoder.hq_features(mx.array(tokens), mx.array(early))
-    assert np.abs(np.array(features) - np.array(vit_b_decoder[5].hq_features)).max() <= 1e-4  # the fast path's
-    logits, iou = ours.decode(mx.array(tokens), (1024, 1024), *_mx_prompts(prompt), multimask, features, hq_token_only)
-    assert np.abs(np.array(logits) - expected[0]).max() <= 1e-3
-    assert np.abs(np.array(iou) - expected[1]).max() <= 1e-4
+    assert np.abs(np.array(features) - np.array(hq_features(ours.mask_decoder, mx.array(tokens),
+                                                               mx.array(early)))).max() <= 1e-4  # the fast path's
+    prompts = ((mx.array(points[0]), mx.array(points[1].astype(np.int32))), mx.array(box), mx.array(hint))
+    logits, iou = ours.decode(mx.array(tokens), (256, 256), *prompts, True, features)
+    assert logits.shape == tuple(expected[0].shape) == (1, 1, 64, 64)
+    assert np.abs(np.array(logits) - expected[0].numpy()).max() <= 1e-3
+    assert np.abs(np.array(iou) - expected[1].numpy()).max() <= 1e-4
 
 
 def test_vit_b_config(vit_b_decoder):
@@ -196,8 +214,9 @@ def test_tokens_alone_are_refused(predictors, tmp_path):
 def _random_hf_hq(tmp_path):
     torch.manual_seed(0)
     vision = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, global_attn_indexes=[1, 3],
-                  window_size=14)
-    config = transformers.SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=96))
+                  window_size=14, image_size=256)  # 16 x 16 tokens
+    config = transformers.SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=96),
+                                      prompt_encoder_config=dict(image_size=256, image_embedding_size=16))
     hf = randomize_transformers_sam(transformers.SamHQModel(config))
     hf.save_pretrained(tmp_path)
     return hf
@@ -218,8 +237,9 @@ def _hf_hq_decode(hf, embedding, early, points, labels, box, multimask, hq_token
     hq_pixels = d.mask_conv2(d.activation(d.mask_norm(d.mask_conv1(features)))) + hq_features
     tokens = tokens[0]
     sam_masks = torch.stack([mlp(tokens[:, 1 + i]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], 1)
-    sam_masks = (sam_masks @ features.flatten(2)).reshape(1, -1, 256, 256)
-    hq_mask = (d.hq_mask_mlp(tokens[:, 5])[:, None] @ hq_pixels.flatten(2)).reshape(1, 1, 256, 256)
+    size = features.shape[-2:]
+    sam_masks = (sam_masks @ features.flatten(2)).reshape(1, -1, *size)
+    hq_mask = (d.hq_mask_mlp(tokens[:, 5])[:, None] @ hq_pixels.flatten(2)).reshape(1, 1, *size)
     iou = d.iou_prediction_head(tokens[:, 0])
     best = int(iou[0, 1:].argmax()) + 1 if multimask else 0
     masks = hq_mask if hq_token_only else sam_masks[:, best : best + 1] + hq_mask
@@ -232,18 +252,18 @@ def test_transformers_sam_hq(tmp_path):
     assert ours.config.hq and ours.config.encoder.embed_dim == 96
 
     image = np.asarray(Image.open(IMAGES / "dog.jpg").convert("RGB"))
-    pixels = preprocess(image, image_geometry(image.shape[:2]))
+    pixels = preprocess(image, image_geometry(image.shape[:2], "original", 256))
     fast = FastSam(ours)
     tokens, features = fast.encode_hq(pixels)
-    encoded = fast.prepare(tokens, ImageGeometry((1024, 1024), (1024, 1024), (1024, 1024)), features)
+    encoded = fast.prepare(tokens, ImageGeometry((256, 256), (256, 256), (256, 256)), features)
     with torch.no_grad():
         vision = hf.vision_encoder(torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2))
     embedding, early = vision.last_hidden_state, vision.intermediate_embeddings[0].permute(0, 3, 1, 2)
     assert np.abs(np.array(tokens).transpose(0, 3, 1, 2) - embedding.numpy()).max() <= 1e-3
 
-    points = np.array([[[512.0, 300.0], [700.5, 420.25]]], np.float32)
+    points = np.array([[[128.0, 75.0], [175.5, 105.25]]], np.float32)
     labels = np.array([[1, 0]])
-    box = np.array([[300.0, 120.0, 760.0, 640.0]], np.float32)
+    box = np.array([[75.0, 30.0, 190.0, 160.0]], np.float32)
     for multimask in (True, False):
         for hq_token_only in (False, True):
             with torch.no_grad():
@@ -255,7 +275,7 @@ def test_transformers_sam_hq(tmp_path):
                          input_boxes=torch.from_numpy(box)[None], multimask_output=multimask)
             prompts = ((mx.array(points), mx.array(labels.astype(np.int32))), mx.array(box))
             logits, iou = fast.decode(encoded, *prompts, None, multimask, hq_token_only=hq_token_only)
-            assert logits.shape == expected[0].shape == (1, 1, 256, 256)
+            assert logits.shape == expected[0].shape == (1, 1, 64, 64)
             assert np.abs(logits - expected[0]).max() <= 1e-3
             assert np.abs(iou - expected[1]).max() <= 1e-4
             # transformers' own forward: the same IoU predictions (its best first)
