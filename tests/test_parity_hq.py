@@ -17,7 +17,7 @@ import transformers
 from PIL import Image
 
 import sam_mlx
-from helpers import IMAGES
+from helpers import IMAGES, gpu_branches
 from reference import build_reference_hq_sam, randomize_transformers_sam, reference_hq_predictor_class
 from sam_mlx.fast import FastSam
 from sam_mlx.fast.hq_mask_decoder import hq_features
@@ -196,6 +196,24 @@ def test_predictor_mask_input_and_batch(predictors):
         with torch.no_grad():
             one_masks, one_iou, _ = ref.predict(box=box, multimask_output=False)
         assert np.abs(batch_iou[i] - one_iou).max() <= 1e-4 and (batch_masks[i] == one_masks).mean() >= 0.999
+
+
+def test_gpu_branches(predictors):
+    """The branches an Apple GPU takes (``helpers.gpu_branches``), on the CPU device, equal the CPU's."""
+    _, _, ours = predictors
+    kwargs = dict(_np(PROMPTS["box_and_points"]), mask_input=None)
+    masks, iou, low = ours.predict(**kwargs)
+    image = np.asarray(Image.open(IMAGES / "truck.jpg").convert("RGB"))
+    with gpu_branches():
+        gpu = sam_mlx.SamPredictor(ours.model)
+        gpu.set_image(image)
+        assert np.abs(gpu.get_image_embedding() - ours.get_image_embedding()).max() <= 1e-4
+        gpu_masks, gpu_iou, gpu_low = gpu.predict(**kwargs)
+        batch = gpu.predict_batch(boxes=np.array([[425, 600, 700, 875], [75, 275, 1725, 850]]), hq_token_only=True)
+    assert np.abs(gpu_low - low).max() <= 1e-3 and np.abs(gpu_iou - iou).max() <= 1e-4
+    assert (gpu_masks == masks).mean() >= 0.999
+    cpu_batch = ours.predict_batch(boxes=np.array([[425, 600, 700, 875], [75, 275, 1725, 850]]), hq_token_only=True)
+    assert np.abs(batch[2] - cpu_batch[2]).max() <= 1e-3 and np.abs(batch[1] - cpu_batch[1]).max() <= 1e-4
 
 
 def test_tokens_alone_are_refused(predictors, tmp_path):
