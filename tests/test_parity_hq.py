@@ -19,6 +19,7 @@ from PIL import Image
 import sam_mlx
 from helpers import IMAGES, gpu_branches
 from reference import build_reference_hq_sam, randomize_transformers_sam, reference_hq_predictor_class
+from sam_mlx.config import SamConfig
 from sam_mlx.fast import FastSam
 from sam_mlx.fast.hq_mask_decoder import hq_features
 from sam_mlx.transforms import ImageGeometry, image_geometry, preprocess
@@ -134,6 +135,21 @@ def test_plain_decoder(tmp_path):
 def test_vit_b_config(vit_b_decoder):
     config = vit_b_decoder[1].config
     assert config.hq and config.name == "hq_vit_b" and config.early_feature_dim == 768
+    assert SamConfig.from_dict(config.to_dict()) == config
+    assert "hq" not in SamConfig().to_dict()  # a plain SAM's config, and so its fingerprint, as before HQ-SAM
+    with pytest.raises(ValueError, match=r"SamConfig\.hq"):
+        SamConfig.from_dict({**config.to_dict(), "hq": "yes"})
+
+
+@pytest.mark.parametrize("key", ["mask_decoder.compress_vit_feat.0.weight", "mask_decoder.hf_mlp.layers.2.bias",
+                                 "mask_decoder.embedding_maskfeature.1.weight"])
+def test_missing_hq_weight_is_named(tmp_path, key):
+    state = build_reference_hq_sam("vit", image_size=256, embed_dim=32, depth=2, num_heads=2,
+                                   global_attn_indexes=(1,)).state_dict()
+    del state[key]
+    torch.save(state, tmp_path / "sam_hq.pth")
+    with pytest.raises(sam_mlx.CheckpointError, match=key.replace(".", r"\.")):
+        sam_mlx.load(str(tmp_path / "sam_hq.pth"))
 
 
 # ---------------------------------------------------------------- the predictor on a photo
