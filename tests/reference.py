@@ -165,11 +165,9 @@ def _bare_package(name: str, path: str) -> None:
         sys.modules[name] = package
 
 
-def _install_timm_shim() -> None:
+def _timm_shim() -> dict[str, types.ModuleType]:
     """segment-anything-hq's TinyViT imports four helpers from timm (not installed: it needs torchvision).
     In eval mode with a drop-path rate of 0 DropPath is the identity."""
-    if "timm" in sys.modules:
-        return
 
     class DropPath(torch.nn.Module):
         def __init__(self, drop_prob: float = 0.0):
@@ -189,8 +187,7 @@ def _install_timm_shim() -> None:
     models.layers, models.registry = layers, registry
     timm = types.ModuleType("timm")
     timm.models = models
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers,
-                        "timm.models.registry": registry})
+    return {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
 
 
 def segment_anything_hq_modeling() -> types.SimpleNamespace:
@@ -201,9 +198,14 @@ def segment_anything_hq_modeling() -> types.SimpleNamespace:
         _bare_package("segment_anything_hq", spec.submodule_search_locations[0])
     root = sys.modules["segment_anything_hq"].__path__[0]
     _bare_package("segment_anything_hq.modeling", f"{root}/modeling")
-    _install_timm_shim()
-    modules = {name: importlib.import_module(f"segment_anything_hq.modeling.{name}")
-               for name in ("image_encoder", "mask_decoder_hq", "prompt_encoder", "transformer", "sam", "tiny_vit_sam")}
+    shim = {} if "segment_anything_hq.modeling.tiny_vit_sam" in sys.modules else _timm_shim()
+    sys.modules.update(shim)
+    try:
+        modules = {name: importlib.import_module(f"segment_anything_hq.modeling.{name}") for name in
+                   ("image_encoder", "mask_decoder_hq", "prompt_encoder", "transformer", "sam", "tiny_vit_sam")}
+    finally:  # the shim only while TinyViT's module binds its names: a fake timm would mislead later imports
+        for name in shim:
+            sys.modules.pop(name, None)
     modeling = sys.modules["segment_anything_hq.modeling"]
     modeling.Sam = modules["sam"].Sam  # what its predictor imports from the package
     return types.SimpleNamespace(
