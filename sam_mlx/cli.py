@@ -48,6 +48,7 @@ from .io.export import (  # noqa: E402
     ImageEntry,
     parse_formats,
 )
+from .io.folders import ImageInput, expand_images, output_stems  # noqa: E402
 from .io.images import load_image, pixel_fingerprint  # noqa: E402
 from .io.overlay import draw_overlay  # noqa: E402
 from .io.tokens import (  # noqa: E402
@@ -59,7 +60,6 @@ from .io.tokens import (  # noqa: E402
 )
 from .ops.blas import reference_blas_in_use  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MODEL_ENV = "SAM_MLX_MODEL"
 FAILURES_FILE = "failures.json"
 TOKENS_SUFFIX = ".tokens.safetensors"  # encode --out-dir: one STEM.tokens.safetensors per image
@@ -173,52 +173,6 @@ def _predictor(args: argparse.Namespace, model, default_sizing: str = "original"
     sizing = args.sizing or default_sizing
     size = args.size or (default_size if sizing == default_sizing else None)
     return sam_mlx.SamPredictor(model, sizing=sizing, size=size)
-
-
-@dataclass
-class ImageInput:
-    """An image to process: its path and its COCO ``file_name`` (the path below the folder it was found in)."""
-
-    path: Path
-    name: str
-
-
-def _expand_images(inputs: Sequence[str], recursive: bool = False, out_dir: Path | None = None) -> list[ImageInput]:
-    """Files as given, folders as the images inside them (sorted; with ``recursive``, in subfolders too).
-
-    An output folder inside an input folder is skipped, so a rerun does not take the masks for images.
-    """
-    skip = out_dir.resolve() if out_dir is not None else None
-    images: list[ImageInput] = []
-    for text in inputs:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            candidates = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(
-                p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not (skip is not None and skip != path.resolve() and skip in p.resolve().parents)
-            )
-            if not found:
-                raise CliError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            images.extend(ImageInput(p, p.relative_to(path).as_posix()) for p in found)
-        elif path.is_file():
-            images.append(ImageInput(path, path.name))
-        else:
-            raise CliError(f"image not found: {path}")
-    return images
-
-
-def _output_stems(images: Sequence[Path]) -> list[str]:
-    """File-name stems for the outputs, made unique when two inputs share a name."""
-    stems, seen = [], set()
-    for path in images:
-        stem, n = path.stem, 1
-        while stem in seen:
-            n += 1
-            stem = f"{path.stem}-{n}"
-        seen.add(stem)
-        stems.append(stem)
-    return stems
 
 
 def _check_prompts(points: np.ndarray, boxes: np.ndarray, width: int, height: int, name: str) -> None:
@@ -478,7 +432,7 @@ class ImageFailed:
 
 
 def _jobs(images: Sequence[ImageInput], prompts: Sequence[list[Prompt]] | None = None) -> list[ImageJob]:
-    stems = _output_stems([image.path for image in images])
+    stems = output_stems([image.path for image in images])
     prompts = prompts if prompts is not None else [[] for _ in images]
     return [ImageJob(image.path, image.name, stem, p) for image, stem, p in zip(images, stems, prompts)]
 
@@ -826,7 +780,7 @@ def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in _expand_images(args.images, args.recursive, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in expand_images(args.images, args.recursive, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -909,7 +863,7 @@ def _segment(
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    images = _expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
+    images = expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
     if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
         raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
                        f"(one STEM{TOKENS_SUFFIX} per image)")
@@ -944,26 +898,20 @@ class _ProgressBar:
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = _expand_images(args.images, args.recursive, Path(args.out_dir))
+    images = expand_images(args.images, args.recursive, Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# A file's own dtype names (safetensors' and torch's storage classes) as numpy names.
+_STORED_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                  "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+                  "BFloat16Storage": "bfloat16"}
 
 
 def _stored_dtypes(path: Path) -> dict[str, int]:
-    """How many tensors of each dtype a checkpoint file stores (a safetensors header is read, not its data).
-
-    A .pth's bfloat16 tensors count as float32: the reader widens them (numpy has no bfloat16).
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] != b"PK" and len(head) == 8:
-            header = json.loads(f.read(int.from_bytes(head, "little")))
-            kinds = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-            return _counts(_SAFETENSORS_DTYPES.get(kind, kind.lower()) for kind in kinds)
+    """How many tensors of each dtype a checkpoint file stores (read from its header, not its data)."""
     state, _ = read_state_dict(path)
-    return _counts(str(v.dtype) for v in state.values())
+    return _counts(_STORED_DTYPES.get(v.stored_type, v.stored_type) for v in state.values())
 
 
 def _counts(names) -> dict[str, int]:
@@ -1024,6 +972,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     model = sam_mlx.load(_model_to_load(args))
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
+          tokens_cache_bytes=args.tokens_cache_mb << 20,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
 
@@ -1170,6 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
                      help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
+    app.add_argument("--tokens-cache-mb", type=_count, default=2048, metavar="MB",
+                     help="the tokens folder's size limit: the tokens used longest ago are removed first "
+                     "(default: 2048, about 500 images; each image's tokens take ~4 MB)")
     app.add_argument("--prefetch", type=_count, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
     app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "

@@ -14,12 +14,15 @@ The encoder thread takes the image the user looks at (``focus``), then the next 
 interactive work has paused for ``idle_seconds``. Encoded images keep their predictor in memory (the last
 ``keep_images``) and their tokens on disk in ``tokens_dir`` (``sam_mlx.io.tokens`` files, named by the image
 file's content, the model and the sizing), so an image encoded once, in this run or an earlier one, opens without
-the encoder.
+the encoder. The folder is kept under ``tokens_cache_bytes``: the files used longest ago go first (a file's
+modification time is its last use); files of other names in the folder are never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -89,17 +92,23 @@ class HintStore:
         return low_res[candidate : candidate + 1]
 
 
+# The app's tokens files: image digest - model fingerprint - sizing - size (see Engine._open).
+_TOKENS_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]+-[a-z]+-[0-9x]+\.safetensors")
+
+
 class Engine:
     """All MLX work of the app (see the module's docstring): submit from any thread, ``run`` on one."""
 
     def __init__(self, model, library: Library, tokens_dir: Path, sizing: str = "original",
                  size: int | tuple[int, int] | None = None, keep_images: int = 6, idle_seconds: float = 0.4,
-                 hint_bytes: int = 256 << 20, log: Callable[[str], None] = lambda message: None):
+                 hint_bytes: int = 256 << 20, tokens_cache_bytes: int = 2 << 30,
+                 log: Callable[[str], None] = lambda message: None):
         self.model = model
         self._fast = FastSam(model)  # hover decodes through the fast path directly
         self.log = log
         self.library = library
         self.tokens_dir = Path(tokens_dir)
+        self.tokens_cache_bytes = tokens_cache_bytes
         self.sizing = sizing
         self.size = SamPredictor(model, sizing=sizing, size=size).size  # checked, and the default filled in
         self.keep_images = keep_images
@@ -261,7 +270,9 @@ class Engine:
             digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:32]
             size = "x".join(map(str, self.size)) if isinstance(self.size, tuple) else self.size
             tokens_path = self.tokens_dir / f"{digest}-{self.fingerprint}-{self.sizing}-{size}.safetensors"
-            if not self._load_tokens(predictor, tokens_path):
+            if self._load_tokens(predictor, tokens_path):
+                os.utime(tokens_path)  # used now: the last to be removed from a full cache
+            else:
                 image = load_image(entry.path)
                 start = time.perf_counter()
                 predictor.set_image(image)
@@ -269,6 +280,7 @@ class Engine:
                 self._encode_times.append(entry.encode_seconds)
                 save_image_tokens(predictor, tokens_path, image_name=str(entry.path))
                 self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s -> {tokens_path}")
+                self._trim_tokens_cache(keep=tokens_path)
             entry.cached = True
         except Exception as exc:
             entry.status, entry.error = "error", " ".join(str(exc).split()) or type(exc).__name__
@@ -279,6 +291,23 @@ class Engine:
         height, width = predictor.original_size
         entry.size, entry.status = (width, height), "ready"
         return predictor
+
+    def _trim_tokens_cache(self, keep: Path) -> None:
+        """Remove the tokens files used longest ago until the folder's tokens files fit ``tokens_cache_bytes``."""
+        files = []
+        for path in self.tokens_dir.iterdir():
+            if _TOKENS_NAME.fullmatch(path.name) and path != keep:
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # removed meanwhile (another app on the same folder)
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+        total = keep.stat().st_size + sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.tokens_cache_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     @staticmethod
     def _load_tokens(predictor: SamPredictor, path: Path) -> bool:

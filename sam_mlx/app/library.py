@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..cli import IMAGE_SUFFIXES, CliError, _expand_images, _output_stems
+from ..io.folders import IMAGE_SUFFIXES, expand_images, output_stems
 from ..io.images import load_image
 
 # Formats a browser shows as they are; other images (and EXIF-rotated ones) are sent re-encoded as decoded.
@@ -87,10 +87,7 @@ class Library:
         A folder's files are checked one by one: a symbolic link in it that leads outside is left out.
         """
         path = self.readable(text)
-        try:
-            paths = [p.resolve() for p in self._list([str(path)])]
-        except CliError as exc:
-            raise ValueError(str(exc)) from None
+        paths = [p.resolve() for p in self._list([str(path)])]  # ValueError: a folder without images
         inside = [p for p in paths if self._allowed(p)]
         if not inside:
             raise Forbidden(f"{text}: its images lead outside the folders opened by `sam-mlx app`")
@@ -98,7 +95,7 @@ class Library:
 
     def _list(self, inputs: list[str]) -> list[Path]:
         """The image files named and those in the folders named (not those in the export folder)."""
-        return [image.path for image in _expand_images(inputs, out_dir=self.export_root)]
+        return [image.path for image in expand_images(inputs, out_dir=self.export_root)]
 
     def _add_paths(self, paths: list[Path]) -> list[ImageEntry]:
         with self._lock:
@@ -109,7 +106,7 @@ class Library:
                     known[path] = ImageEntry(len(self.entries), path, "")
                     self.entries.append(known[path])
                 added.append(known[path])
-            for entry, stem in zip(self.entries, _output_stems([e.path for e in self.entries])):
+            for entry, stem in zip(self.entries, output_stems([e.path for e in self.entries])):
                 entry.stem = stem  # earlier stems stay as they were: new names only get suffixes
             return added
 

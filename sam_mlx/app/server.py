@@ -424,6 +424,7 @@ def _export(engine: Engine, body: dict) -> dict:
 # ---------------------------------------------------------------- running
 def serve(library: Library, model, sizing: str = "original", size: int | None = None, port: int = 8000,
           open_browser: bool = True, tokens_dir: Path | None = None, prefetch: int = 2, token: str | None = None,
+          tokens_cache_bytes: int = 2 << 30,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
           announce: Callable[[dict], None] | None = None) -> None:
     """Serve the app until Ctrl+C / SIGTERM; the model's decoding runs on this (the calling) thread.
@@ -434,7 +435,7 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
 
     token = token or secrets.token_urlsafe(24)
     engine = Engine(model, library, tokens_dir or default_cache_dir() / "app_tokens", sizing, size,
-                    log=log)
+                    tokens_cache_bytes=tokens_cache_bytes, log=log)
     app = create_app(engine, token, prefetch)
     listener = _listen(port)
     port = listener.getsockname()[1]

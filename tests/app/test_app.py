@@ -21,6 +21,8 @@ from websockets.sync.client import connect
 
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM
+from sam_mlx.app.engine import Engine
+from sam_mlx.app.library import Library
 from sam_mlx.app.masks import clean_mask, decode_mask, encode_mask
 from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.io.tokens import read_image_tokens
@@ -330,8 +332,11 @@ def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (500, 37, 3), dtype=np.uint8)).save(photos / "b_tall.png")
     Image.new("RGB", (1, 1), (90, 120, 200)).save(photos / "c_dot.png")
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "mine.safetensors").write_bytes(b"not the app's")
+    # Each image's tokens take 1 MB and a header here: a 1 MB cache keeps only the last image's.
     running = start_app(str(photos), "--sizing", "stretch", "--size", "512", "--tokens-dir", str(tmp_path / "tokens"),
-                        "--out-dir", str(tmp_path / "out"), "--json")
+                        "--out-dir", str(tmp_path / "out"), "--json", "--tokens-cache-mb", "1")
     try:
         announced = json.loads(running.process.stdout.readline())  # --json: for programs that start the app
         assert announced == {"url": running.url, "port": int(running.base.rsplit(":", 1)[1]), "token": running.token}
@@ -355,7 +360,21 @@ def test_stretch_sizing_any_aspect_ratio_and_a_clean_stop(tmp_path):
         code, log = running.stop(signal.SIGINT)
     assert code == 0, log
     assert "stopped" in log and "terminate" not in log and "Abort" not in log
-    assert os.path.isdir(tmp_path / "tokens")
+    assert len(list((tmp_path / "tokens").glob("*-stretch-512.safetensors"))) == 1
+    assert (tmp_path / "tokens" / "mine.safetensors").read_bytes() == b"not the app's"
+
+
+def test_tokens_cache_keeps_the_latest_used_within_its_limit(tmp_path):
+    engine = Engine(load_checkpoint(MOBILE_SAM), Library([str(IMAGES)], tmp_path / "out"), tmp_path,
+                    tokens_cache_bytes=2500)
+    names = [f"{i:032x}-{engine.fingerprint}-original-1024.safetensors" for i in range(4)]
+    for age, name in enumerate(names):  # names[0] used longest ago
+        (tmp_path / name).write_bytes(bytes(1000))
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    (tmp_path / "notes.safetensors").write_bytes(bytes(5000))  # not a tokens file of the app: never removed
+    os.utime(tmp_path / names[1], (2000, 2000))  # used again since
+    engine._trim_tokens_cache(keep=tmp_path / names[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], names[3], "notes.safetensors"])
 
 
 def test_mask_encodings_round_trip():

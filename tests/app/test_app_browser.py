@@ -267,3 +267,41 @@ def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browse
             np.testing.assert_array_equal(shown_mask(again, f"samApp.maskRuns({i})"), mask)
     finally:
         close()
+
+
+def test_zoom_pan_and_the_cleanup_sliders(page, truck):
+    """The wheel zooms about the cursor, space-drag pans, a click then lands on the same image point; the
+    clean-up sliders draw the mask the server's clean-up gives (holes filled, islands dropped)."""
+    from sam_mlx.app.masks import clean_mask
+
+    open_truck(page)
+    page.keyboard.press("h")
+    x, y = client_point(page, *BACKGROUND)
+    scale = page.evaluate("samApp.app.view.scale")
+    page.mouse.move(x, y)
+    page.mouse.wheel(0, -600)
+    page.wait_for_function(f"() => samApp.app.view.scale > {scale * 2}")
+    assert np.allclose(client_point(page, *BACKGROUND), (x, y), atol=1)  # the point under the cursor stays
+    page.keyboard.down(" ")
+    drag(page, (x, y), (x - 120, y - 60))
+    page.keyboard.up(" ")
+    assert np.allclose(client_point(page, *BACKGROUND), (x - 120, y - 60), atol=1)
+    assert page.evaluate("samApp.currentObject().cursor") == 0  # panning is not a prompt
+
+    page.mouse.click(*client_point(page, *BACKGROUND))
+    request = wait_for_step(page, 1)
+    assert np.abs(np.array(request["points"][0]) - BACKGROUND).max() <= 0.5  # finer than a pixel when zoomed
+    masks, scores, _ = truck.predict(np.array(request["points"]), np.array([1]), multimask_output=True)
+    raw = masks[scores.argmax()]
+    np.testing.assert_array_equal(shown_mask(page), raw)
+
+    areas = page.evaluate("AREAS")
+    step = areas.index(250)
+    for slider in ("holes", "islands"):
+        page.eval_on_selector(f"#{slider}", f"e => {{ e.value = {step}; e.dispatchEvent(new Event('input')); }}")
+    assert page.inner_text("#holes-value") == "250 px" and page.inner_text("#islands-value") == "250 px"
+    page.wait_for_function("""() => { const state = samApp.stateOf(samApp.currentObject());
+        const clean = state.layers[state.selected].clean; return clean && clean.key === "250,250" && clean.bitmap; }""")
+    want = clean_mask(raw, 250, 250)
+    assert (want != raw).sum() > 100  # this mask has small holes and islands
+    np.testing.assert_array_equal(shown_mask(page), want)
