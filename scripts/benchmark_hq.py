@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmark import timed  # scripts/benchmark.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -30,15 +31,6 @@ ENCODERS = {
 POINT = ([[500, 375]], [1])  # the truck's window
 PROMPTS = {"prompt_s": dict(multimask_output=True), "prompt_hq_only_s": dict(multimask_output=False,
                                                                               hq_token_only=True)}
-
-
-def timed(fn, runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def worker(framework: str, checkpoint: str, runs: int) -> dict:
