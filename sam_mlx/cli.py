@@ -564,13 +564,16 @@ class _SegmentWork(_MaskWork):
     def setup(self) -> None:
         self.saved = read_image_tokens(self.args.tokens) if self.args.tokens else None
         # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
-        self.predictor = _predictor(self.args, sam_mlx.load(self.model_name),
-                                    *((self.saved.sizing, self.saved.size) if self.saved else ()))
+        model = sam_mlx.load(self.model_name)
+        if self.args.hq_token_only and not model.config.hq:
+            raise CliError(f"--hq-token-only needs an HQ-SAM model; {self.model_name} ({model.config.name}) has no "
+                           "HQ token")
+        self.predictor = _predictor(self.args, model, *((self.saved.sizing, self.saved.size) if self.saved else ()))
 
     def expected(self, job: ImageJob) -> dict:
         predictor = self.predictor
         settings = {"prompts": [p.describe() for p in job.prompts], "multimask": self.args.multimask,
-                    **self._settings()}
+                    **({"hq_token_only": True} if self.args.hq_token_only else {}), **self._settings()}
         return {"model": model_identity(predictor.model), "sizing": predictor.sizing, "size": predictor.size,
                 "settings": settings}
 
@@ -595,7 +598,7 @@ class _SegmentWork(_MaskWork):
             self.predictor.set_image(image)
         laps("encode")
         report, objects, overlay = _segment(self.predictor, image, job.prompts, self.args.multimask, job.stem,
-                                            self.exporter)
+                                            self.exporter, self.args.hq_token_only)
         laps("decode")
         out_dir = self.out_dir
         with _replacing_outputs(out_dir, job.stem):
@@ -795,13 +798,14 @@ _REPORT_KEYS = {"png": "file", "cutout": "cutout"}  # a mask's files in segment'
 
 
 def segment_prompts(
-    predictor: sam_mlx.SamPredictor, prompts: Sequence[Prompt], multimask: bool | None
+    predictor: sam_mlx.SamPredictor, prompts: Sequence[Prompt], multimask: bool | None, hq_token_only: bool = False
 ) -> tuple[list[dict], list[ExportObject]]:
     """Decode the prompts on the predictor's image: a record per mask (prompt_index, mask_index, multimask,
     score, area, bbox, segmentation as COCO RLE, label, prompt) and the masks to export, in the same order.
 
     Every box of a prompt is one prompt (with all its points), all B decoded as one batch; no box is
-    one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask.
+    one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask (HQ-SAM: always
+    one, its HQ mask alone with ``hq_token_only``).
     """
     records, objects = [], []
     group = 0  # SAM's candidates for one prompt (one box) form a group: --best keeps its top one
@@ -816,6 +820,7 @@ def segment_prompts(
             boxes if len(boxes) else None,
             multimask_output=several,
             return_low_res=False,
+            hq_token_only=hq_token_only,
         )  # masks: n_prompts x C x H x W
         for b in range(n_prompts):
             box = boxes[b].tolist() if len(boxes) else None
@@ -839,9 +844,10 @@ def _segment(
     multimask: bool | None,
     stem: str,
     exporter: Exporter,
+    hq_token_only: bool = False,
 ) -> tuple[dict, list[ExportObject], Image.Image]:
     """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay."""
-    records, objects = segment_prompts(predictor, prompts, multimask)
+    records, objects = segment_prompts(predictor, prompts, multimask, hq_token_only)
     chosen = set(exporter.selected(objects))
     records = [{**({_REPORT_KEYS[kind]: name for kind, name in exporter.object_files(stem, i).items()}
                    if i in chosen else {}), **record}  # --best: no files for the others
@@ -978,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON object per image on stdout (files written, scores, timings)")
     model = _Parser(add_help=False)
-    model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, mobile_sam, a Hub repo id, "
+    model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, mobile_sam, "
+                       f"sam-hq-vit-base|large|huge|tiny, slimsam-50|77, medsam, a Hub repo id, "
                        f"or a checkpoint file (.pth / .safetensors); default: ${MODEL_ENV}")
     model.add_argument("--sizing", choices=("original", "stretch"),
                        help="original: longest side to SIZE, padded square (as Meta's SAM); "
@@ -1054,6 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="three candidate masks per prompt (default for a single point)")
     mode.add_argument("--single", dest="multimask", action="store_const", const=False,
                       help="one mask per prompt (default unless the prompt is a single point)")
+    seg.add_argument("--hq-token-only", action="store_true",
+                     help="HQ-SAM: the HQ token's mask alone (default: SAM's mask plus it, as the original)")
     seg.add_argument("--tokens", metavar="FILE", help="image tokens from `sam-mlx encode` to skip the encoder")
     seg.set_defaults(func=cmd_segment)
 

@@ -124,19 +124,23 @@ class SamConfig:
     encoder: ViTConfig | TinyViTConfig = field(default_factory=ViTConfig)
     decoder: PromptDecoderConfig = field(default_factory=PromptDecoderConfig)
     image_size: int = 1024  # the square input the encoder was trained on
+    hq: bool = False  # HQ-SAM: the mask decoder's HQ token and its fusion of the encoder's early features
 
     def __post_init__(self) -> None:
+        if type(self.hq) is not bool:
+            raise ValueError(f"SamConfig.hq must be true or false, got {self.hq!r}")
         size = self.image_size
         if type(size) is not int or not 16 <= size <= _LARGEST_IMAGE or size % 16:
             raise ValueError(f"SamConfig.image_size must be a multiple of 16 from 16 to {_LARGEST_IMAGE}, got {size!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "encoder_kind": self.encoder.kind,
             "encoder": asdict(self.encoder),
             "decoder": asdict(self.decoder),
             "image_size": self.image_size,
         }
+        return {**data, "hq": True} if self.hq else data  # a plain SAM's config (and fingerprint) as before HQ
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamConfig:
@@ -149,16 +153,25 @@ class SamConfig:
             encoder=ENCODER_CONFIGS[kind].from_dict(data.get("encoder")),
             decoder=PromptDecoderConfig.from_dict(data.get("decoder")),
             image_size=data.get("image_size", 1024),
+            hq=data.get("hq", False),
         )
 
     @property
     def name(self) -> str:
-        """A short human name: vit_b / vit_l / vit_h / vit_custom / tiny_vit."""
+        """A short human name: vit_b / vit_l / vit_h / vit_custom / tiny_vit, with ``hq_`` before for HQ-SAM."""
         enc = self.encoder
+        prefix = "hq_" if self.hq else ""
         if not isinstance(enc, ViTConfig):
-            return enc.kind
+            return prefix + enc.kind
         known = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
-        return known.get((enc.embed_dim, enc.depth), "vit_custom")
+        return prefix + known.get((enc.embed_dim, enc.depth), "vit_custom")
+
+    @property
+    def early_feature_dim(self) -> int:
+        """The channels of the encoder's early features HQ-SAM fuses: the ViT's width after its first
+        global-attention block, TinyViT's after its second stage."""
+        enc = self.encoder
+        return enc.embed_dim if isinstance(enc, ViTConfig) else enc.embed_dims[2]
 
 
 def _from_dict(cls, data: dict[str, Any]):

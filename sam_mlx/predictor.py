@@ -139,6 +139,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         return_low_res: bool = True,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """One prompt -> (masks C x H x W, iou_predictions C, low_res_logits C x h x w), numpy.
 
@@ -147,6 +148,8 @@ class SamPredictor:
         low-res logits from a previous prediction. C is 3 with ``multimask_output`` else 1.
         ``return_low_res=False``: no low-res logits (None); the masks of the padding's tokens, which
         only they show, are then not computed (``ImageGeometry.read_grid``; a 3:2 photo: 1/3 of the tokens).
+        HQ-SAM, as its original predictor: C is 1 (SAM's best mask of the three with ``multimask_output``, else
+        mask 0, plus the HQ mask; the HQ mask alone with ``hq_token_only``).
         """
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels)
@@ -165,7 +168,7 @@ class SamPredictor:
                 )
             mask_input = mask_input[None]
         masks, iou, low_res = self.predict_batch(
-            point_coords, point_labels, box, mask_input, multimask_output, return_logits, return_low_res
+            point_coords, point_labels, box, mask_input, multimask_output, return_logits, return_low_res, hq_token_only
         )
         return masks[0], iou[0], None if low_res is None else low_res[0]
 
@@ -179,18 +182,23 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         return_low_res: bool = True,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """B prompts decoded together -> (masks B x C x H x W, iou B x C, low_res B x C x h x w).
 
         point_coords: B x N x 2, point_labels: B x N, boxes: B x 4, mask_input: B x 1 x h x w,
         all in the original image's pixels; whichever are given must agree on B. Prompts with
-        fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``: as ``predict``.
+        fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``, ``hq_token_only``:
+        as ``predict``.
         """
         image = self._require_image()
+        if hq_token_only and not self.model.config.hq:
+            raise ValueError(f"hq_token_only needs an HQ-SAM model; a {self.model.config.name} model has no HQ token")
         prompts = self._prepare_prompts(point_coords, point_labels, boxes, mask_input)
         if prompt_batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits, return_low_res)
-        low_res, iou = self._sam.decode(image, *prompts, multimask_output, read_grid_only=not return_low_res)
+        low_res, iou = self._sam.decode(image, *prompts, multimask_output, read_grid_only=not return_low_res,
+                                        hq_token_only=hq_token_only)
         if return_logits:
             masks = self._sam.upscale(image, low_res)
         else:
@@ -201,7 +209,7 @@ class SamPredictor:
         self, multimask_output: bool, return_logits: bool, return_low_res: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The empty result of a batch of 0 prompts, shaped like a non-empty one."""
-        count = 3 if multimask_output else 1
+        count = 3 if multimask_output and not self.model.config.hq else 1
         grid_h, grid_w = self.geometry.grid_size
         masks = np.zeros((0, count, *self.geometry.original_size), np.float32 if return_logits else bool)
         low_res = np.zeros((0, count, 4 * grid_h, 4 * grid_w), np.float32) if return_low_res else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 import types
 
@@ -154,3 +155,137 @@ def reference_generator_class():
     segment_anything_modeling()
     _install_torchvision_ops()
     return importlib.import_module("segment_anything.automatic_mask_generator").SamAutomaticMaskGenerator
+
+
+def _bare_package(name: str, path: str) -> None:
+    """Register ``name`` as a package of the modules in ``path`` without running its ``__init__``."""
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [path]
+        sys.modules[name] = package
+
+
+def _timm_shim() -> dict[str, types.ModuleType]:
+    """segment-anything-hq's TinyViT imports four helpers from timm (not installed: it needs torchvision).
+    In eval mode with a drop-path rate of 0 DropPath is the identity."""
+
+    class DropPath(torch.nn.Module):
+        def __init__(self, drop_prob: float = 0.0):
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x):
+            return x
+
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath = DropPath
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    models = types.ModuleType("timm.models")
+    models.layers, models.registry = layers, registry
+    timm = types.ModuleType("timm")
+    timm.models = models
+    return {"timm": timm, "timm.models": models, "timm.models.layers": layers, "timm.models.registry": registry}
+
+
+def segment_anything_hq_modeling() -> types.SimpleNamespace:
+    """segment-anything-hq's model modules (its package ``__init__`` needs torchvision and its ``modeling``
+    ``__init__`` timm: both are bypassed)."""
+    if "segment_anything_hq" not in sys.modules:
+        spec = require("segment_anything_hq", "SysCV's segment-anything-hq (pip install --no-deps segment-anything-hq)")
+        _bare_package("segment_anything_hq", spec.submodule_search_locations[0])
+    root = sys.modules["segment_anything_hq"].__path__[0]
+    _bare_package("segment_anything_hq.modeling", f"{root}/modeling")
+    shim = {} if "segment_anything_hq.modeling.tiny_vit_sam" in sys.modules else _timm_shim()
+    sys.modules.update(shim)
+    try:
+        modules = {name: importlib.import_module(f"segment_anything_hq.modeling.{name}") for name in
+                   ("image_encoder", "mask_decoder_hq", "prompt_encoder", "transformer", "sam", "tiny_vit_sam")}
+    finally:  # the shim only while TinyViT's module binds its names: a fake timm would mislead later imports
+        for name in shim:
+            sys.modules.pop(name, None)
+    modeling = sys.modules["segment_anything_hq.modeling"]
+    modeling.Sam = modules["sam"].Sam  # what its predictor imports from the package
+    return types.SimpleNamespace(
+        Sam=modules["sam"].Sam, ImageEncoderViT=modules["image_encoder"].ImageEncoderViT,
+        TinyViT=modules["tiny_vit_sam"].TinyViT, MaskDecoderHQ=modules["mask_decoder_hq"].MaskDecoderHQ,
+        PromptEncoder=modules["prompt_encoder"].PromptEncoder,
+        TwoWayTransformer=modules["transformer"].TwoWayTransformer,
+    )
+
+
+def build_reference_hq_sam(encoder: str = "vit", seed: int = 0, image_size: int = 1024, **vit):
+    """An HQ-SAM (segment-anything-hq's ``Sam`` with ``MaskDecoderHQ``) with random weights: ``encoder`` "vit"
+    (``vit``: embed_dim, depth, num_heads, global_attn_indexes, window_size; ViT-B by default) or "tiny_vit"
+    (Light HQ-SAM's TinyViT-5M, whose original takes a 1024 x 1024 input only)."""
+    m = segment_anything_hq_modeling()
+    from functools import partial
+
+    torch.manual_seed(seed)
+    if encoder == "vit":
+        shape = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), window_size=14) | vit
+        image_encoder = m.ImageEncoderViT(
+            img_size=image_size, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), patch_size=16,
+            qkv_bias=True, use_rel_pos=True, out_chans=256, **shape,
+        )
+        early_dim = shape["embed_dim"]
+    else:
+        image_encoder = m.TinyViT(
+            img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+            num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+            use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+        )
+        early_dim = 160
+    sam = m.Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(image_size // 16, image_size // 16),
+                                       input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=m.MaskDecoderHQ(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, vit_dim=early_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+    with torch.no_grad():
+        for module in sam.modules():  # TinyViT's BatchNorms: statistics a trained model would have
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name or "attention_biases" in name:
+                p.normal_(0, 0.5)
+            if name.split(".")[-2] in ("iou_token", "mask_tokens", "hf_token"):
+                p.normal_(0, 1.0)
+            hq_norm = re.search(r"(compress_vit_feat|embedding_encoder|embedding_maskfeature)\.1\.", name)
+            if p.ndim == 1 and ("norm" in name or "neck.1" in name or "neck.3" in name or ".bn." in name or hq_norm):
+                p.add_(torch.randn_like(p) * 0.1)
+    return sam.eval()  # again: TinyViT's attention caches its bias table when set to eval mode
+
+
+def reference_hq_predictor_class():
+    """segment-anything-hq's ``SamPredictor`` (``predict(..., hq_token_only=False)``)."""
+    segment_anything_hq_modeling()
+    _install_torchvision_shim()
+    return importlib.import_module("segment_anything_hq.predictor").SamPredictor
+
+
+def randomize_transformers_sam(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A transformers ``SamModel`` / ``SamHQModel`` with PyTorch's default inits (as Meta's modules have, not
+    transformers' small ones), relative position tables and position encodings N(0, 0.5), the Gaussian matrix
+    N(0, 1) as Meta's, and LayerNorms moved off 1 and 0 so that the tests see them; in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
+                module.reset_parameters()
+        for name, p in model.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+            elif name.endswith("positional_embedding"):
+                p.normal_(0, 1.0)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()

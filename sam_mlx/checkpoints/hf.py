@@ -1,4 +1,4 @@
-"""Hugging Face transformers ``SamModel`` state dict -> Meta's original SAM key names.
+"""Hugging Face transformers ``SamModel`` (and ``SamHQModel``) state dict -> Meta's (HQ-SAM's) original key names.
 
 The arrays are unchanged: transformers keeps Meta's layouts (conv kernels OIHW, linear
 weights out x in, relative position tables (2s-1) x head_dim, ``pos_embed`` 1 x g x g x D)
@@ -68,9 +68,16 @@ HF_NAMES = NameTable([
     ("mask_decoder.upscale_conv2.{p}", "mask_decoder.output_upscaling.3.{p}"),
     ("mask_decoder.output_hypernetworks_mlps.{i}.{mlp}.{p}", "mask_decoder.output_hypernetworks_mlps.{i}.{mlp}.{p}"),
     ("mask_decoder.iou_prediction_head.{mlp}.{p}", "mask_decoder.iou_prediction_head.{mlp}.{p}"),
+    # SamHQModel's mask decoder
+    ("mask_decoder.hq_token.weight", "mask_decoder.hf_token.weight"),
+    ("mask_decoder.hq_mask_mlp.{mlp}.{p}", "mask_decoder.hf_mlp.{mlp}.{p}"),
+    *[(f"mask_decoder.{theirs}{layer}.{{p}}", f"mask_decoder.{meta}.{i}.{{p}}")
+      for theirs, meta in (("compress_vit_", "compress_vit_feat"), ("encoder_", "embedding_encoder"),
+                           ("mask_", "embedding_maskfeature"))
+      for layer, i in (("conv1", 0), ("norm", 1), ("conv2", 3))],
 ])
 _MLP = re.compile(
-    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\."
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head|hf_mlp))\.(proj_in|proj_out|layers\.(\d+))\."
 )
 
 

@@ -34,14 +34,21 @@ from urllib.parse import urlsplit
 from ..io.atomic import remove_abandoned_temporaries
 from .load import DTYPES, FORMAT_VERSION, load_checkpoint, save_model
 
-#: Short model names -> (Hub repo, file). The facebook repos hold transformers-format weights;
-#: dhkim2810/MobileSAM holds MobileSAM's official mobile_sam.pt.
+#: Short model names -> (Hub repo, file). The facebook, syscv-community, nielsr (SlimSAM) and wanglab (MedSAM)
+#: repos hold transformers-format weights; dhkim2810/MobileSAM MobileSAM's official mobile_sam.pt and lkeab/hq-sam
+#: HQ-SAM's original checkpoints, of which only Light HQ-SAM (TinyViT) has no transformers version.
 MODEL_NAMES: dict[str, tuple[str, str]] = {
     **{f"sam-vit-{size}": (f"facebook/sam-vit-{size}", "model.safetensors") for size in ("base", "large", "huge")},
     "vit_b": ("facebook/sam-vit-base", "model.safetensors"),
     "vit_l": ("facebook/sam-vit-large", "model.safetensors"),
     "vit_h": ("facebook/sam-vit-huge", "model.safetensors"),
     "mobile_sam": ("dhkim2810/MobileSAM", "mobile_sam.pt"),
+    **{f"sam-hq-vit-{size}": (f"syscv-community/sam-hq-vit-{size}", "model.safetensors")
+       for size in ("base", "large", "huge")},
+    "sam-hq-vit-tiny": ("lkeab/hq-sam", "sam_hq_vit_tiny.pth"),
+    "slimsam-50": ("nielsr/slimsam-50-uniform", "model.safetensors"),
+    "slimsam-77": ("nielsr/slimsam-77-uniform", "model.safetensors"),
+    "medsam": ("wanglab/medsam-vit-base", "pytorch_model.bin"),
 }
 #: Seconds to wait for a TCP connection to the Hub before taking it as unreachable.
 REACHABLE_TIMEOUT = 3.0

@@ -56,12 +56,22 @@ META_NAMES = NameTable([
     ("mask_decoder.output_upscaling.3.{p}", "mask_decoder.mask_generator.upscaler.conv2.{p}"),
     ("mask_decoder.output_hypernetworks_mlps.{i}.{rest}", "mask_decoder.mask_generator.mask_token_mlps.{i}.{rest}"),
     ("mask_decoder.iou_prediction_head.{rest}", "mask_decoder.iou_mlp.{rest}"),
+    # HQ-SAM's mask decoder: the HQ token and its MLP, the early features' and image tokens' upscalers (the
+    # HQ features), the refiner of SAM's upscaled features
+    ("mask_decoder.hf_token.weight", "mask_decoder.hq_token"),
+    ("mask_decoder.hf_mlp.{rest}", "mask_decoder.hq_mask_mlp.{rest}"),
+    *[(f"mask_decoder.{theirs}.{i}.{{p}}", f"mask_decoder.{ours}.{layer}.{{p}}")
+      for theirs, ours in (("compress_vit_feat", "early_feature_upscaler"),
+                           ("embedding_encoder", "image_token_upscaler"),
+                           ("embedding_maskfeature", "mask_feature_refiner"))
+      for i, layer in ((0, "conv1"), (1, "norm"), (3, "conv2"))],
 ])
 
 # Meta's layout -> sam_mlx's, by the sam_mlx weight's owner: convs O x I x kh x kw -> O x kh x kw x I,
 # transposed convs I x O x kh x kw -> O x kh x kw x I.
-_CONV = re.compile(r"(patch_embedding|channel_projection\.conv\d|mask_hint_encoder\.conv\d)\.weight$")
-_CONV_TRANSPOSE = re.compile(r"upscaler\.conv\d\.weight$")
+_CONV = re.compile(r"(patch_embedding|channel_projection\.conv\d|mask_hint_encoder\.conv\d"
+                   r"|mask_feature_refiner\.conv\d)\.weight$")
+_CONV_TRANSPOSE = re.compile(r"upscaler\.conv\d\.weight$")  # also HQ-SAM's early_feature_, image_token_upscaler
 
 
 def _layout(name: str) -> tuple[int, ...] | None:
@@ -142,7 +152,8 @@ def _meta_name(name: str, encoder: ViTConfig | TinyViTConfig) -> str:
 
 
 def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], SamConfig]:
-    """Meta-format state dict (SAM ViT or MobileSAM) -> (sam_mlx weights, config).
+    """Meta-format state dict (SAM ViT or MobileSAM; HQ-SAM's, with ``mask_decoder.hf_token``) -> (sam_mlx weights,
+    config).
 
     Every parameter of the model the weights imply is looked up by its Meta name; a missing, mis-shaped,
     non-float or left-over key raises CheckpointError naming it. The config is inferred from names and
@@ -158,7 +169,8 @@ def convert_meta(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     else:
         raise CheckpointError("no image encoder weights "
                               "(image_encoder.patch_embed.proj.weight or image_encoder.layers.*)")
-    config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder))
+    config = SamConfig(encoder=encoder, decoder=infer_decoder_config(state), image_size=_image_size(encoder),
+                       hq="mask_decoder.hf_token.weight" in state)
     try:
         model = Sam(config)
     except ValueError as exc:

@@ -55,8 +55,16 @@ def channel_projection(projection: ChannelProjection, x: mx.array) -> mx.array:
 
 def encode_vit(encoder: ImageEncoderViT, image: mx.array) -> mx.array:
     """``encoder(image)``: B x H x W x 3 -> B x H/16 x W/16 x 256."""
+    return vit_features(encoder, image, keep_early=False)[0]
+
+
+def vit_features(encoder: ImageEncoderViT, image: mx.array, keep_early: bool) -> tuple[mx.array, mx.array | None]:
+    """``encoder.encode(image, keep_early)``: the image tokens and, with ``keep_early``, the first stage's output."""
     x = encoder.position_encoding(encoder.patch_embedding(image))
-    for stage in encoder.stages:
+    early = None
+    for i, stage in enumerate(encoder.stages):
         for block in stage.blocks:
             x = _block(block, x)
-    return channel_projection(encoder.channel_projection, x)
+        if keep_early and i == 0:
+            early = x
+    return channel_projection(encoder.channel_projection, x), early

@@ -74,7 +74,7 @@ def image_side(decoder: MaskDecoder, image_tokens: mx.array, image_pe: mx.array)
     return project_image(decoder.transformer.layers[0], src, row_bands(image_pe[None], count))
 
 
-def _pixel_upscale(conv: nn.ConvTranspose2d, x: mx.array) -> mx.array:
+def pixel_upscale(conv: nn.ConvTranspose2d, x: mx.array) -> mx.array:
     """A 2x2 stride-2 transposed conv as one matrix product: ... x I -> ... x 2 x 2 x O, each input pixel's
     2 x 2 output block kept apart (its block axes are turned into rows and columns once, on the final masks)."""
     o, _, _, i = conv.weight.shape
@@ -82,15 +82,15 @@ def _pixel_upscale(conv: nn.ConvTranspose2d, x: mx.array) -> mx.array:
     return y.reshape(*x.shape[:-1], 2, 2, o) + conv.bias
 
 
-def _upscale_in_blocks(decoder: MaskDecoder, x: mx.array) -> mx.array:
+def upscale_in_blocks(decoder: MaskDecoder, x: mx.array) -> mx.array:
     """The image upscaler, pixel-local, in block layout: B x h x w x D -> B x h x w x 2 x 2 x 2 x 2 x D/8
     (axes: coarse row and column offset, then the fine ones)."""
     upscaler = decoder.mask_generator.upscaler
-    return gelu(_pixel_upscale(upscaler.conv2, gelu(layer_norm(upscaler.norm, _pixel_upscale(upscaler.conv1, x)))))
+    return gelu(pixel_upscale(upscaler.conv2, gelu(layer_norm(upscaler.norm, pixel_upscale(upscaler.conv1, x)))))
 
 
 def interleave_blocks(blocks: mx.array) -> mx.array:
-    """B x h x w x 2 x 2 x 2 x 2 x C (from ``_upscale_in_blocks``) -> B x C x 4h x 4w.
+    """B x h x w x 2 x 2 x 2 x 2 x C (from ``upscale_in_blocks``) -> B x C x 4h x 4w.
 
     Pixel (4i + 2a + c, 4j + 2b + d) is blocks[:, i, j, a, b, c, d].
     """
@@ -146,7 +146,7 @@ def decode(
     rows, cols = read_grid or (h, w)
 
     def band_masks(band: mx.array) -> mx.array:  # B x n x D -> B x n/cols x cols x 2 x 2 x 2 x 2 x C
-        features = _upscale_in_blocks(decoder, band.reshape(b, -1, cols, d))  # ... x 2 x 2 x 2 x 2 x d/8
+        features = upscale_in_blocks(decoder, band.reshape(b, -1, cols, d))  # ... x 2 x 2 x 2 x 2 x d/8
         masks = features.reshape(b, -1, features.shape[-1]) @ hyper
         return masks.reshape(*features.shape[:-1], len(chosen))
 

@@ -86,12 +86,21 @@ def _tiny_vit_block(block: TinyViTBlock, x: mx.array) -> mx.array:
 
 def encode_tiny_vit(encoder: TinyViTImageEncoder, image: mx.array) -> mx.array:
     """``encoder(image)``: B x H x W x 3 (H, W multiples of 16) -> B x H/16 x W/16 x out_chans."""
+    return tiny_vit_features(encoder, image, keep_early=False)[0]
+
+
+def tiny_vit_features(encoder: TinyViTImageEncoder, image: mx.array, keep_early: bool) -> tuple[mx.array,
+                                                                                                 mx.array | None]:
+    """``encoder.encode(image, keep_early)``: the image tokens and, with ``keep_early``, stage 1's output."""
     check_input(image)
     embedding = encoder.patch_embedding
     x = _conv(embedding.conv2, gelu(_conv(embedding.conv1, image)))
-    for stage in encoder.stages:
+    early = None
+    for i, stage in enumerate(encoder.stages):
         for block in stage.blocks:
             x = _mbconv(block, x) if isinstance(block, MBConv) else _tiny_vit_block(block, x)
         if "patch_merging" in stage:
             x = _patch_merging(stage.patch_merging, x)
-    return channel_projection(encoder.channel_projection, x)
+        if keep_early and i == 1:
+            early = x
+    return channel_projection(encoder.channel_projection, x), early

@@ -97,6 +97,9 @@ def save_image_tokens(predictor, path: str | Path, image_name: str | None = None
     with predictor.lock:
         if not predictor.is_image_set:
             raise RuntimeError("no image set: call set_image(...) before save_image_tokens")
+        if predictor.model.config.hq:
+            raise ValueError(f"image tokens files hold the image tokens alone, and a {predictor.model.config.name} "
+                             "model (HQ-SAM) also needs the encoder's early features: encode the image instead")
         geometry = predictor.geometry
         metadata = {
             "format": FORMAT,

@@ -198,7 +198,15 @@ class ImageEncoderViT(nn.Module):
         self.channel_projection = ChannelProjection(d, config.out_chans)
 
     def __call__(self, image: mx.array) -> mx.array:
+        return self.encode(image)[0]
+
+    def encode(self, image: mx.array, keep_early: bool = False) -> tuple[mx.array, mx.array | None]:
+        """-> (image tokens, and with ``keep_early`` the early features HQ-SAM fuses: the first stage's output,
+        after the first global-attention block, B x h x w x embed_dim; else None)."""
         x = self.position_encoding(self.patch_embedding(image))
-        for stage in self.stages:
+        early = None
+        for i, stage in enumerate(self.stages):
             x = stage(x)
-        return self.channel_projection(x)
+            if keep_early and i == 0:
+                early = x
+        return self.channel_projection(x), early

@@ -70,8 +70,13 @@ class MaskGenerator(nn.Module):
         """image: B x h x w x D, mask_tokens: B x M x D -> masks B x M x 4h x 4w."""
         features = self.upscaler(image)  # B x 4h x 4w x D/8
         weights = mx.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(self.mask_token_mlps)], axis=1)
-        b, h, w, c = features.shape
-        return (weights @ features.reshape(b, h * w, c).swapaxes(1, 2)).reshape(b, -1, h, w)
+        return dot_pixels(weights, features)
+
+
+def dot_pixels(weights: mx.array, features: mx.array) -> mx.array:
+    """weights B x K x C, features B x H x W x C -> B x K x H x W: each weight vector dotted with every pixel."""
+    b, h, w, c = features.shape
+    return (weights @ features.reshape(b, h * w, c).swapaxes(1, 2)).reshape(b, -1, h, w)
 
 
 class MaskDecoder(nn.Module):
@@ -101,14 +106,25 @@ class MaskDecoder(nn.Module):
         Returns low-res logits B x C x 4h x 4w and IoU predictions B x C, where C is 3 (masks 1..3) with
         ``multimask_output`` and 1 (mask 0) without, as in the original.
         """
-        b = prompt_tokens.shape[0]
-        h, w, d = image_pe.shape
-        output_tokens = mx.concatenate([self.iou_token, self.mask_tokens])
-        tokens = mx.concatenate([mx.broadcast_to(output_tokens, (b, *output_tokens.shape)), prompt_tokens], axis=1)
-        image = image_tokens + self.mask_hint_encoder(mask_hint, (h, w), b)  # B x h x w x D
-
-        tokens, image = self.transformer(image, image_pe, tokens)
-        masks = self.mask_generator(image.reshape(b, h, w, d), tokens[:, 1 : 1 + self.num_mask_tokens])
+        tokens, image = self.attend(image_tokens, image_pe, prompt_tokens, mask_hint)
+        masks = self.mask_generator(image, tokens[:, 1 : 1 + self.num_mask_tokens])
         iou = self.iou_mlp(tokens[:, 0])
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, chosen], iou[:, chosen]
+
+    def output_tokens(self) -> mx.array:
+        """The learned output tokens put before the prompt tokens: the IoU token, then the mask tokens."""
+        return mx.concatenate([self.iou_token, self.mask_tokens])
+
+    def attend(
+        self, image_tokens: mx.array, image_pe: mx.array, prompt_tokens: mx.array, mask_hint: mx.array | None
+    ) -> tuple[mx.array, mx.array]:
+        """The two-way transformer on [output tokens, prompt tokens] and the image tokens plus the mask hint's
+        embedding -> (tokens B x N x D, image B x h x w x D)."""
+        b = prompt_tokens.shape[0]
+        h, w, d = image_pe.shape
+        output_tokens = self.output_tokens()
+        tokens = mx.concatenate([mx.broadcast_to(output_tokens, (b, *output_tokens.shape)), prompt_tokens], axis=1)
+        image = image_tokens + self.mask_hint_encoder(mask_hint, (h, w), b)  # B x h x w x D
+        tokens, image = self.transformer(image, image_pe, tokens)
+        return tokens, image.reshape(b, h, w, d)

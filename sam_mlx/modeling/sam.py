@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from ..config import SamConfig, ViTConfig
 from .coordinate_encoder import CoordinateEncoder
+from .hq_mask_decoder import HQMaskDecoder
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder, prompt_batch_size
@@ -30,7 +31,10 @@ class Sam(nn.Module):
         d = config.decoder.embed_dim
         self.coordinate_encoder = CoordinateEncoder(d // 2)
         self.prompt_encoder = PromptEncoder(d)
-        self.mask_decoder = MaskDecoder(config.decoder)
+        if config.hq:
+            self.mask_decoder: MaskDecoder | HQMaskDecoder = HQMaskDecoder(config.decoder, config.early_feature_dim)
+        else:
+            self.mask_decoder = MaskDecoder(config.decoder)
 
     @property
     def encoder_dtype(self) -> mx.Dtype:
@@ -40,6 +44,15 @@ class Sam(nn.Module):
     def encode_image(self, image: mx.array) -> mx.array:
         """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens (in the encoder's dtype)."""
         return self.image_encoder(image.astype(self.encoder_dtype))
+
+    def encode_image_hq(self, image: mx.array) -> tuple[mx.array, mx.array]:
+        """HQ-SAM: ``encode_image`` and the image's HQ features, B x 4h x 4w x D/8 (from the encoder's early
+        features and the image tokens; ``HQMaskDecoder.hq_features``), which every prompt's decode needs."""
+        if not isinstance(self.mask_decoder, HQMaskDecoder):
+            raise ValueError(f"a {self.config.name} model has no HQ mask decoder")
+        tokens, early = self.image_encoder.encode(image.astype(self.encoder_dtype), keep_early=True)
+        dtype = self.mask_decoder.hq_token.dtype
+        return tokens, self.mask_decoder.hq_features(tokens.astype(dtype), early.astype(dtype))
 
     def encode_prompts(
         self,
@@ -63,15 +76,21 @@ class Sam(nn.Module):
         boxes: mx.array | None = None,
         mask_input: mx.array | None = None,
         multimask_output: bool = True,
+        hq_features: mx.array | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[mx.array, mx.array]:
         """Prompts -> (low-res logits B x C x 4h x 4w, IoU predictions B x C).
 
         image_tokens: 1 x h x w x D; ``input_size``: the (H, W) of the encoder input the prompt coordinates
         are in; points: (B x N x 2 xy, B x N labels); boxes: B x 4; mask_input: B x 4h x 4w logits.
+        HQ-SAM: ``hq_features`` from ``encode_image_hq`` (required), ``hq_token_only`` as in the original; C is 1.
         """
         h, w = image_tokens.shape[1:3]
         batch = prompt_batch_size(points, boxes, mask_input)
         prompt_tokens = self.encode_prompts(points, boxes, input_size, batch)
         image_pe = self.coordinate_encoder.grid(h, w)
         mask_hint = None if mask_input is None else mask_input[..., None]
+        if isinstance(self.mask_decoder, HQMaskDecoder):
+            return self.mask_decoder(image_tokens, image_pe, prompt_tokens, mask_hint, multimask_output, hq_features,
+                                     hq_token_only)
         return self.mask_decoder(image_tokens, image_pe, prompt_tokens, mask_hint, multimask_output)

@@ -221,8 +221,16 @@ class TinyViTImageEncoder(nn.Module):
         self.channel_projection = ChannelProjection(config.embed_dims[-1], config.out_chans)
 
     def __call__(self, image: mx.array) -> mx.array:
+        return self.encode(image)[0]
+
+    def encode(self, image: mx.array, keep_early: bool = False) -> tuple[mx.array, mx.array | None]:
+        """-> (image tokens, and with ``keep_early`` the early features Light HQ-SAM fuses: stage 1's output
+        after its patch merging, B x H/16 x W/16 x embed_dims[2]; else None)."""
         check_input(image)
         x = self.patch_embedding(image)
-        for stage in self.stages:
+        early = None
+        for i, stage in enumerate(self.stages):
             x = stage(x)
-        return self.channel_projection(x)
+            if keep_early and i == 1:
+                early = x
+        return self.channel_projection(x), early

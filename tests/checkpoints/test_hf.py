@@ -15,6 +15,7 @@ from PIL import Image
 
 import sam_mlx
 from helpers import IMAGES
+from reference import randomize_transformers_sam
 from sam_mlx.checkpoints.hf import hf_to_meta
 from sam_mlx.fast import FastSam
 from sam_mlx.transforms import ImageGeometry, image_geometry, preprocess
@@ -34,20 +35,7 @@ PROMPTS = {
 def _random_hf_model() -> "transformers.SamModel":
     torch.manual_seed(0)
     config = transformers.SamConfig(vision_config=transformers.SamVisionConfig(**VISION).to_dict())
-    model = transformers.SamModel(config).eval()
-    with torch.no_grad():
-        # PyTorch's default inits (as Meta's modules have), not transformers' small-std ones.
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Embedding)):
-                module.reset_parameters()
-        for name, p in model.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name:
-                p.normal_(0, 0.5)
-            elif name.endswith("positional_embedding"):  # the Gaussian matrix: Meta's N(0, 1), 2 x 128
-                p.normal_(0, 1.0)
-            elif "layer_norm" in name:  # weights default to 1 and biases to 0: make them visible
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return randomize_transformers_sam(transformers.SamModel(config))
 
 
 @pytest.fixture(scope="module")

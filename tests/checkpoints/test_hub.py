@@ -396,3 +396,39 @@ def test_unreachable_hub_fails_at_once(cache, endpoint, monkeypatch, tmp_path):
                                            r"main/mobile_sam\.pt"):
         hub.resolve_checkpoint("mobile_sam")
     assert calls == [True] and time.perf_counter() - start < 5.0
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Small random files in the formats of the SAM family's repos: a SamHQModel model.safetensors, Light HQ-SAM's
+    .pth (TinyViT), transformers' pytorch_model.bin (MedSAM's repo)."""
+    import transformers
+    from safetensors.torch import load_file as load_torch_safetensors
+
+    from reference import build_reference_hq_sam
+
+    folder = tmp_path_factory.mktemp("family")
+    torch.manual_seed(0)
+    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1], window_size=14)
+    hq = transformers.SamHQModel(transformers.SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=64)))
+    hq.save_pretrained(folder / "hq")
+    torch.save(build_reference_hq_sam("tiny_vit").state_dict(), folder / "sam_hq_vit_tiny.pth")
+    torch.save(load_torch_safetensors(str(checkpoints["hf"])), folder / "pytorch_model.bin")
+    return {"hq": folder / "hq" / "model.safetensors", "hq_tiny": folder / "sam_hq_vit_tiny.pth",
+            "hf": checkpoints["hf"], "bin": folder / "pytorch_model.bin"}
+
+
+@pytest.mark.parametrize("name, repo, filename, served, encoder, hq", [
+    ("sam-hq-vit-base", "syscv-community/sam-hq-vit-base", "model.safetensors", "hq", "vit", True),
+    ("sam-hq-vit-huge", "syscv-community/sam-hq-vit-huge", "model.safetensors", "hq", "vit", True),
+    ("sam-hq-vit-tiny", "lkeab/hq-sam", "sam_hq_vit_tiny.pth", "hq_tiny", "tiny_vit", True),
+    ("slimsam-50", "nielsr/slimsam-50-uniform", "model.safetensors", "hf", "vit", False),
+    ("slimsam-77", "nielsr/slimsam-77-uniform", "model.safetensors", "hf", "vit", False),
+    ("medsam", "wanglab/medsam-vit-base", "pytorch_model.bin", "bin", "vit", False),
+])
+def test_family_names(family_checkpoints, cache, monkeypatch, tmp_path, name, repo, filename, served, encoder, hq):
+    fake = install(monkeypatch, tmp_path, {(repo, filename): family_checkpoints[served]})
+    model = sam_mlx.load(name)
+    assert fake.downloads == [(repo, filename)]
+    assert (model.config.encoder.kind, model.config.hq) == (encoder, hq)
+    assert same_weights(model, load_checkpoint(family_checkpoints[served]))
