@@ -270,7 +270,8 @@ class Engine:
             digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:32]
             size = "x".join(map(str, self.size)) if isinstance(self.size, tuple) else self.size
             tokens_path = self.tokens_dir / f"{digest}-{self.fingerprint}-{self.sizing}-{size}.safetensors"
-            if self._load_tokens(predictor, tokens_path):
+            on_disk = not self.model.config.hq  # a tokens file cannot hold HQ-SAM's early features
+            if on_disk and self._load_tokens(predictor, tokens_path):
                 os.utime(tokens_path)  # used now: the last to be removed from a full cache
             else:
                 image = load_image(entry.path)
@@ -278,10 +279,12 @@ class Engine:
                 predictor.set_image(image)
                 entry.encode_seconds = round(time.perf_counter() - start, 2)
                 self._encode_times.append(entry.encode_seconds)
-                save_image_tokens(predictor, tokens_path, image_name=str(entry.path))
-                self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s -> {tokens_path}")
-                self._trim_tokens_cache(keep=tokens_path)
-            entry.cached = True
+                if on_disk:
+                    save_image_tokens(predictor, tokens_path, image_name=str(entry.path))
+                    self._trim_tokens_cache(keep=tokens_path)
+                self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s"
+                         + (f" -> {tokens_path}" if on_disk else ""))
+            entry.cached = on_disk
         except Exception as exc:
             entry.status, entry.error = "error", " ".join(str(exc).split()) or type(exc).__name__
             self.log(f"sam-mlx app: cannot open {entry.path}: {entry.error}")

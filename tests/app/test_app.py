@@ -14,6 +14,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from app_process import served, start_app, truck_predictor
 from PIL import Image
 from websockets.exceptions import InvalidStatus
@@ -21,6 +22,7 @@ from websockets.sync.client import connect
 
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM
+from reference import build_reference_hq_sam
 from sam_mlx.app.engine import Engine
 from sam_mlx.app.library import Library
 from sam_mlx.app.masks import clean_mask, decode_mask, encode_mask
@@ -423,3 +425,34 @@ def test_command_errors_are_one_line(tmp_path):
             result = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
             assert result.returncode == code and words in result.stderr, result.stderr
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_hq_sam_in_the_app(tmp_path):
+    """An HQ-SAM model (small random ViT, original .pth): clicks and hovers give the predictor's one mask; its
+    tokens stay in memory (a tokens file cannot hold the early features HQ-SAM needs)."""
+    checkpoint = tmp_path / "sam_hq_small.pth"
+    small = dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
+    torch.save(build_reference_hq_sam("vit", **small).state_dict(), checkpoint)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(IMAGES / "truck.jpg", photos / "truck.jpg")
+    env = {**os.environ, "SAM_MLX_CACHE": str(tmp_path / "cache")}
+    running = start_app(str(photos), "--model", str(checkpoint), "--sizing", "stretch", "--size", "256",
+                        "--tokens-dir", str(tmp_path / "tokens"), "--out-dir", str(tmp_path / "out"), env=env)
+    try:
+        record = running.wait_ready(0)
+        assert not record["cached"] and not list((tmp_path / "tokens").glob("*.safetensors"))
+        predictor = sam_mlx.SamPredictor(sam_mlx.load(str(checkpoint)), sizing="stretch", size=256)
+        predictor.set_image(photos / "truck.jpg")
+        want, scores, _ = predictor.predict(np.array([WINDOW]), np.array([1]))
+        with running.client() as client:
+            reply = client.post("/api/decode", json={"image": 0, "points": [WINDOW], "labels": [1]}).json()
+        assert len(reply["masks"]) == 1 and np.allclose(reply["scores"], scores, atol=1e-4)
+        np.testing.assert_array_equal(decode_mask(reply["masks"][0]), want[0])
+        with connect(ws_url(running)) as socket:
+            socket.send(json.dumps({"seq": 1, "image": 0, "x": WINDOW[0], "y": WINDOW[1]}))
+            hover = json.loads(socket.recv(timeout=60))
+        np.testing.assert_array_equal(decode_mask(hover["mask"]), want[0])
+    finally:
+        code, log = running.stop(signal.SIGINT)
+    assert code == 0, log
