@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "app")]  # app_process and the helpers it imports
 
 from app_process import CHROMIUM, CHROMIUM_ARGS, start_app  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402

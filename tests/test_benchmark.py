@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import MOBILE_SAM, ROOT
 
 
@@ -33,3 +35,11 @@ def test_benchmark_runs_and_reports_ratios(tmp_path):
     assert rows["image encoding 1024"]["sam_mlx"] > 0 and rows["peak RSS (load + encode)"]["sam_mlx"] > 100
     assert "| mobile_sam | prompt -> masks at original size (ms) |" in run.stdout
     assert list(user_cache.iterdir()) == []  # conversions went to the run's own temporary cache
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_every_script_starts(script):
+    """Each script's imports resolve (scripts reach into tests/ for shared helpers): --help runs."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "usage" in result.stdout, result.stderr[-2000:]
