@@ -289,3 +289,21 @@ def randomize_transformers_sam(model: torch.nn.Module, seed: int = 0) -> torch.n
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def predictor_pair(ref_model: torch.nn.Module, predictor_class: type, path) -> tuple:
+    """(the reference predictor, sam_mlx's predictor) on ``truck.jpg`` for the same random weights: the reference
+    model's state dict is saved at ``path`` (a .pth) and loaded by sam_mlx from there."""
+    from PIL import Image
+
+    import sam_mlx
+    from helpers import IMAGES
+
+    torch.save(ref_model.state_dict(), path)
+    image = np.asarray(Image.open(IMAGES / "truck.jpg").convert("RGB"))
+    ref = predictor_class(ref_model)
+    with torch.no_grad():
+        ref.set_image(image)
+    ours = sam_mlx.SamPredictor(sam_mlx.load(str(path)))
+    ours.set_image(image)
+    return ref, ours

@@ -18,7 +18,7 @@ from PIL import Image
 
 import sam_mlx
 from helpers import IMAGES, gpu_branches
-from reference import build_reference_hq_sam, randomize_transformers_sam, reference_hq_predictor_class
+from reference import build_reference_hq_sam, predictor_pair, randomize_transformers_sam, reference_hq_predictor_class
 from sam_mlx.config import SamConfig
 from sam_mlx.fast import FastSam
 from sam_mlx.fast.hq_mask_decoder import hq_features
@@ -164,13 +164,7 @@ ENCODERS = {
 def predictors(request, tmp_path_factory):
     ref_model = build_reference_hq_sam(seed=1, **ENCODERS[request.param])
     path = tmp_path_factory.mktemp(request.param) / "sam_hq.pth"
-    torch.save(ref_model.state_dict(), path)
-    image = np.asarray(Image.open(IMAGES / "truck.jpg").convert("RGB"))
-    ref = reference_hq_predictor_class()(ref_model)
-    with torch.no_grad():
-        ref.set_image(image)
-    ours = sam_mlx.SamPredictor(sam_mlx.load(str(path)))
-    ours.set_image(image)
+    ref, ours = predictor_pair(ref_model, reference_hq_predictor_class(), path)
     return request.param, ref, ours
 
 

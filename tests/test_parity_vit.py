@@ -7,11 +7,8 @@ sam_mlx loads that file (without torch) and both predictors run the same prompts
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import sam_mlx
-from helpers import IMAGES
-from reference import build_reference_sam, reference_predictor_class
+from reference import build_reference_sam, predictor_pair, reference_predictor_class
 
 CONFIGS = {
     # ViT-B shape: 64x64 grid, 14x14 windows (the grid needs padding to 70).
@@ -38,14 +35,7 @@ def _np(prompt: dict) -> dict:
 def predictors(request, tmp_path_factory):
     ref_model = build_reference_sam(**CONFIGS[request.param], seed=1)
     path = tmp_path_factory.mktemp(request.param) / "sam_random.pth"
-    torch.save(ref_model.state_dict(), path)
-    image = np.asarray(Image.open(IMAGES / "truck.jpg").convert("RGB"))
-
-    ref = reference_predictor_class()(ref_model)
-    with torch.no_grad():
-        ref.set_image(image)
-    ours = sam_mlx.SamPredictor(sam_mlx.load(str(path)))
-    ours.set_image(image)
+    ref, ours = predictor_pair(ref_model, reference_predictor_class(), path)
     return request.param, ref, ours
 
 
