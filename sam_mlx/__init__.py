@@ -6,6 +6,10 @@ load_system_blas()  # must precede the first import of mlx
 
 import mlx.core as mx  # noqa: E402
 
+from .ops.backend import device_from_environment  # noqa: E402
+
+device_from_environment()
+
 from .amg.automatic_mask_generator import SamAutomaticMaskGenerator  # noqa: E402
 from .checkpoints.errors import CheckpointError  # noqa: E402
 from .checkpoints.load import DTYPES, load_checkpoint, save_model  # noqa: E402
@@ -21,8 +25,8 @@ def load(path_or_name: str, dtype: str | mx.Dtype | None = None) -> Sam:
     """Load a SAM model from a checkpoint path (.pth / .safetensors) or a model name / Hub repo id.
 
     ``dtype`` ("float32", "float16", "bfloat16" or an mlx dtype) casts every weight; by default
-    the image encoder is half precision on an Apple GPU (MobileSAM's TinyViT float16, the ViT
-    bfloat16) and float32 on the CPU, the rest float32 (``checkpoints.load.default_encoder_dtype``).
+    the image encoder is float32 on the CPU and on a GPU chosen by chip (MobileSAM's TinyViT float16, the ViT
+    bfloat16 where native, else float32), the rest float32 (``checkpoints.load.default_encoder_dtype``).
     """
     from .checkpoints.hub import resolve_checkpoint
 

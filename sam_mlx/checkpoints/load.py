@@ -9,6 +9,7 @@ the source they were converted from.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -132,18 +133,30 @@ def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> Non
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
-    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU (Apple
-    Silicon) half precision, which halves the encoder's memory traffic there.
+    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU, by chip.
 
-    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits, and
-    TinyViT's activations stay far below its range (README's Parity, ``scripts/precision.py``). Meta's
-    ViT-H is reported to overflow float16 (segment-anything issue #540), so the ViT keeps bfloat16, which
-    has float32's range. On MLX's CPU backend half-precision matmuls and transcendental functions are
-    slower than float32.
+    - TinyViT (MobileSAM): float16 on every GPU. Its activations stay below 1/16 of float16's range
+      (``tests/test_gpu_branches.py``), and float16 keeps 3 more bits than bfloat16: ~10x closer to float32.
+    - ViT: bfloat16 where the GPU computes it natively (Apple M3 and later, other GPUs); float32 on Apple M1
+      and M2 (MLX's ``device_info()["architecture"]`` applegpu_g13*/g14*), which emulate bfloat16 (reported
+      20-40% slower than float16 there) and run float32 arithmetic at float16's rate. Meta's ViT-H is reported
+      to overflow float16 (segment-anything issue #540), so the ViT never gets float16 by default.
+    ``--dtype`` / ``load(dtype=...)`` choose otherwise; ``scripts/device_check.py`` times each on a chip.
+    On MLX's CPU backend half-precision matmuls and transcendental functions are slower than float32.
     """
     if backend.on_cpu():
         return mx.float32
-    return mx.bfloat16 if config.encoder.kind == "vit" else mx.float16
+    if config.encoder.kind != "vit":
+        return mx.float16
+    return mx.bfloat16 if native_bfloat16() else mx.float32
+
+
+def native_bfloat16() -> bool:
+    """Whether the GPU computes bfloat16 natively, from the architecture MLX reports: Apple GPUs from the
+    M3 (applegpu_g15) on; True for any other GPU (CUDA GPUs MLX supports have bfloat16)."""
+    architecture = str(mx.device_info().get("architecture", ""))
+    match = re.fullmatch(r"applegpu_g(\d+)\w*", architecture)
+    return match is None or int(match.group(1)) >= 15
 
 
 def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None) -> Sam:
@@ -161,8 +174,12 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
+    encoder_dtype = default_encoder_dtype(config) if dtype is None else dtype
+    other_dtype = mx.float32 if dtype is None else dtype
     arrays, non_finite = [], []
-    for key, value in weights.items():  # read one at a time; numpy's finiteness test is faster than MLX's CPU one
+    # read, checked and cast one tensor at a time, each evaluated before the next is read: the peak is the cast
+    # model plus one float32 tensor, not every weight in float32 (ViT-H: 2.5 GB) before the cast
+    for key, value in weights.items():  # numpy's finiteness test is faster than MLX's CPU one
         if isinstance(value, mx.array):
             finite = mx.isfinite(value).all().item()
         else:
@@ -171,16 +188,11 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
             value = mx.array(value)
         if not finite:
             non_finite.append(getattr(weights[key], "name", key))  # the file's own name
+        value = value.astype(encoder_dtype if key.startswith("image_encoder.") else other_dtype)
+        mx.eval(value)
         arrays.append((key, value))
     if non_finite:
         raise CheckpointError(f"{source}: weights with NaN or infinite values: {few(sorted(non_finite))}")
-    if dtype is not None:
-        arrays = [(k, v.astype(dtype)) for k, v in arrays]
-    else:
-        encoder_dtype = default_encoder_dtype(config)
-        arrays = [
-            (k, v.astype(encoder_dtype if k.startswith("image_encoder.") else mx.float32)) for k, v in arrays
-        ]
     model.load_weights(arrays)
     model.eval()
     mx.eval(model.parameters())

@@ -11,7 +11,7 @@ caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
 
 SAM's decomposed relative-position term is added per chunk from its two per-axis
 parts, so the full Lq x Lk bias is never built. On a GPU the fused kernel takes that term as
-its mask, built for one chunk of query rows at a time (``_GPU_MASK_BYTES``), chunk after chunk.
+its mask, built for one chunk of query rows at a time (``GPU_MASK_BYTES``), chunk after chunk.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
 # Bytes of relative-position mask per chunk of query rows on a GPU: ViT-H's global block at 1024 would
 # otherwise build a 512 MiB heads x T x T mask (8 GiB at stretch 2048); in 64 MiB chunks the fused kernel
 # still gets hundreds of query rows per call.
-_GPU_MASK_BYTES = 64 << 20
+GPU_MASK_BYTES = 64 << 20
 
 
 @fused
@@ -94,7 +94,7 @@ def _fused_with_rel_pos(
     keys = k.shape[2]
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    rows = max(1, _GPU_MASK_BYTES // (batch * heads * keys * q.dtype.size))
+    rows = max(1, GPU_MASK_BYTES // (batch * heads * keys * q.dtype.size))
     parts: list[mx.array] = []
     for r0 in range(0, queries, rows):
         rs = slice(r0, r0 + rows)
