@@ -8,6 +8,7 @@ the source they were converted from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from ..modeling.sam import Sam
 from ..ops import backend
 from .errors import CheckpointError, few, require_float
 from .meta import check_model_fits, convert_meta
+from .quantize import quantize_encoder, quantized_layout
 from .torch_pickle import LazyTensor, read_torch_checkpoint
 
 # 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
@@ -51,7 +53,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, 
 
 # safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+                       "I16": "<i2", "I8": "i1", "U32": "<u4", "U8": "u1", "BOOL": "?"}
 
 
 class SafetensorsTensor(LazyTensor):
@@ -125,11 +127,21 @@ def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> Non
         raise CheckpointError(f"{source}: missing weights {few(missing)}")
     if extra:
         raise CheckpointError(f"{source}: unexpected weights {few(extra)}")
+    packed = {k for k, v in tree_flatten(model.parameters()) if v.dtype == mx.uint32}  # quantized weights
     for key, shape in expected.items():
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
-        require_float(weights[key], key, f"{source}: ")
+        if key not in packed:
+            require_float(weights[key], key, f"{source}: ")
+        elif np.dtype(_numpy_dtype(weights[key].dtype)) != np.uint32:
+            raise CheckpointError(f"{source}: quantized weight {key} holds {weights[key].dtype} values, "
+                                  "expected uint32")
+
+
+def _numpy_dtype(dtype: object) -> object:
+    """An mlx or numpy dtype as numpy's (mlx's uint32 -> np.uint32; others unchanged or as named)."""
+    return np.dtype(str(dtype).removeprefix("mlx.core.")) if isinstance(dtype, mx.Dtype) else dtype
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
@@ -159,16 +171,23 @@ def native_bfloat16() -> bool:
     return match is None or int(match.group(1)) >= 15
 
 
-def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None) -> Sam:
+def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None,
+                quantize: int | None = None) -> Sam:
     """Instantiate Sam from converted weights, checking every name and shape first.
 
     ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
-    and the small prompt encoder and mask decoder stay in float32.
+    and the small prompt encoder and mask decoder stay in float32. ``quantize`` (8 or 4) quantizes the
+    image encoder's Linear weights after loading (``checkpoints.quantize``); a quantized file's config says so.
     """
+    if quantize is not None and config.encoder_bits not in (None, quantize):
+        raise CheckpointError(f"{source}: the image encoder is already quantized to {config.encoder_bits} bits; "
+                              f"it cannot be quantized to {quantize}")
     try:
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    if config.encoder_bits is not None:
+        quantized_layout(model.image_encoder, config.encoder_bits)
     try:
         check_model_fits(config, model)
     except CheckpointError as exc:
@@ -188,7 +207,8 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
             value = mx.array(value)
         if not finite:
             non_finite.append(getattr(weights[key], "name", key))  # the file's own name
-        value = value.astype(encoder_dtype if key.startswith("image_encoder.") else other_dtype)
+        if mx.issubdtype(value.dtype, mx.floating):  # not a quantized weight's packed integers
+            value = value.astype(encoder_dtype if key.startswith("image_encoder.") else other_dtype)
         mx.eval(value)
         arrays.append((key, value))
     if non_finite:
@@ -196,22 +216,28 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     model.load_weights(arrays)
     model.eval()
     mx.eval(model.parameters())
+    if quantize is not None and config.encoder_bits is None:
+        quantize_encoder(model.image_encoder, quantize)
+        model.config = dataclasses.replace(config, encoder_bits=quantize)
     return model
 
 
-def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> Sam:
-    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
+def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None, quantize: int | None = None) -> Sam:
+    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file; ``quantize``
+    (8 or 4): with the image encoder's Linear weights quantized to that many bits."""
     path = Path(path)
+    if quantize not in (None, 8, 4):
+        raise ValueError(f"quantize must be 8 or 4 bits, got {quantize!r}")
     state, metadata = read_state_dict(path)
     if "sam_mlx_config" in metadata:
-        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype)
+        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype, quantize)
     try:
         weights, config = convert_state_dict(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except (ValueError, KeyError) as exc:  # e.g. a config the model refuses (TinyViTConfig's stage count)
         raise CheckpointError(f"{path}: invalid weights ({exc})") from exc
-    return build_model(weights, config, str(path), dtype)
+    return build_model(weights, config, str(path), dtype, quantize)
 
 
 def _sam_mlx_config(metadata: Mapping[str, str], path: Path) -> SamConfig:
@@ -233,12 +259,13 @@ def save_model(model: Sam, path: str | Path, dtype: str = "float32", source: str
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     params = tree_flatten(model.parameters())
+    floats = [(k, v) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]  # not quantized weights' integers
     if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
-        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        too_large = [k for k, v in floats if mx.abs(v).max().item() > _FLOAT16_MAX]
         if too_large:
             raise ValueError(f"weights {few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
                              "become infinite: save as bfloat16 or float32")
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
+    weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in params}
     metadata = {
         "format": "sam_mlx",
         "format_version": FORMAT_VERSION,
