@@ -120,6 +120,21 @@ def test_the_graph_sees_the_cli_package_and_ray_data():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+# The command's modules from the bottom up, as docs/architecture.md lists them: each imports only those before it.
+CLI_LAYERS = ["messages", "prompts", "jobs", "outputs", "work", "run", "commands", "parsing", "__init__", "__main__"]
+
+
+def test_the_command_modules_import_only_those_below():
+    graph = _graph(loading=False)
+    cli = [name for name in MODULES if name.startswith("sam_mlx.cli")]
+    layers = [f"sam_mlx.cli.{layer}" if layer != "__init__" else "sam_mlx.cli" for layer in CLI_LAYERS]
+    assert sorted(cli) == sorted(layers)
+    for i, name in enumerate(layers):
+        assert graph[name] & set(layers) <= set(layers[:i]), f"{name} imports a module above it"
+    shared = graph["sam_mlx.ray_data"] & set(layers)  # the lower layer, which must not reach run (it imports Ray)
+    assert shared and all(layers.index(name) < layers.index("sam_mlx.cli.run") for name in shared)
+
+
 @pytest.mark.parametrize("loading", [False, True], ids=["every import", "imports run on loading"])
 def test_no_import_cycle(loading):
     cycle = _cycle(_graph(loading))
