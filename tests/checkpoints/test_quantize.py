@@ -1,5 +1,7 @@
 """Quantized image encoders (``load(..., quantize=8|4)``): their layout, files, fingerprints, fast path and drift."""
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -10,6 +12,7 @@ from mlx.utils import tree_flatten
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM, best_mask_ious, gpu_branches, shared_prompt_outputs
 from reference import build_reference_sam
+from sam_mlx import cli
 from sam_mlx.checkpoints.errors import CheckpointError
 from sam_mlx.fast import FastSam
 from sam_mlx.io.tokens import model_fingerprint, model_identity
@@ -105,3 +108,19 @@ def test_segment_everything_with_a_quantized_model(models):
     generator = sam_mlx.SamAutomaticMaskGenerator(models[8], points_per_side=4, sizing="stretch", size=512)
     records = generator.generate(str(IMAGES / "dog.jpg"))
     assert records and all(r["segmentation"].shape == (534, 800) for r in records)
+
+
+def test_the_command_converts_and_segments_quantized(models, tmp_path):
+    """``convert --quantize 8`` writes a file that loads back as the 8-bit model; ``segment --quantize 8`` and the
+    converted file give the same scores."""
+    out = tmp_path / "mobile_sam_q8.safetensors"
+    assert cli.main(["convert", str(MOBILE_SAM), "--out", str(out), "--quantize", "8"]) == 0
+    assert model_fingerprint(sam_mlx.load(str(out))) == model_fingerprint(models[8])
+    scores = []
+    for model, extra in ((str(MOBILE_SAM), ["--quantize", "8"]), (str(out), [])):
+        folder = tmp_path / f"run{len(scores)}"
+        args = ["segment", str(IMAGES / "dog.jpg"), "--model", model, "--point", "400,300", "--out-dir", str(folder),
+                "--sizing", "stretch", "--size", "512", *extra]
+        assert cli.main(args) == 0
+        scores.append(json.loads(next(folder.glob("*.json")).read_text()))
+    assert scores[0]["masks"] and [m["score"] for m in scores[0]["masks"]] == [m["score"] for m in scores[1]["masks"]]
