@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -24,7 +25,7 @@ from ..modeling.sam import Sam
 from ..ops import backend
 from .errors import CheckpointError, few, require_float
 from .meta import check_model_fits, convert_meta
-from .quantize import quantize_encoder, quantized_layout
+from .quantize import quantized_layout
 from .torch_pickle import LazyTensor, read_torch_checkpoint
 
 # 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
@@ -177,7 +178,7 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
 
     ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
     and the small prompt encoder and mask decoder stay in float32. ``quantize`` (8 or 4) quantizes the
-    image encoder's Linear weights after loading (``checkpoints.quantize``); a quantized file's config says so.
+    image encoder's Linear weights as they are read (``checkpoints.quantize``); a quantized file's config says so.
     """
     if quantize is not None and config.encoder_bits not in (None, quantize):
         raise CheckpointError(f"{source}: the image encoder is already quantized to {config.encoder_bits} bits; "
@@ -193,11 +194,17 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
+    to_quantize: dict[str, nn.QuantizedLinear] = {}  # float weights quantized as they are read
+    if quantize is not None and config.encoder_bits is None:
+        quantized_layout(model.image_encoder, quantize)
+        to_quantize = {f"image_encoder.{path}.weight": layer for path, layer in model.image_encoder.named_modules()
+                       if isinstance(layer, nn.QuantizedLinear)}
+        model.config = dataclasses.replace(config, encoder_bits=quantize)
     encoder_dtype = default_encoder_dtype(config) if dtype is None else dtype
     other_dtype = mx.float32 if dtype is None else dtype
     arrays, non_finite = [], []
-    # read, checked and cast one tensor at a time, each evaluated before the next is read: the peak is the cast
-    # model plus one float32 tensor, not every weight in float32 (ViT-H: 2.5 GB) before the cast
+    # read, checked, cast (and quantized) one tensor at a time, each evaluated before the next is read: the peak is
+    # the model as loaded plus one float32 tensor, not every weight in float32 (ViT-H: 2.5 GB) before the cast
     for key, value in weights.items():  # numpy's finiteness test is faster than MLX's CPU one
         if isinstance(value, mx.array):
             finite = mx.isfinite(value).all().item()
@@ -209,16 +216,19 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
             non_finite.append(getattr(weights[key], "name", key))  # the file's own name
         if mx.issubdtype(value.dtype, mx.floating):  # not a quantized weight's packed integers
             value = value.astype(encoder_dtype if key.startswith("image_encoder.") else other_dtype)
-        mx.eval(value)
-        arrays.append((key, value))
+        layer = to_quantize.get(key)
+        if layer is None:
+            mx.eval(value)
+            arrays.append((key, value))
+        else:
+            packed = mx.quantize(value, group_size=layer.group_size, bits=layer.bits)
+            mx.eval(packed)
+            arrays += zip((key, key.removesuffix("weight") + "scales", key.removesuffix("weight") + "biases"), packed)
     if non_finite:
         raise CheckpointError(f"{source}: weights with NaN or infinite values: {few(sorted(non_finite))}")
     model.load_weights(arrays)
     model.eval()
     mx.eval(model.parameters())
-    if quantize is not None and config.encoder_bits is None:
-        quantize_encoder(model.image_encoder, quantize)
-        model.config = dataclasses.replace(config, encoder_bits=quantize)
     return model
 
 

@@ -12,7 +12,6 @@ twice as many weights, and does not divide every SAM width either.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
 
 GROUP_SIZE = 64
@@ -24,22 +23,12 @@ def group_size(input_width: int) -> int:
     return GROUP_SIZE if input_width % GROUP_SIZE == 0 else _SMALL_GROUP_SIZE
 
 
-def quantize_encoder(encoder: nn.Module, bits: int) -> None:
-    """Replace every Linear layer of ``encoder`` by a ``QuantizedLinear`` of ``bits`` bits, in place, one layer at
-    a time (each evaluated, so its float weight is freed before the next is quantized)."""
+def quantized_layout(encoder: nn.Module, bits: int) -> None:
+    """Replace every Linear layer of ``encoder`` by a ``QuantizedLinear`` of ``bits`` bits (group size by its input
+    width), unevaluated: the quantized weights (a quantized file's, or ``mx.quantize`` of a float file's as it is
+    read, ``load.build_model``) are then loaded into it; the layers' random initial weights are never computed."""
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 8 or 4, got {bits!r}")
-    for path, layer in encoder.named_modules():
-        if type(layer) is not nn.Linear:
-            continue
-        quantized = nn.QuantizedLinear.from_linear(layer, group_size=group_size(layer.weight.shape[1]), bits=bits)
-        mx.eval(quantized.parameters())
-        _replace(encoder, path, quantized)
-
-
-def quantized_layout(encoder: nn.Module, bits: int) -> None:
-    """Give ``encoder`` the quantized layers ``quantize_encoder`` makes, unevaluated, for a quantized file's
-    weights to load into (nothing is computed: the layers' random initial weights are never evaluated)."""
     for path, layer in encoder.named_modules():
         if type(layer) is nn.Linear:
             out_width, in_width = layer.weight.shape
