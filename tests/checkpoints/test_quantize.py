@@ -96,7 +96,7 @@ def test_the_fast_path_computes_a_quantized_vit_as_the_plain_model(tmp_path):
 
 def test_eight_bits_keep_mobile_sams_masks(models):
     """MobileSAM's real weights on dog.jpg's shared prompts: 8 bits against float32 (measured: tokens within 7e-3
-    of a largest 0.6, scores within 2e-3, best masks' IoU >= 0.99; ``scripts/quantization.py`` for every photo)."""
+    of a largest 0.6, scores within 8e-3, best masks' IoU >= 0.99; ``scripts/quantization.py`` for every photo)."""
     full, eight = (shared_prompt_outputs(models[bits], "dog") for bits in (None, 8))
     assert np.abs(eight["tokens"] - full["tokens"]).max() <= 2e-2
     for key in (k for k in full if k != "tokens"):
