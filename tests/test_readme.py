@@ -68,7 +68,7 @@ def code_block(page: Path, language: str, after: str = "") -> str:
     return re.search(rf"```{language}\n(.*?)```", source[source.index(after):], re.S).group(1)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_table_rows_have_their_headers_columns(page):
     for table in tables(page):
         for row in table[1:]:
@@ -76,12 +76,12 @@ def test_table_rows_have_their_headers_columns(page):
 
 
 def test_the_tables_moved_with_the_text():
-    counts = {page.name: len(tables(page)) for page in PAGES}
-    assert counts["README.md"] >= 2 and counts["command.md"] >= 3 and counts["speed.md"] >= 3, counts
-    assert counts["app.md"] >= 1 and counts["models.md"] >= 2 and counts["architecture.md"] >= 2, counts
+    counts = {page.relative_to(ROOT).as_posix(): len(tables(page)) for page in PAGES}
+    assert counts["README.md"] >= 2 and counts["docs/command.md"] >= 3 and counts["docs/speed.md"] >= 3, counts
+    assert counts["docs/app.md"] >= 1 and counts["docs/models.md"] >= 2 and counts["docs/architecture.md"] >= 2, counts
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_pictures_exist_beside_their_page(page):
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", prose(page)):
         path = page.parent / picture
@@ -96,7 +96,7 @@ def test_the_pictures_are_shown():
         assert f"]({picture})" in shown, picture
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_links_between_the_docs_resolve(page):
     for target in re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", prose(page)):
         if re.match(r"[a-z]+:", target):
