@@ -135,6 +135,23 @@ def test_measurement_tables_carry_date_and_command():
     assert measured >= 4
 
 
+def test_ci_runs_the_readme_test_command():
+    tests = code_block(README, "bash", "## Tests").splitlines()
+    (everything,) = [line.split("#")[0].strip() for line in tests if "# everything" in line]
+    assert everything == "python -m pytest -q"
+    assert everything in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_install_works_copied_as_it_stands():
+    """Debian/Ubuntu: package lists first, sudo optional (root in a container has none), a venv, then pip."""
+    lines = code_block(README, "bash", "**Debian 12").splitlines()
+    assert lines[0] == "$(command -v sudo) apt-get update"
+    assert "python3-venv" in lines[1] and "libopenblas0-pthread" in lines[1] and "-y" in lines[1]
+    assert lines[2:] == ["python3 -m venv .venv && . .venv/bin/activate", 'pip install -e ".[cpu,export,app]"']
+    assert code_block(README, "bash", "**macOS").splitlines() == lines[2:3] + ['pip install -e ".[export,app]"']
+    assert not re.search(r"^sudo ", text(README), re.M)
+
+
 def test_example_outputs_are_ignored():
     for path in ("out/truck_mask0.png", "truck.tokens.safetensors", "model.safetensors", "sam-mlx-export/coco.json",
                  "tokens/a.parquet", "masks/a.parquet"):
@@ -164,7 +181,7 @@ def test_readme_python_example_runs():
     scope: dict = {}
     exec(compile(code.replace('"mobile_sam"', repr(str(MOBILE_SAM))), "README.md", "exec"), scope)
     assert scope["best"].shape == (600, 900) and scope["best"][188, 250]  # the truck's window, clicked
-    assert scope["masks"].shape == (1, 600, 900) and scope["masks"][0].mean() > 0.25  # the box: the whole truck
+    assert scope["masks"].shape == (1, 600, 900) and scope["masks"][0].mean() > 0.2  # the box: the whole truck
     assert len(scope["records"]) >= 5
 
 
