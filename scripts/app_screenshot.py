@@ -1,4 +1,4 @@
-"""The screenshot of `sam-mlx app` in README.md and docs/app.md: a few objects segmented on groceries.jpg in headless Chromium.
+"""The screenshot of `sam-mlx app` (README.md, docs/app.md): objects segmented on groceries.jpg in headless Chromium.
 
     python scripts/app_screenshot.py [--out docs/app.jpg]
 
