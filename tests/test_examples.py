@@ -79,6 +79,6 @@ def test_example_errors_are_one_line(env, tmp_path):
     assert unknown.returncode == 2 and "--example" in unknown.stderr and "truck" in unknown.stderr
     (tmp_path / "p.json").write_text('[{"image": "a.jpg", "points": [[1, 1]]}]')
     both = run(env, "segment", "--example", "truck", "--prompts", "p.json", "--model", str(MOBILE_SAM), cwd=tmp_path)
-    assert both.returncode == 2 and len(both.stderr.strip().splitlines()) == 1 and "--example" in both.stderr
+    assert both.returncode == 1 and len(both.stderr.strip().splitlines()) == 1 and "--example" in both.stderr
     nothing = run(env, "everything", "--model", str(MOBILE_SAM), "--out-dir", "out", cwd=tmp_path)
-    assert nothing.returncode == 2 and "--example" in nothing.stderr
+    assert nothing.returncode == 1 and "--example" in nothing.stderr
