@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import IMAGES, MOBILE_SAM
 from sam_mlx.amg.mask_utils import coco_decode_rle
@@ -197,6 +198,28 @@ def test_readme_first_command_writes_what_it_says(env, tmp_path):
     assert len(report["masks"]) == 3
     for mask in report["masks"]:  # every candidate holds the clicked point
         assert coco_decode_rle(mask["segmentation"])[188, 250]
+
+
+def test_every_documented_run_names_its_model():
+    """A command that runs a model, written in the docs, says which (--model), unless the text set $SAM_MLX_MODEL."""
+    runs = 0
+    for page in PAGES:
+        for line in re.findall(r"^(sam-mlx (?:segment|everything|encode) .*)$", text(page), re.M):
+            runs += 1
+            assert "--model" in line, f"{page.name}: {line}"
+    assert runs >= 6
+
+
+def test_readme_export_example_writes_its_formats(env, tmp_path):
+    (line,) = [x for x in code_block(README, "bash", "## The `sam-mlx` command").splitlines() if "--export" in x]
+    result = subprocess.run(command(line), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    coco = json.loads((out / "coco.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["truck"] and len(coco["annotations"]) == 1
+    assert (out / "yolo" / "classes.txt").read_text().split() == ["truck"]
+    alpha = np.asarray(Image.open(out / "truck_cutout0.png"))[..., 3] > 0
+    assert alpha.shape == (600, 900) and alpha[188, 250] and not alpha[550, 450]  # the truck kept, the road not
 
 
 # The prompts-file example on dog.jpg (800 x 534), each label's mask checked against what the photo shows there,
