@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
                               description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
                               "hover, click and drag for masks, several objects per image, export. Other local "
-                              "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
+                              "programs can use the same HTTP API (docs/app.md). Needs the sam-mlx[app] extra.")
     app.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="images or folders (default: this folder)")
     app.add_argument("--port", type=_count, default=8000, metavar="N", help="port on 127.0.0.1 (default: 8000; 0: any)")
     app.add_argument("--no-browser", action="store_true", help="do not open the browser")
