@@ -185,17 +185,23 @@ def environment() -> dict[str, Any]:
 
 
 def precision(shapes: dict, sizing: tuple[str, int], dtypes: list[str], report: Report) -> dict[str, Any]:
-    """Each shape in each precision on the device against float32 on the CPU."""
+    """Each shape in each precision on the device against float32 on the CPU. A run is skipped when the budget
+    left is under 4x the CPU reference's time (half precision on a CPU is several times slower than float32)."""
     image = test_image(sizing[1])
     results: dict[str, Any] = {}
     for name, config in shapes.items():
+        if report.left() < 0:
+            results[name] = {"skipped": "past the time budget (--budget)"}
+            continue
         weights = random_vit(config)
+        started = time.monotonic()
         with on(mx.cpu):
             reference = outputs(build(config, weights, mx.float32), image, sizing)
-        results[name] = {}
+        reference_seconds = time.monotonic() - started
+        results[name] = {"cpu_float32_seconds": reference_seconds}
         for dtype in dtypes:
-            if report.left() < 0:
-                results[name][dtype] = {"skipped": "past the time budget (--budget)"}
+            if report.left() < 4 * reference_seconds:
+                results[name][dtype] = {"skipped": "would run past the time budget (--budget)"}
                 continue
             with on(device()):
                 results[name][dtype] = agreement(reference, outputs(build(config, weights, DTYPES[dtype]), image,
@@ -265,11 +271,12 @@ def timings(models: dict[str, Callable[[], Sam]], image: np.ndarray, sizing: tup
             if report.left() < 60:
                 results[name] = {"skipped": "past the time budget (--budget)"}
             else:
-                results[name] = time_model(make(), image, sizing, grid, repeats)
+                results[name] = time_model(make(), image, sizing, grid, repeats, report)
     return results
 
 
-def time_model(model: Sam, image: np.ndarray, sizing: tuple[str, int], grid: int, repeats: int) -> dict[str, Any]:
+def time_model(model: Sam, image: np.ndarray, sizing: tuple[str, int], grid: int, repeats: int,
+               report: Report) -> dict[str, Any]:
     h, w = image.shape[:2]
     point = dict(point_coords=np.array([[w / 2, h / 2]]), point_labels=np.array([1]))
     predictor = sam_mlx.SamPredictor(model, sizing=sizing[0], size=sizing[1])
@@ -280,6 +287,9 @@ def time_model(model: Sam, image: np.ndarray, sizing: tuple[str, int], grid: int
     entry["prompt_with_hint"] = median_time(lambda: predictor.predict(**point, mask_input=hint), repeats)
     batch = np.stack([np.array([[w * (i + 1) / 17, h / 2]]) for i in range(16)])
     entry["batch_of_16"] = median_time(lambda: predictor.predict_batch(batch, np.ones((16, 1))), repeats)
+    if report.left() < 60:
+        entry[f"everything_{grid}x{grid}"] = {"skipped": "past the time budget (--budget)"}
+        return entry
     generator = sam_mlx.SamAutomaticMaskGenerator(model, points_per_side=grid, sizing=sizing[0], size=sizing[1])
     started = time.perf_counter()
     entry[f"everything_{grid}x{grid}"] = {"masks": len(generator.generate(image)),
