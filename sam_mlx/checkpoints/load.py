@@ -135,14 +135,9 @@ def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> Non
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
         if key not in packed:
             require_float(weights[key], key, f"{source}: ")
-        elif np.dtype(_numpy_dtype(weights[key].dtype)) != np.uint32:
+        elif str(weights[key].dtype).removeprefix("mlx.core.") != "uint32":  # numpy's or MLX's name
             raise CheckpointError(f"{source}: quantized weight {key} holds {weights[key].dtype} values, "
                                   "expected uint32")
-
-
-def _numpy_dtype(dtype: object) -> object:
-    """An mlx or numpy dtype as numpy's (mlx's uint32 -> np.uint32; others unchanged or as named)."""
-    return np.dtype(str(dtype).removeprefix("mlx.core.")) if isinstance(dtype, mx.Dtype) else dtype
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:

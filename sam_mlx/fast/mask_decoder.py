@@ -29,10 +29,10 @@ from .two_way_transformer import ImageSide, project_image, shift_image, two_way_
 # independent groups interleaved, which would put all of them in flight at once.
 _CPU_PROMPT_GROUP = 1
 # On a GPU, prompts are decoded in groups whose activations stay within this many bytes: segment everything's
-# 64 prompts took ~1.7 GB at once (measured through the GPU branches on dog.jpg).
+# 64 prompts took 1.8 GB at once, 0.29 GB in these groups (measured through the GPU branches on dog.jpg).
 _GPU_DECODE_BYTES = 256 << 20
-# bytes of activations a prompt takes per image token and channel (float32): measured ~26 MB a prompt for
-# 64 x 64 x 256 tokens through the GPU branches, i.e. ~6 floats (``tests/fast/test_mask_decoder.py``)
+# bytes of activations a prompt takes per image token and channel: measured ~28 MB a prompt for 64 x 64 x 256
+# float32 tokens through the GPU branches, i.e. ~7 floats (``tests/test_gpu_memory.py``)
 _GPU_BYTES_PER_TOKEN_CHANNEL = 28
 
 
