@@ -11,7 +11,8 @@ report is written (atomically) after every step, so a run cut short keeps what i
 - ``environment``: versions, the device and what MLX reports about it, the precisions sam_mlx picks there;
 - ``precision``: random-weight encoders shaped like ViT-B (head dim 64) and ViT-H (head dim 80), with the real
   geometry, in float32 / bfloat16 / float16 on the device against float32 on the CPU: the image tokens' largest
-  difference (relative to their largest value), the scores' and the masks' agreement for three point prompts;
+  difference (relative to their largest value), the scores' and the masks' agreement for three point prompts
+  (within half the budget: on a slow CPU the larger shapes and precisions are skipped);
 - ``tf32``: the ViT-B-shaped float32 comparison again in subprocesses with ``MLX_ENABLE_TF32=0`` and ``=1``
   (MLX may multiply float32 in reduced precision on CUDA and the newest Macs unless told not to);
 - ``mobile_sam``: the real MobileSAM (``--checkpoint``) at the device's default precision against the CPU on each
@@ -184,23 +185,29 @@ def environment() -> dict[str, Any]:
             "machine_memory": resources.machine_memory()}
 
 
-def precision(shapes: dict, sizing: tuple[str, int], dtypes: list[str], report: Report) -> dict[str, Any]:
-    """Each shape in each precision on the device against float32 on the CPU. A run is skipped when the budget
-    left is under 4x the CPU reference's time (half precision on a CPU is several times slower than float32)."""
+def precision(shapes: dict, sizing: tuple[str, int], dtypes: list[str], seconds: float) -> dict[str, Any]:
+    """Each shape in each precision on the device against float32 on the CPU, within ``seconds``. A shape is
+    skipped when its CPU reference would not fit (estimated from the last one's time by width^2 x depth), a
+    precision when under 4x the reference's time is left (half precision on a CPU is several times slower)."""
+    stop = time.monotonic() + seconds
     image = test_image(sizing[1])
     results: dict[str, Any] = {}
+    last: tuple[ViTConfig, float] | None = None
     for name, config in shapes.items():
-        if report.left() < 0:
-            results[name] = {"skipped": "past the time budget (--budget)"}
-            continue
+        if last is not None:
+            previous, previous_seconds = last
+            scale = (config.embed_dim**2 * config.depth) / (previous.embed_dim**2 * previous.depth)
+            if stop - time.monotonic() < 2 * scale * previous_seconds:
+                results[name] = {"skipped": "would run past the time budget (--budget)"}
+                continue
         weights = random_vit(config)
         started = time.monotonic()
         with on(mx.cpu):
             reference = outputs(build(config, weights, mx.float32), image, sizing)
-        reference_seconds = time.monotonic() - started
-        results[name] = {"cpu_float32_seconds": reference_seconds}
+        last = (config, time.monotonic() - started)
+        results[name] = {"cpu_float32_seconds": last[1]}
         for dtype in dtypes:
-            if report.left() < 4 * reference_seconds:
+            if stop - time.monotonic() < 4 * last[1]:
                 results[name][dtype] = {"skipped": "would run past the time budget (--budget)"}
                 continue
             with on(device()):
@@ -209,13 +216,18 @@ def precision(shapes: dict, sizing: tuple[str, int], dtypes: list[str], report: 
     return results
 
 
-def tf32(quick: bool) -> dict[str, Any]:
-    """The float32 ViT-B-shaped comparison in a subprocess per MLX_ENABLE_TF32 setting."""
-    results = {}
+def tf32(quick: bool, seconds: float) -> dict[str, Any]:
+    """The float32 ViT-B-shaped comparison in a subprocess per MLX_ENABLE_TF32 setting, each within half of
+    ``seconds``."""
+    results: dict[str, Any] = {}
     for setting in ("0", "1"):
         command = [sys.executable, __file__, "--only-tf32-probe"] + (["--quick"] if quick else [])
-        run = subprocess.run(command, env=dict(os.environ, MLX_ENABLE_TF32=setting), capture_output=True, text=True,
-                             timeout=600)
+        try:
+            run = subprocess.run(command, env=dict(os.environ, MLX_ENABLE_TF32=setting), capture_output=True,
+                                 text=True, timeout=max(seconds / 2, 1))
+        except subprocess.TimeoutExpired:
+            results[f"MLX_ENABLE_TF32={setting}"] = {"skipped": "would run past the time budget (--budget)"}
+            continue
         results[f"MLX_ENABLE_TF32={setting}"] = (json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0
                                                  else {"error": run.stderr[-500:]})
     return results
@@ -388,8 +400,9 @@ def main() -> None:
                        for d in ("float32", "float16")})
     report = Report(args.out, args.budget)
     report.step("environment", environment)
-    report.step("precision", lambda: precision(shapes, sizing, ["float32", "bfloat16", "float16"], report))
-    report.step("tf32", lambda: tf32(args.quick))
+    # precision may take half the budget: the other steps need the rest
+    report.step("precision", lambda: precision(shapes, sizing, ["float32", "bfloat16", "float16"], report.left() / 2))
+    report.step("tf32", lambda: tf32(args.quick, report.left() / 3))
     if args.checkpoint and photos:
         report.step("mobile_sam", lambda: mobile_sam(args.checkpoint, photos, size))
     report.step("timings", lambda: timings(models, image, sizing, grid, repeats, report))
