@@ -976,6 +976,16 @@ def cmd_app(args: argparse.Namespace) -> None:
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
 
+def cmd_label_studio(args: argparse.Namespace) -> None:
+    try:
+        from .label_studio.command import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise CliError(f"the Label Studio backend needs {exc.name}: pip install 'sam-mlx[app]'") from None
+    run(args, sam_mlx.load(_model_to_load(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sam-mlx`` argument parser with its subcommands."""
     common = _Parser(add_help=False)
@@ -1128,6 +1138,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "with --json the address, port and token are printed on stdout as one JSON object")
     app.set_defaults(func=cmd_app)
 
+    studio = commands.add_parser("label-studio", parents=[common, model], help="a Label Studio ML backend",
+                                 description="Serve Label Studio's ML backend protocol: masks for smart keypoints "
+                                 "and boxes (docs/label-studio.md). Needs the sam-mlx[app] extra.")
+    from .label_studio.command import add_arguments
+
+    add_arguments(studio)
+    studio.set_defaults(func=cmd_label_studio)
     info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "
                                f"in use, the model cache and, with --model or ${MODEL_ENV}, the model's config, "

@@ -6,7 +6,9 @@ A task's image field holds one of:
   folder Label Studio serves as ``LOCAL_FILES_DOCUMENT_ROOT``), the resolved path checked to stay inside it;
   otherwise fetched from Label Studio;
 - ``/data/upload/...``, ``/storage-data/uploaded/?filepath=...`` or any other path on Label Studio: fetched from
-  ``label_studio_url`` with the API key (``Authorization: Token KEY``, or ``Bearer`` for a JWT access token);
+  ``label_studio_url`` with the API key: a legacy token as ``Authorization: Token KEY``; a personal access token
+  (a JWT refresh token, Label Studio 1.23's default) exchanged at ``/api/token/refresh/`` for short-lived access
+  tokens sent as ``Bearer``;
 - ``s3://``, ``gs://``, ``azure-blob://`` (cloud storage): fetched through Label Studio's presign endpoint of the task,
   which redirects to the storage (followed without the key);
 - an ``http(s)`` URL: from Label Studio's own origin (with the key), or from a host on ``allowed_hosts`` (without).
@@ -18,7 +20,11 @@ followed). Downloads stop at ``max_bytes``.
 from __future__ import annotations
 
 import base64
+import binascii
+import json
 import posixpath
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,6 +49,8 @@ class ImageSource:
     max_bytes: int = 64 << 20
     timeout: float = 30.0
     _origin: tuple[str, str] | None = field(init=False, default=None)
+    _access: tuple[str, float] | None = field(init=False, default=None)  # access token and its expiry (epoch s)
+    _access_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.label_studio_url:
@@ -106,8 +114,33 @@ class ImageSource:
         return self._download(self.label_studio_url + "/" + path.lstrip("/"), from_label_studio=True)
 
     def _authorization(self) -> str:
-        scheme = "Bearer" if self.api_key.count(".") == 2 and self.api_key.startswith("ey") else "Token"
-        return f"{scheme} {self.api_key}"
+        """The Authorization header for Label Studio (see the module's docstring)."""
+        claims = _jwt_claims(self.api_key)
+        if claims is None:
+            return f"Token {self.api_key}"
+        if claims.get("token_type") != "refresh":
+            return f"Bearer {self.api_key}"
+        with self._access_lock:
+            if self._access is None or self._access[1] - time.time() < 30:
+                self._access = self._refresh_access()
+            return f"Bearer {self._access[0]}"
+
+    def _refresh_access(self) -> tuple[str, float]:
+        """A personal access token exchanged for an access token: (token, expiry)."""
+        request = urllib.request.Request(f"{self.label_studio_url}/api/token/refresh/", method="POST",
+                                         data=json.dumps({"refresh": self.api_key}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with _OPENER.open(request, timeout=self.timeout) as response:
+                access = json.loads(response.read(1 << 16))["access"]
+        except urllib.error.HTTPError as exc:
+            raise ImageAccessError(f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY "
+                                   f"(HTTP {exc.code} at /api/token/refresh/)") from None
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise ImageAccessError(f"cannot exchange LABEL_STUDIO_API_KEY for an access token at "
+                                   f"{self.label_studio_url}/api/token/refresh/ ({exc})") from None
+        claims = _jwt_claims(access) or {}
+        return access, float(claims.get("exp", time.time() + 60))
 
     def _download(self, url: str, from_label_studio: bool) -> bytes:
         """GET ``url`` following redirects by hand: the key only to Label Studio; other hosts only if allowed
@@ -140,6 +173,18 @@ class ImageSource:
                 raise ImageAccessError(f"{url}: larger than {self.max_bytes >> 20} MB")
             return data
         raise ImageAccessError(f"{url}: too many redirects")
+
+
+def _jwt_claims(token: str) -> dict | None:
+    """The (unverified) claims of a JWT, or None if ``token`` is not one: only to tell its type and expiry."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0].startswith("ey"):
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

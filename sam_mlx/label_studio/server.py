@@ -16,8 +16,11 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 import uvicorn
@@ -161,19 +164,34 @@ def serve(backend: SamBackend, host: str = "127.0.0.1", port: int = 9090, basic_
     loopback = host in ("127.0.0.1", "localhost", "::1")
     if not loopback and basic_auth is None:
         raise ValueError(f"--host {host} makes the backend reachable from other machines: set a basic auth user "
-                         "and password (--basic-auth USER:PASSWORD or BASIC_AUTH_USER / BASIC_AUTH_PASS) and the "
-                         "same in Label Studio's model settings")
+                         "and password (BASIC_AUTH_USER and BASIC_AUTH_PASS) and the same in Label Studio's model "
+                         "settings")
     app = create_app(backend, LOOPBACK_HOSTS + ("::1",) if loopback else None, basic_auth, max_body_bytes, log)
     listener = _listen(host, port)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-    url = f"http://{'127.0.0.1' if host == 'localhost' else host}:{port}"
-    log(f"sam-mlx label-studio: {model_identity(backend.model)} serving {url}  (Ctrl+C stops)")
-    if announce:
-        announce({"url": url, "port": port, "model_version": backend.model_version})
+    # uvicorn on a thread: Ctrl+C / SIGTERM are this thread's, and end the command with exit code 0.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="sam-mlx-label-studio-http")
+    stop = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number in stop:
+        signal.signal(number, lambda *_: setattr(server, "should_exit", True))
     try:
-        server.run(sockets=[listener])
+        thread.start()
+        while not server.started and thread.is_alive():
+            time.sleep(0.02)
+        if not thread.is_alive():
+            raise RuntimeError("the HTTP server did not start (see the messages above)")
+        url = f"http://{'127.0.0.1' if host == 'localhost' else host}:{port}"
+        log(f"sam-mlx label-studio: {model_identity(backend.model)} serving {url}  (Ctrl+C stops)")
+        if announce:
+            announce({"url": url, "port": port, "model_version": backend.model_version})
+        while thread.is_alive():
+            thread.join(0.2)
     finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        for number, handler in stop.items():
+            signal.signal(number, handler)
         listener.close()
         backend.close()
     log("sam-mlx label-studio: stopped")
