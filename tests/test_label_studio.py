@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -291,10 +297,32 @@ def test_local_files_stay_inside_the_document_root(photos):
         source.fetch("file:///etc/passwd")
 
 
+def fake_jwt(claims: dict) -> str:
+    """An unsigned JWT with these claims (the backend reads only their type and expiry; Label Studio checks)."""
+    header, payload = (base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+                       for part in ({"alg": "HS256", "typ": "JWT"}, claims))
+    return f"{header}.{payload}.signature"
+
+
+PERSONAL_TOKEN = fake_jwt({"token_type": "refresh", "user_id": "1"})
+ACCESS_TOKEN = fake_jwt({"token_type": "access", "exp": 4_000_000_000, "user_id": "1"})
+
+
 class _FakeLabelStudio(BaseHTTPRequestHandler):
-    """Serves truck.jpg at /data/upload/1/truck.jpg to ``Token good``; redirects /away to another host."""
+    """Serves truck.jpg at /data/upload/1/truck.jpg to ``Token good`` or ``Bearer ACCESS_TOKEN``, which
+    /api/token/refresh/ gives for PERSONAL_TOKEN; redirects /away to another host."""
 
     seen: list[tuple[str, str | None]] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, body.get("refresh")))
+        good = self.path == "/api/token/refresh/" and body.get("refresh") == PERSONAL_TOKEN
+        data = json.dumps({"access": ACCESS_TOKEN} if good else {"detail": "Token is invalid"}).encode()
+        self.send_response(200 if good else 401)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_GET(self):  # noqa: N802 - http.server's name
         self.seen.append((self.path, self.headers.get("Authorization")))
@@ -303,7 +331,7 @@ class _FakeLabelStudio(BaseHTTPRequestHandler):
             self.send_header("Location", "http://169.254.169.254/latest/meta-data")
             self.end_headers()
         elif self.path == "/data/upload/1/truck.jpg":
-            if self.headers.get("Authorization") != "Token good":
+            if self.headers.get("Authorization") not in ("Token good", f"Bearer {ACCESS_TOKEN}"):
                 self.send_response(401)
                 self.end_headers()
                 return
@@ -348,6 +376,17 @@ def test_uploads_are_fetched_from_label_studio_with_its_key_only(fake_label_stud
     assert _FakeLabelStudio.seen[-1] == ("/data/upload/1/truck.jpg", None)
     with pytest.raises(ImageAccessError, match="larger than"):
         ImageSource(fake_label_studio, "good", max_bytes=1000).fetch("/data/upload/1/truck.jpg")
+
+
+def test_personal_access_tokens_are_exchanged_for_access_tokens(fake_label_studio):
+    source = ImageSource(fake_label_studio, PERSONAL_TOKEN)
+    for _ in range(2):
+        assert source.fetch("/data/upload/1/truck.jpg") == (IMAGES / "truck.jpg").read_bytes()
+    exchanges = [seen for seen in _FakeLabelStudio.seen if seen[0] == "/api/token/refresh/"]
+    assert exchanges == [("/api/token/refresh/", PERSONAL_TOKEN)]  # once: the access token is kept until it expires
+    assert _FakeLabelStudio.seen[-1] == ("/data/upload/1/truck.jpg", f"Bearer {ACCESS_TOKEN}")
+    with pytest.raises(ImageAccessError, match="refused the personal access token.*HTTP 401"):
+        ImageSource(fake_label_studio, fake_jwt({"token_type": "refresh", "user_id": "2"})).fetch("/data/upload/1/a")
 
 
 def test_redirects_to_hosts_not_allowed_are_refused(fake_label_studio):
@@ -436,3 +475,32 @@ def test_document_root_must_be_a_folder(tmp_path):
         ImageSource(document_root=Path("/"))
     with pytest.raises(ValueError, match="http\\(s\\) address"):
         ImageSource("127.0.0.1:8080")
+
+
+# ---------------------------------------------------------------- the command
+def test_the_command_serves_until_sigterm_and_ends_with_0(tmp_path):
+    command = [sys.executable, "-m", "sam_mlx.cli", "label-studio", "--model", str(MOBILE_SAM), "--port", "0",
+               "--json", "--tokens-dir", str(tmp_path / "tokens")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        announced = json.loads(process.stdout.readline())
+        assert announced["url"].startswith("http://127.0.0.1:") and announced["port"] > 0
+        health = httpx.get(f"{announced['url']}/health", timeout=30).json()
+        assert health["status"] == "UP" and health["model_version"] == announced["model_version"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+    assert code == 0 and "label-studio: stopped" in process.stderr.read()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--host", "0.0.0.0"], {}, "set a basic auth user and password"),
+    ([], {"BASIC_AUTH_USER": "me"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+    (["--document-root", "/nonexistent/folder"], {}, "must be an existing folder"),
+])
+def test_the_command_refuses_unsafe_or_wrong_settings(args, env, message):
+    command = [sys.executable, "-m", "sam_mlx.cli", "label-studio", "--model", str(MOBILE_SAM), "--port", "0", *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", **env})
+    assert run.returncode == 1 and message in run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("sam-mlx label-studio: error:")
