@@ -132,13 +132,14 @@ def label_studio(bin_folder: Path, data: Path) -> Iterator[tuple[str, str, float
 
 
 @contextlib.contextmanager
-def backend(label_studio_url: str, api_key: str, tokens_dir: Path, model: str | Path = MOBILE_SAM
-            ) -> Iterator[tuple[str, Process]]:
-    """``sam-mlx label-studio`` (this tree) fetching images from Label Studio: (its URL, process).
-    Stopped with SIGTERM at the end, which must end it with exit code 0."""
+def backend(label_studio_url: str, api_key: str, tokens_dir: Path, model: str | Path = MOBILE_SAM,
+            **env: str) -> Iterator[tuple[str, Process]]:
+    """``sam-mlx label-studio`` (this tree) fetching images from Label Studio, ``env`` added to its environment:
+    (its URL, process). Stopped with SIGTERM at the end, which must end it with exit code 0."""
     command = [sys.executable, "-m", "sam_mlx.cli", "label-studio", "--model", str(model), "--port", "0",
                "--tokens-dir", str(tokens_dir)]
-    process = Process(command, {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": api_key})
+    process = Process(command, {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": api_key,
+                                **env})
     deadline = time.monotonic() + 300
     while not any("serving http" in line for line in process.lines):
         if process.process.poll() is not None or time.monotonic() > deadline:
@@ -168,13 +169,23 @@ def truck_project(studio: httpx.Client, backend_url: str) -> tuple[int, int, int
         response = studio.post(f"/api/projects/{project_id}/import", files={"file": ("truck.jpg", image, "image/jpeg")})
     response.raise_for_status()
     [task] = studio.get("/api/tasks", params={"project": project_id}).json()["tasks"]
-    response = studio.post("/api/ml", json={"url": backend_url, "project": project_id, "title": "sam-mlx",
-                                            "is_interactive": True})
+    response = connect(studio, project_id, backend_url)
     response.raise_for_status()
     ml = response.json()
     if ml["readable_state"] != "Connected":
         raise RuntimeError(f"Label Studio did not connect the backend: {ml}")
     return project_id, task["id"], ml["id"]
+
+
+def connect(studio: httpx.Client, project_id: int, backend_url: str, basic_auth: tuple[str, str] | None = None
+            ) -> httpx.Response:
+    """Add the backend to the project for interactive use (with basic auth, if given): Label Studio's answer (201
+    with its record of the backend, or 400 if the backend did not answer its checks)."""
+    auth = {} if basic_auth is None else {"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0],
+                                          "basic_auth_pass": basic_auth[1]}
+    response = studio.post("/api/ml", json={"url": backend_url, "project": project_id, "title": "sam-mlx",
+                                            "is_interactive": True, **auth})
+    return response
 
 
 def decode_with_label_studio(bin_folder: Path, results: list[dict]) -> list[np.ndarray]:

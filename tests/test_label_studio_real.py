@@ -12,6 +12,7 @@ must equal ``SamPredictor``'s.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 import httpx
@@ -48,11 +49,10 @@ def studio(venv_bin, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(studio, tmp_path_factory):
-    """(task id, ML backend id) of truck.jpg's project, the backend connected."""
+    """(project id, task id, ML backend id) of truck.jpg's project, the backend connected."""
     key = ls.personal_access_token(studio)
     with ls.backend(str(studio.base_url).rstrip("/"), key, tmp_path_factory.mktemp("tokens")) as (url, _):
-        _, task_id, ml_id = ls.truck_project(studio, url)
-        yield task_id, ml_id
+        yield ls.truck_project(studio, url)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def truck():
     return predictor
 
 
-def click(studio: httpx.Client, project: tuple[int, int], *regions: dict) -> dict:
-    task_id, ml_id = project
+def click(studio: httpx.Client, project: tuple[int, int, int], *regions: dict) -> dict:
+    _, task_id, ml_id = project
     result = ls.interactive(studio, ml_id, task_id, *regions)
     assert result["type"] == "brushlabels" and result["from_name"] == "brush" and result["to_name"] == "image"
     assert (result["original_width"], result["original_height"]) == (WIDTH, HEIGHT)
@@ -97,9 +97,28 @@ def test_a_box_through_label_studio_and_stored_as_an_annotation(venv_bin, studio
     result = click(studio, project, ls.rectangle(TRUCK_BOX, WIDTH, HEIGHT))
     masks, scores, _ = truck.predict(box=np.array(TRUCK_BOX), multimask_output=False)
     # the user accepts the suggestion: Label Studio stores it in an annotation, and gives it back
-    response = studio.post(f"/api/tasks/{project[0]}/annotations", json={"result": [result]})
+    response = studio.post(f"/api/tasks/{project[1]}/annotations", json={"result": [result]})
     assert response.status_code == 201, response.text
     stored = studio.get(f"/api/annotations/{response.json()['id']}").json()["result"]
     returned, kept = ls.decode_with_label_studio(venv_bin, [result, *stored])
     assert np.array_equal(returned, masks[0]) and np.array_equal(kept, masks[0])
     assert result["score"] == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_basic_auth_set_in_label_studio(venv_bin, studio, project, truck, tmp_path_factory):
+    """A backend with basic auth (and Label Studio's legacy token for the images): Label Studio connects with the
+    right password only, then clicks work."""
+    password, legacy_token = secrets.token_hex(8), studio.headers["Authorization"].removeprefix("Token ")
+    base, tokens = str(studio.base_url).rstrip("/"), tmp_path_factory.mktemp("tokens")
+    with ls.backend(base, legacy_token, tokens, BASIC_AUTH_USER="labeller", BASIC_AUTH_PASS=password) as (url, _):
+        refused = ls.connect(studio, project[0], url, ("labeller", "guess"))
+        assert refused.status_code == 400, refused.text
+        unauthenticated = ls.connect(studio, project[0], url)
+        assert unauthenticated.status_code == 400, unauthenticated.text
+        accepted = ls.connect(studio, project[0], url, ("labeller", password))
+        assert accepted.status_code == 201 and accepted.json()["readable_state"] == "Connected", accepted.text
+        accepted = accepted.json()
+        result = click(studio, (project[0], project[1], accepted["id"]), ls.keypoint(*WINDOW, WIDTH, HEIGHT))
+    [mask] = ls.decode_with_label_studio(venv_bin, [result])
+    masks, scores, _ = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
+    assert np.array_equal(mask, masks[int(np.argmax(scores))])
