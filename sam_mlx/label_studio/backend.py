@@ -182,27 +182,34 @@ class SamBackend:
         if digest is None or not self._tokens_path(digest).is_file():
             data = self.images.fetch(reference, task_id)
             digest = hashlib.sha256(data).hexdigest()[:32]
-        predictor = self._submit(lambda: self._open(digest, data, reference)).result()
+        predictor = self._submit(lambda: self._open(digest, data, reference, task_id)).result()
         with self._lock:
             self._digests[key] = digest
             self._digests.move_to_end(key)
             while len(self._digests) > 4096:
                 self._digests.popitem(last=False)
-            self._predictors[digest] = predictor
-            self._predictors.move_to_end(digest)
-            while len(self._predictors) > self.keep_images:
-                self._predictors.popitem(last=False)
         return predictor, digest
 
     def _tokens_path(self, digest: str) -> Path:
         size = "x".join(map(str, self.size)) if isinstance(self.size, tuple) else self.size
         return self.tokens_dir / f"{digest}-{self.fingerprint}-{self.sizing}-{size}.safetensors"
 
-    def _open(self, digest: str, data: bytes | None, reference: str) -> SamPredictor:
-        """(MLX thread.) A predictor set to the image: its tokens file if usable, else the image encoded and saved."""
+    def _open(self, digest: str, data: bytes | None, reference: str, task_id: int | None) -> SamPredictor:
+        """(MLX thread.) The image's predictor, kept in memory: already there (a warm-up of the same image came
+        first), else set from its tokens file, else the image encoded and its tokens saved."""
         with self._lock:
-            if digest in self._predictors:  # encoded meanwhile (a warm-up of the same image)
+            if digest in self._predictors:
+                self._predictors.move_to_end(digest)
                 return self._predictors[digest]
+        predictor = self._set_image(digest, data, reference, task_id)
+        with self._lock:
+            self._predictors[digest] = predictor
+            while len(self._predictors) > self.keep_images:
+                self._predictors.popitem(last=False)
+        return predictor
+
+    def _set_image(self, digest: str, data: bytes | None, reference: str, task_id: int | None) -> SamPredictor:
+        """(MLX thread.) A new predictor set to the image: its tokens file if usable, else the image encoded."""
         predictor = SamPredictor(self.model, sizing=self.sizing, size=self.size)
         path = self._tokens_path(digest)
         on_disk = not self.model.config.hq  # a tokens file cannot hold HQ-SAM's early features
@@ -214,7 +221,7 @@ class SamBackend:
             except (ImageTokensError, ValueError):
                 pass  # damaged or made otherwise: encoded again and overwritten
         if data is None:
-            data = self.images.fetch(reference)
+            data = self.images.fetch(reference, task_id)
         start = time.perf_counter()
         predictor.set_image(_decode_image(data, reference))
         self.log(f"sam-mlx label-studio: encoded {reference} in {time.perf_counter() - start:.1f} s")
