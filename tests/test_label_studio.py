@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -504,3 +505,57 @@ def test_the_command_refuses_unsafe_or_wrong_settings(args, env, message):
                          env={**os.environ, "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", **env})
     assert run.returncode == 1 and message in run.stderr
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("sam-mlx label-studio: error:")
+
+
+# ---------------------------------------------------------------- X-AnyLabeling's remote server protocol
+def anylabeling_request(*marks: dict) -> dict:
+    """A /v1/predict body as X-AnyLabeling's RemoteServer.predict_shapes sends it (the image file as a data URI)."""
+    image = base64.b64encode((IMAGES / "truck.jpg").read_bytes()).decode()
+    return {"model": "sam_mlx", "image": f"data:image/jpeg;base64,{image}",
+            "params": {"conf_threshold": 0.0, "iou_threshold": 0.0, "epsilon_factor": 0.001, "marks": list(marks)}}
+
+
+def test_anylabeling_lists_the_model_with_its_prompt_tools(client):
+    """X-AnyLabeling reads data[model id] (display_name, widgets, batch_processing_mode) from GET /v1/models."""
+    answer = client.get("/v1/models", headers={"Token": ""}).json()
+    assert answer["success"] is True
+    info = answer["data"]["sam_mlx"]
+    assert info["batch_processing_mode"] == "default" and info["display_name"].startswith("sam_mlx")
+    assert {w["name"] for w in info["widgets"]} >= {"button_add_point", "button_add_rect", "button_finish_object"}
+
+
+def test_anylabeling_marks_give_the_predictors_mask_as_polygons(client, truck):
+    from sam_mlx.io.export import DEFAULT_SIMPLIFY, mask_polygons
+
+    point = {"type": "point", "data": list(WINDOW), "label": 1}
+    negative = {"type": "point", "data": list(TYRE), "label": 0}
+    box = {"type": "rectangle", "data": list(TRUCK_BOX), "label": 1}
+    masks, scores, low_res = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
+    best = int(np.argmax(scores))
+    refined, _, _ = truck.predict(np.array([WINDOW, TYRE]), np.array([1, 0]), mask_input=low_res[[best]],
+                                  multimask_output=False)
+    boxed, _, _ = truck.predict(box=np.array(TRUCK_BOX), multimask_output=False)
+    # the marks of one object grow click by click: the second request refines the first's mask
+    for marks, expected in (([point], masks[best]), ([point, negative], refined[0]), ([box], boxed[0])):
+        response = client.post("/v1/predict", json=anylabeling_request(*marks))
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["success"] is True and answer["data"]["description"] == ""
+        shapes = answer["data"]["shapes"]
+        assert all(s["label"] == "AUTOLABEL_OBJECT" and s["shape_type"] == "polygon" and 0 <= s["score"] <= 1
+                   for s in shapes)
+        assert [s["points"] for s in shapes] == [p.astype(float).tolist() for p in mask_polygons(expected,
+                                                                                               DEFAULT_SIMPLIFY)]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({**anylabeling_request({"type": "point", "data": [1, 2], "label": 1}), "model": "yolo"}, "model must be"),
+    ({**anylabeling_request(), "image": "not base64!"}, "not valid base64"),
+    (anylabeling_request(), "params.marks must list"),
+    (anylabeling_request({"type": "polygon", "data": [1, 2]}), r"marks\[0\] must be"),
+    (anylabeling_request({"type": "point", "data": [1, 2], "label": 0}), "only negative points"),
+])
+def test_anylabeling_bad_requests_get_one_line_errors(client, body, message):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == 400
+    assert re.search(message, response.json()["error"]) and "\n" not in response.json()["error"]

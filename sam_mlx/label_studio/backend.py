@@ -121,6 +121,14 @@ class SamBackend:
         result = self._brush_result(mask, score, brush.name, click.image_name, label)
         return {"result": [result], "score": score, "model_version": self.model_version}
 
+    def segment(self, data: bytes, name: str, points: np.ndarray | None, labels: np.ndarray | None,
+                box: np.ndarray | None) -> tuple[np.ndarray, float]:
+        """A prompt (image pixels) on an image given as file bytes -> (mask H x W, predicted IoU), with the same
+        encodings cache and refinement hints as Label Studio's clicks (X-AnyLabeling's requests)."""
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        predictor = self._submit(lambda: self._open(digest, data, name, None)).result()
+        return self._submit(lambda: self._decode(predictor, digest, points, labels, box)).result()
+
     def predict_everything(self, task: dict, config: LabelConfig) -> dict:
         """Pre-annotation: every mask of segment everything as a ``brushlabels`` result with the first label."""
         name = _brushed_image(config)

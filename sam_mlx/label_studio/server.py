@@ -1,4 +1,5 @@
-"""The Label Studio ML backend's HTTP server: ``/health``, ``/setup``, ``/predict``, ``/webhook``, ``/versions``.
+"""The Label Studio ML backend's HTTP server: ``/health``, ``/setup``, ``/predict``, ``/webhook``, ``/versions``;
+and X-AnyLabeling's remote server protocol, ``/v1/models`` and ``/v1/predict`` (``anylabeling``).
 
 Request and response shapes are Label Studio's (``label_studio/ml/api_connector.py`` sends them): ``/setup`` gets
 ``{project: "<id>.<timestamp>", schema: <labelling config XML>, ...}`` and answers ``{model_version}``;
@@ -34,6 +35,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..io.tokens import model_identity
+from . import anylabeling
 from .backend import SamBackend
 from .images import ImageAccessError
 
@@ -126,6 +128,13 @@ def create_app(backend: SamBackend, allowed_hosts: tuple[str, ...] | None = LOOP
         body = await body_of(request)
         return JSONResponse({"status": "ok", "action": body.get("action"), "trained": False})
 
+    async def anylabeling_models(request: Request) -> Response:
+        return JSONResponse(anylabeling.models(backend))
+
+    async def anylabeling_predict(request: Request) -> Response:
+        body = await body_of(request)
+        return JSONResponse(await run_in_threadpool(anylabeling.predict, backend, body))
+
     async def versions(request: Request) -> Response:
         return JSONResponse({"versions": [backend.model_version]})
 
@@ -141,6 +150,7 @@ def create_app(backend: SamBackend, allowed_hosts: tuple[str, ...] | None = LOOP
         Route("/", health), Route("/health", health), Route("/versions", versions),
         Route("/setup", setup, methods=["POST"]), Route("/predict", predict, methods=["POST"]),
         Route("/webhook", webhook, methods=["POST"]),
+        Route("/v1/models", anylabeling_models), Route("/v1/predict", anylabeling_predict, methods=["POST"]),
     ]
     handlers = {RequestTooLarge: error(413), ImageAccessError: error(422), ValueError: error(400),
                 KeyError: error(400), Exception: error(500)}
