@@ -133,11 +133,11 @@ def label_studio(bin_folder: Path, data: Path) -> Iterator[tuple[str, str, float
 
 @contextlib.contextmanager
 def backend(label_studio_url: str, api_key: str, tokens_dir: Path, model: str | Path = MOBILE_SAM,
-            **env: str) -> Iterator[tuple[str, Process]]:
-    """``sam-mlx label-studio`` (this tree) fetching images from Label Studio, ``env`` added to its environment:
-    (its URL, process). Stopped with SIGTERM at the end, which must end it with exit code 0."""
+            args: tuple[str, ...] = (), **env: str) -> Iterator[tuple[str, Process]]:
+    """``sam-mlx label-studio ARGS`` (this tree) fetching images from Label Studio, ``env`` added to its
+    environment: (its URL, process). Stopped with SIGTERM at the end, which must end it with exit code 0."""
     command = [sys.executable, "-m", "sam_mlx.cli", "label-studio", "--model", str(model), "--port", "0",
-               "--tokens-dir", str(tokens_dir)]
+               "--tokens-dir", str(tokens_dir), *args]
     process = Process(command, {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": api_key,
                                 **env})
     deadline = time.monotonic() + 300

@@ -122,3 +122,23 @@ def test_basic_auth_set_in_label_studio(venv_bin, studio, project, truck, tmp_pa
     [mask] = ls.decode_with_label_studio(venv_bin, [result])
     masks, scores, _ = truck.predict(np.array([WINDOW]), np.array([1]), multimask_output=True)
     assert np.array_equal(mask, masks[int(np.argmax(scores))])
+
+
+def test_segment_everything_pre_annotates_a_task_through_label_studio(venv_bin, studio, tmp_path_factory):
+    """The Data Manager's Retrieve Predictions on a task: Label Studio stores segment everything's masks."""
+    legacy_token = studio.headers["Authorization"].removeprefix("Token ")
+    base, tokens = str(studio.base_url).rstrip("/"), tmp_path_factory.mktemp("tokens")
+    args = ("--segment-everything", "--everything-points", "4")
+    with ls.backend(base, legacy_token, tokens, args=args) as (url, _):
+        project_id, task_id, _ = ls.truck_project(studio, url)
+        response = studio.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project_id},
+                               json={"selectedItems": {"all": False, "included": [task_id]}})
+        assert response.status_code == 200, response.text
+    [prediction] = studio.get("/api/predictions", params={"task": task_id}).json()
+    results = prediction["result"]
+    records = sam_mlx.SamAutomaticMaskGenerator(load_checkpoint(MOBILE_SAM), points_per_side=4).generate(
+        IMAGES / "truck.jpg")
+    assert len(results) == len(records) > 0
+    assert all(r["type"] == "brushlabels" and r["value"]["brushlabels"] == ["Car"] for r in results)
+    for mask, record in zip(ls.decode_with_label_studio(venv_bin, results), records):
+        assert np.array_equal(mask, record["segmentation"])
