@@ -146,8 +146,10 @@ def backend(label_studio_url: str, api_key: str, tokens_dir: Path, model: str | 
             process.stop()
             raise RuntimeError(f"sam-mlx label-studio did not start:\n{process.output()}")
         time.sleep(0.1)
-    yield re.search(r"serving (http://\S+)", "".join(process.lines)).group(1), process
-    code = process.stop()
+    try:
+        yield re.search(r"serving (http://\S+)", "".join(process.lines)).group(1), process
+    finally:
+        code = process.stop()  # also when the block failed: no backend is left running
     if code != 0:
         raise RuntimeError(f"sam-mlx label-studio ended with exit code {code}:\n{process.output()}")
 
