@@ -139,18 +139,19 @@ def test_a_decode_waiting_for_an_encode_does_not_hold_up_ready_images(tmp_path):
                 if client.get(f"/api/images/{TRUCK}").json()["status"] == "encoding":
                     break
 
+            other = running.client()
+
             def click_truck() -> None:
-                with running.client() as other:
-                    waiting["truck"] = other.post("/api/decode", json={"image": TRUCK, "points": [WINDOW],
-                                                                       "labels": [1]})
+                waiting["truck"] = other.post("/api/decode", json={"image": TRUCK, "points": [WINDOW], "labels": [1]})
 
             thread = threading.Thread(target=click_truck)
             thread.start()
-            time.sleep(0.05)  # the truck's decode queued first
+            time.sleep(0.3)  # the truck's decode queued first
             reply = client.post("/api/decode", json={"image": DOG, "points": [[400, 300]], "labels": [1]})
             assert reply.status_code == 200
             assert client.get(f"/api/images/{TRUCK}").json()["status"] == "encoding" and "truck" not in waiting
             thread.join(120)
+            other.close()
         assert waiting["truck"].status_code == 200 and len(waiting["truck"].json()["masks"]) == 3
     finally:
         assert running.stop(signal.SIGTERM)[0] == 0
