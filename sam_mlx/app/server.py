@@ -299,7 +299,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
     handlers = {Forbidden: error(403), UnknownImage: error(404), HintExpired: error(409), ValueError: error(400),
                 TooLarge: error(413), UnsupportedMediaType: error(415), ExportUnavailable: error(501),
                 EngineStopped: error(503), RequestTimeout: error(408), ExportConflict: error(409),
-                ExportFailed: export_failed}
+                ExportFailed: export_failed, Exception: error(500)}  # the last: JSON even for a defect of ours
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
