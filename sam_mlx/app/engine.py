@@ -8,7 +8,8 @@ on the futures they return.
 
 The interactive thread takes decodes (clicks, boxes, exports: each one answered, first come first served), then
 hovers: the latest position of each hover stream only; a position not started when a newer one arrives is dropped
-(its future cancelled), never queued. A decode for an image not encoded yet waits for its encode.
+(its future cancelled), never queued. A decode for an image not encoded yet waits in the queue for its encode,
+while decodes of images that are ready pass it.
 
 The encoder thread takes the image the user looks at (``focus``), then the next images ahead (``prefetch``) once
 interactive work has paused for ``idle_seconds``. Encoded images keep their predictor in memory (the last

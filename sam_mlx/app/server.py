@@ -4,7 +4,9 @@ Starlette routes served by uvicorn on a thread of their own; the MLX work is the
 thread that calls ``serve`` (the main thread of ``sam-mlx app``), encoding on one more. Security: the server
 listens on 127.0.0.1 only; requests whose Host header is not 127.0.0.1 or localhost are refused (DNS rebinding);
 every ``/api/`` request must carry the run's token (header ``X-SAM-Token`` or query ``token``), which the command
-prints in the page's address; paths stay inside the opened and export folders (``library``).
+prints in the page's address, and an Origin, when it carries one, of this server exactly; paths stay inside the
+opened and export folders (``library``), checked again when used. Bounds on what one request may ask, and the
+checked reading of bodies, are ``limits``'.
 """
 
 from __future__ import annotations
