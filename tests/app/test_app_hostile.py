@@ -429,7 +429,8 @@ def test_requests_from_other_origins_are_refused(app):
 
 
 def test_half_sent_requests_are_closed(app):
-    """A connection that sends half a request head, or nothing, is closed within seconds (slow-loris)."""
+    """A connection that sends half a request head, or nothing, is closed within seconds; a body that stops
+    half-way is answered 408 within its 20 s (slow-loris)."""
     host, port = app.base.removeprefix("http://").split(":")
     for half in (b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n", b""):
         with socket.create_connection((host, int(port)), timeout=30) as raw:
@@ -437,3 +438,12 @@ def test_half_sent_requests_are_closed(app):
             start = time.monotonic()
             assert raw.recv(1024) == b""  # closed by the server, before the 30 s timeout
             assert time.monotonic() - start < 15
+    with socket.create_connection((host, int(port)), timeout=40) as raw:  # a body that stops half-way: 408
+        raw.sendall(f"POST /api/decode HTTP/1.1\r\nHost: 127.0.0.1\r\nX-SAM-Token: {app.token}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image\": ".encode())
+        start = time.monotonic()
+        answer = raw.recv(4096)
+        while answer and b'"error"' not in answer:  # the head and the body may come in two segments
+            answer += raw.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"error"' in answer, answer
+        assert time.monotonic() - start < 35
