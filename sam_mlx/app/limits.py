@@ -17,11 +17,12 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 32 << 20  # one request's body: ~10,000 exported masks as PNG
-MAX_POINTS = 500  # points in one prompt: the page adds one per click
+MAX_POINTS = 200  # points in one prompt: the page adds one per click (MobileSAM: ~0.3-1 s for 200 on a CPU)
 MAX_STEPS = 200  # prompt steps of one exported object: one per click on it
 MAX_OBJECTS = 1000  # objects of one image in an export (segment everything finds ~100)
 MAX_EXPORT_IMAGES = 1000  # images in one export, each listed once
 MAX_EXPORT_STEPS = 20_000  # prompt steps decoded again in one export (~15 minutes of MobileSAM on a laptop CPU)
+MAX_EXPORT_POINTS = 100_000  # points over those steps (a step lists all its object's points so far)
 MAX_MASK_PIXELS = 1 << 26  # a mask not tied to an image (64 M pixels: 8192 x 8192)
 MAX_HINT_VALUES = 4 * 256 * 256  # a mask hint's low-res logits: C x 256 x 256
 MAX_SIMPLIFY = 10_000.0  # pixels of polygon simplification

@@ -52,6 +52,7 @@ from .engine import Engine, EngineStopped, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
 from .limits import (
     MAX_EXPORT_IMAGES,
+    MAX_EXPORT_POINTS,
     MAX_EXPORT_STEPS,
     MAX_HINT_VALUES,
     MAX_OBJECTS,
@@ -476,7 +477,7 @@ def _export_request(engine: Engine, body: dict) -> tuple[list[str], float, dict,
     items = _field(body, "images", list)
     if len(items) > MAX_EXPORT_IMAGES:
         raise TooLarge(f"an export of {len(items)} images: the app takes at most {MAX_EXPORT_IMAGES} at once")
-    work, seen, total_steps = [], set(), 0
+    work, seen, total_steps, total_points = [], set(), 0, 0
     for item in items:
         if not isinstance(item, dict):
             raise ValueError('each of "images" must be a JSON object {"image": id, "objects": [...]}')
@@ -497,6 +498,7 @@ def _export_request(engine: Engine, body: dict) -> tuple[list[str], float, dict,
                 if not steps:
                     raise ValueError("an object needs at least one prompt step")
                 total_steps += len(steps)
+                total_points += sum(0 if prompt.points is None else len(prompt.points) for prompt, _ in steps)
                 wanted.append(_Wanted(label, color, steps, given["steps"], None, None))
             else:
                 if not isinstance(given.get("mask"), dict):
@@ -506,6 +508,9 @@ def _export_request(engine: Engine, body: dict) -> tuple[list[str], float, dict,
         work.append((entry, wanted))
     if total_steps > MAX_EXPORT_STEPS:
         raise TooLarge(f"the export asks for {total_steps} prompt steps: the app takes at most {MAX_EXPORT_STEPS}")
+    if total_points > MAX_EXPORT_POINTS:
+        raise TooLarge(f"the export's prompt steps hold {total_points} points: the app takes at most "
+                       f"{MAX_EXPORT_POINTS}")
     return formats, simplify, cleanup, work
 
 

@@ -175,6 +175,9 @@ def test_requests_beyond_the_limits_are_refused_at_once(app):
          413, "at most 1000"),
         ("/api/export", {"formats": ["png"], "images": [{"image": TRUCK, "objects": truck_steps(1, 201)}]}, 413,
          "at most 200"),
+        ("/api/export", {"formats": ["png"], "images": [{"image": TRUCK, "objects": [
+            {"steps": [{"points": [[*WINDOW, 1]] * 200, "box": None, "multimask": False, "selected": 0}] * 200}] * 3}]},
+         413, "at most 100000"),
     ]
     with app.client() as client:
         for path, body, status, words in cases:
