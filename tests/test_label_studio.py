@@ -436,12 +436,14 @@ def test_basic_auth_is_checked_on_every_request(backend):
     ({"tasks": "all", "label_config": CONFIG}, 400, "'tasks' must be a list"),
     ({"tasks": [TASK], "project": "999.1"}, 400, "no /setup for this project"),
     ({**predict_body(keypoint(*WINDOW)), "label_config": "<View>"}, 400, "not well-formed"),
+    (predict_body(*[keypoint(10 + i, 10) for i in range(201)]), 400, "201 keypoints in one request: at most 200"),
+    (predict_body({**keypoint(*WINDOW), "value": {"x": "9" * 100_000, "y": 1}}), 400, "must be a number"),
 ])
 def test_bad_requests_get_one_line_json_errors(client, body, status, message):
     response = client.post("/predict", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert message in error and "\n" not in error and "Traceback" not in error
+    assert message in error and "\n" not in error and "Traceback" not in error and len(error) <= 300
 
 
 def test_webhooks_are_acknowledged(client):

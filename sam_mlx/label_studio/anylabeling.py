@@ -16,6 +16,7 @@ import binascii
 
 import numpy as np
 
+from ..app.limits import MAX_POINTS
 from .backend import SamBackend
 
 MODEL_ID = "sam_mlx"
@@ -77,6 +78,8 @@ def _prompt(marks) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | N
             raise ValueError(f"params.marks[{number}]: a second rectangle; one box per object")
         else:
             box = np.array(values, dtype=np.float64)
+    if len(points) > MAX_POINTS:
+        raise ValueError(f"{len(points)} point marks: at most {MAX_POINTS} prompt one object")
     if points and not any(labels) and box is None:
         raise ValueError("only negative points: add a positive point or a rectangle")
     if not points:

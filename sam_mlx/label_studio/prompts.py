@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..app.limits import MAX_POINTS
 from .config import LabelConfig
 
 NEGATIVE_LABELS = ("negative", "background")
@@ -87,6 +88,8 @@ def parse_click(context: dict, config: LabelConfig, negative_labels: tuple[str, 
             label = chosen
     if image_name is None:
         raise ValueError("context.result holds no keypointlabels or rectanglelabels region to prompt SAM with")
+    if len(points) > MAX_POINTS:
+        raise ValueError(f"{len(points)} keypoints in one request: at most {MAX_POINTS} prompt one object")
     if points and not any(p[2] for p in points) and rectangle is None:
         raise ValueError("only negative points: add a positive point or a box to say which object")
     return Click(image_name, tuple(points), rectangle, label)

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..app.limits import MAX_MESSAGE_CHARS
 from ..io.tokens import model_identity
 from . import anylabeling
 from .backend import SamBackend
@@ -159,8 +160,10 @@ def create_app(backend: SamBackend, allowed_hosts: tuple[str, ...] | None = LOOP
 
 
 def _message(exc: BaseException) -> str:
+    """One line, at most MAX_MESSAGE_CHARS: a message never echoes a request back at length."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(text).split()) or type(exc).__name__
+    line = " ".join(str(text).split()) or type(exc).__name__
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def _error(message: str, status: int) -> JSONResponse:
