@@ -171,4 +171,4 @@ def cmd_label_studio(args: argparse.Namespace) -> None:
         if exc.name not in ("starlette", "uvicorn"):
             raise
         raise CliError(f"the Label Studio backend needs {exc.name}: pip install 'sam-mlx[app]'") from None
-    run(args, sam_mlx.load(_model_to_load(args)))
+    run(args, sam_mlx.load(_model_to_load(args), quantize=args.quantize))
