@@ -408,8 +408,9 @@ def main() -> None:
     if args.checkpoint and photos:
         report.step("mobile_sam", lambda: mobile_sam(args.checkpoint, photos, size))
     report.step("timings", lambda: timings(models, image, sizing, grid, repeats, report))
-    half = {k: v for k, v in models.items() if k.endswith(" float16")}
-    report.step("memory", lambda: memory(half, image, sizing))
+    # at the precision the device computes in: float16 on a GPU, float32 on a CPU (half precision is slow there)
+    kept = " float16" if device() == mx.gpu else " float32"
+    report.step("memory", lambda: memory({k: v for k, v in models.items() if k.endswith(kept)}, image, sizing))
     report.step("threads", lambda: threads(models["vit_b_shaped float32"], image, sizing, 4 if args.quick else 16))
     print(f"wrote {args.out}", file=sys.stderr)
 
