@@ -154,6 +154,7 @@ class SamPredictor:
         HQ-SAM, as its original predictor: C is 1 (SAM's best mask of the three with ``multimask_output``, else
         mask 0, plus the HQ mask; the HQ mask alone with ``hq_token_only``).
         """
+        _refuse_input_frame(point_coords=point_coords, box=box)
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels)
             point_coords, point_labels = coords[None], labels[None]
@@ -197,13 +198,7 @@ class SamPredictor:
         must agree on B. Prompts with fewer points are padded with label -1. B = 0 gives empty arrays.
         ``return_low_res``, ``hq_token_only``, ``clip_boxes``: as ``predict``.
         """
-        for name, value in (("point_coords", point_coords), ("boxes", boxes)):
-            if in_input_frame(value):
-                raise ValueError(
-                    f"{name} were transformed to the encoder input's frame (ResizeLongestSide.apply_*), but "
-                    "predict and predict_batch take the original image's pixels: pass the untransformed ones, or the "
-                    "transformed ones to sam_mlx.segment_anything.SamPredictor.predict_torch"
-                )
+        _refuse_input_frame(point_coords=point_coords, boxes=boxes)
         return self._decode_batch(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
                                   return_low_res, hq_token_only, clip_boxes, input_frame=False)
 
@@ -306,6 +301,17 @@ class SamPredictor:
             raise ValueError(f"mask_input values must lie within +-{_MASK_INPUT_LIMIT:g} (low-res logits), "
                              f"got {largest:g}")
         return mx.array(mask_input[:, 0].astype(np.float32))
+
+
+def _refuse_input_frame(**coordinates: Any) -> None:
+    """Refuse coordinates ``ResizeLongestSide`` mapped to the encoder input: they would give wrong masks silently."""
+    for name, value in coordinates.items():
+        if in_input_frame(value):
+            raise ValueError(
+                f"{name} were transformed to the encoder input's frame (ResizeLongestSide.apply_*), but predict "
+                "and predict_batch take the original image's pixels: pass the untransformed ones, or the "
+                "transformed ones to sam_mlx.segment_anything.SamPredictor.predict_torch"
+            )
 
 
 def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:

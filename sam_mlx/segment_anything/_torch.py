@@ -21,6 +21,11 @@ class Device(str):
 
     index = None
 
+    def __eq__(self, other: object) -> bool:  # equal to torch.device("cpu") too
+        return str(self) == str(other)
+
+    __hash__ = str.__hash__
+
 
 CPU = Device("cpu")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "gpu")
