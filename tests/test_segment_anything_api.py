@@ -351,3 +351,40 @@ print("torch" in sys.modules)
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_transforms_and_amg_helpers_match_the_originals():
+    """``utils.transforms`` and ``utils.amg`` give what the original's give, numpy for numpy and tensors for tensors."""
+    import importlib
+
+    from sam_mlx.segment_anything.utils import amg
+
+    theirs, ours = reference_transforms_module().ResizeLongestSide(1024), ResizeLongestSide(1024)
+    image = photo("groceries.jpg")
+    assert ours.get_preprocess_shape(534, 800, 1024) == theirs.get_preprocess_shape(534, 800, 1024) == (684, 1024)
+    assert np.array_equal(ours.apply_image(image), theirs.apply_image(image))
+    coords, boxes = np.array([[10.5, 20.25], [799, 533]]), np.array([[0, 0, 800, 534], [10.5, 3, 20, 40.25]])
+    for method, value in (("apply_coords", coords), ("apply_boxes", boxes)):
+        got, want = getattr(ours, method)(value, image.shape[:2]), getattr(theirs, method)(value, image.shape[:2])
+        assert got.dtype == want.dtype and np.array_equal(got, want), method
+        tensor = torch.from_numpy(value).to(torch.int64 if method == "apply_boxes" else torch.float64)
+        got, want = (getattr(t, f"{method}_torch")(tensor, image.shape[:2]) for t in (ours, theirs))
+        assert got.dtype == want.dtype and torch.equal(got, want), method
+
+    reference_amg = importlib.import_module("segment_anything.utils.amg")
+    generator = torch.Generator().manual_seed(0)
+    masks, logits = torch.rand(3, 20, 30, generator=generator) > 0.5, torch.randn(3, 20, 30, generator=generator)
+    boxes = torch.tensor([[0, 0, 10, 10], [5, 5, 30, 20]])
+    pairs = [
+        (amg.batched_mask_to_box(masks), reference_amg.batched_mask_to_box(masks)),
+        (amg.calculate_stability_score(logits, 0.0, 1.0), reference_amg.calculate_stability_score(logits, 0.0, 1.0)),
+        (amg.is_box_near_crop_edge(boxes, [0, 0, 30, 20], [0, 0, 60, 40]),
+         reference_amg.is_box_near_crop_edge(boxes, [0, 0, 30, 20], [0, 0, 60, 40])),
+        (amg.uncrop_boxes_xyxy(boxes, [5, 6, 35, 26]), reference_amg.uncrop_boxes_xyxy(boxes, [5, 6, 35, 26])),
+        (amg.box_xyxy_to_xywh(boxes[1]), reference_amg.box_xyxy_to_xywh(boxes[1])),
+    ]
+    for got, want in pairs:
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+    assert amg.mask_to_rle_pytorch(masks) == reference_amg.mask_to_rle_pytorch(masks)
+    assert amg.build_all_layer_point_grids(4, 1, 2)[1].tolist() == reference_amg.build_all_layer_point_grids(
+        4, 1, 2)[1].tolist()
