@@ -74,6 +74,7 @@ class SamPredictor(core.SamPredictor):
         device = tensor_device(point_coords, point_labels, boxes, mask_input)
         return outputs if device is None else tuple(to_tensor(output, device) for output in outputs)
 
+    @core._one_call_at_a_time
     def predict_input_frame(
         self,
         point_coords: np.ndarray | None,
