@@ -255,6 +255,7 @@ class SamPredictor:
         geometry = self.geometry
         h, w = geometry.input_size if input_frame else geometry.original_size
         to_input = (lambda c: np.asarray(c, np.float32)) if input_frame else geometry.to_input_coords
+        frame = f"{w}x{h} resized image" if input_frame else f"{w}x{h} image"
         batch_sizes = {}
         points = None
         if point_coords is not None or point_labels is not None:
@@ -264,12 +265,12 @@ class SamPredictor:
             )
             if outside.any():
                 x, y = coords[outside][0]
-                raise ValueError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
+                raise ValueError(f"point ({x:g}, {y:g}) is outside the {frame} (x in 0..{w}, y in 0..{h})")
             batch_sizes["point_coords"] = coords.shape[0]
             points = (mx.array(to_input(coords)), mx.array(labels))
         box_array = None
         if boxes is not None:
-            boxes = _boxes(boxes, w, h, clip_boxes)
+            boxes = _boxes(boxes, w, h, clip_boxes, frame)
             batch_sizes["boxes"] = boxes.shape[0]
             box_array = mx.array(to_input(boxes.reshape(-1, 2, 2)).reshape(-1, 4))
         masks = None
@@ -338,8 +339,8 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
     return coords, labels.astype(np.int32)
 
 
-def _boxes(boxes: Any, w: int, h: int, clip: bool) -> np.ndarray:
-    """Validate B x 4 (x1, y1, x2, y2) boxes; with ``clip``, clip them to the w x h image.
+def _boxes(boxes: Any, w: int, h: int, clip: bool, frame: str) -> np.ndarray:
+    """Validate B x 4 (x1, y1, x2, y2) boxes; with ``clip``, clip them to the w x h image (``frame`` names it).
 
     A box partly outside the image is kept as given by default, as the original takes it (detector boxes often
     cross the border, and SAM reads the corners' positions, not only the pixels inside): clipping it moves a
@@ -355,5 +356,5 @@ def _boxes(boxes: Any, w: int, h: int, clip: bool) -> np.ndarray:
         if x2 < x1 or y2 < y1:
             raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
         if x2 < 0 or y2 < 0 or x1 > w or y1 > h:
-            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {w}x{h} image")
+            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {frame}")
     return np.clip(boxes, 0, [w, h, w, h]) if clip else boxes

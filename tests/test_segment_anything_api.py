@@ -388,3 +388,13 @@ def test_transforms_and_amg_helpers_match_the_originals():
     assert amg.mask_to_rle_pytorch(masks) == reference_amg.mask_to_rle_pytorch(masks)
     assert amg.build_all_layer_point_grids(4, 1, 2)[1].tolist() == reference_amg.build_all_layer_point_grids(
         4, 1, 2)[1].tolist()
+
+
+def test_predict_torch_checks_prompts_in_the_resized_image(truck):
+    """predict_torch's coordinates are the resized image's (1024 x 683 for truck.jpg): outside it is an error
+    naming that frame."""
+    _, predictor, _ = truck
+    with pytest.raises(ValueError, match=r"point \(1030, 10\) is outside the 1024x683 resized image"):
+        predictor.predict_torch(torch.tensor([[[1030.0, 10.0]]]), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"lies outside the 1024x683 resized image"):
+        predictor.predict_torch(None, None, boxes=torch.tensor([[0.0, 700.0, 100.0, 800.0]]))
