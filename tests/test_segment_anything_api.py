@@ -398,3 +398,15 @@ def test_predict_torch_checks_prompts_in_the_resized_image(truck):
         predictor.predict_torch(torch.tensor([[[1030.0, 10.0]]]), torch.tensor([[1]]))
     with pytest.raises(ValueError, match=r"lies outside the 1024x683 resized image"):
         predictor.predict_torch(None, None, boxes=torch.tensor([[0.0, 700.0, 100.0, 800.0]]))
+
+
+def test_preprocess_and_postprocess_masks_match_the_originals(sam, reference):
+    """``Sam.preprocess`` and ``Sam.postprocess_masks``, tensors in and out, as the original's."""
+    resized = torch.from_numpy(ResizeLongestSide(1024).apply_image(photo("groceries.jpg"))).permute(2, 0, 1)
+    ours, theirs = sam.preprocess(resized), reference.preprocess(resized)
+    assert ours.shape == theirs.shape == (3, 1024, 1024) and ours.dtype == theirs.dtype
+    assert (ours - theirs).abs().max() <= 1e-5
+    low_res = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 10
+    ours = sam.postprocess_masks(low_res, (684, 1024), (534, 800))
+    theirs = reference.postprocess_masks(low_res, (684, 1024), (534, 800))
+    assert ours.shape == theirs.shape == (2, 3, 534, 800) and (ours - theirs).abs().max() <= 1e-3

@@ -1,16 +1,18 @@
 """``segment_anything.modeling.Sam`` on sam_mlx: sam_mlx's ``Sam`` (an MLX module, the same weights and fast path)
 with the original's model-level names: ``.to(device)``, ``.device``, ``image_encoder.img_size``,
-``mask_threshold``, ``image_format`` and the batched forward ``sam(batched_input, multimask_output)``."""
+``mask_threshold``, ``image_format``, ``preprocess``, ``postprocess_masks`` and the batched forward
+``sam(batched_input, multimask_output)``."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from ..config import SamConfig
 from ..modeling import sam as mlx_sam
-from ..transforms import MASK_THRESHOLD
+from ..transforms import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, ImageGeometry, upscale_masks
 from ._torch import CPU, Device, checked_device, is_tensor, tensor_device, to_numpy, to_tensor
 
 
@@ -45,6 +47,27 @@ class Sam(mlx_sam.Sam):
         if device is not None:
             checked_device(device)
         return self
+
+    def preprocess(self, x: Any) -> Any:
+        """The original's normalisation and padding: ... x 3 x H x W pixels (resized) -> ... x 3 x S x S float32,
+        channels first as given (a tensor for a tensor)."""
+        pixels = np.asarray(to_numpy(x), dtype=np.float32)
+        size = self.config.image_size
+        if pixels.ndim < 3 or pixels.shape[-3] != 3 or max(pixels.shape[-2:]) > size:
+            raise ValueError(f"preprocess takes ... x 3 x H x W pixels with sides at most {size}, got {pixels.shape}")
+        mean, std = (np.array(v, np.float32)[:, None, None] for v in (PIXEL_MEAN, PIXEL_STD))
+        pad = [(0, 0)] * (pixels.ndim - 2) + [(0, size - pixels.shape[-2]), (0, size - pixels.shape[-1])]
+        out = np.pad((pixels - mean) / std, pad)
+        return to_tensor(out, tensor_device(x)) if is_tensor(x) else out
+
+    def postprocess_masks(self, masks: Any, input_size: tuple[int, ...], original_size: tuple[int, ...]) -> Any:
+        """The original's mask post-processing: B x C x h x w low-res logits -> B x C x H x W logits at
+        ``original_size`` (upscaled to the padded input, cropped to ``input_size``, resized), a tensor for a
+        tensor."""
+        size = self.config.image_size
+        geometry = ImageGeometry(tuple(int(s) for s in original_size), tuple(int(s) for s in input_size), (size, size))
+        logits = np.array(upscale_masks(mx.array(np.asarray(to_numpy(masks), np.float32)), geometry))
+        return to_tensor(logits, tensor_device(masks)) if is_tensor(masks) else logits
 
     def __call__(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, Any]]:
         """The original's batched forward: one dict per image in, one out.

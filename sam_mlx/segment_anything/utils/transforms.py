@@ -28,9 +28,11 @@ class ResizeLongestSide:
         return longest_side_shape(oldh, oldw, long_side_length)
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """H x W x 3 uint8 -> the resized image, H' x W' x 3 uint8 (PIL bilinear, as the original)."""
+        """H x W x 3 uint8 -> the resized image, H' x W' x 3 uint8 (PIL bilinear, as the original), a new writable
+        array as the original's (which ``torch.as_tensor`` takes without a warning)."""
         image = np.asarray(image)
-        return resize_image(image, self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length))
+        return np.array(resize_image(image, self.get_preprocess_shape(image.shape[0], image.shape[1],
+                                                                      self.target_length)))
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
         """... x 2 (x, y) pixels of an ``original_size`` (H, W) image -> pixels of the resized image (float64)."""
