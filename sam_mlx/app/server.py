@@ -44,7 +44,7 @@ from ..io.images import load_image
 from ..io.tokens import model_identity
 from .engine import Engine, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
-from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask
+from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask, mask_outline
 
 STATIC = Path(__file__).parent / "static"
 HOST = "127.0.0.1"
@@ -177,7 +177,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
         folder = library.export_dir(request.query_params.get("folder", ""))
         path = folder / f"{entry.stem}.prompts.json"
         if not path.is_file():
-            return JSONResponse({"error": f"no saved prompts for {entry.path.name} in {folder}"}, status_code=404)
+            return Response(status_code=204)  # none saved (yet): expected, not an error
         return JSONResponse(json.loads(path.read_text()))
 
     async def hover(websocket: WebSocket) -> None:
@@ -333,7 +333,9 @@ def _export_module():
 
 
 def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: float | None) -> dict:
-    """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels)."""
+    """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels), and
+    ``rings``: the mask's boundary at the same simplification (outsides and holes' edges, uncut), which the page
+    draws."""
     export = _export_module()
     if export is None:
         raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.io.export)")
@@ -344,10 +346,12 @@ def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: fl
     scale = np.array([width / mask.shape[1], height / mask.shape[0]])
     try:
         traced = export.mask_polygons(mask, simplify / scale.max(), outline=True)
+        rings = mask_outline(mask, simplify / scale.max())
     except ImportError as exc:
         raise ExportUnavailable(str(exc)) from None
     return {"polygons": [(polygon * scale).round(2).tolist() for polygon in traced],
-            "vertices": sum(len(polygon) for polygon in traced)}
+            "vertices": sum(len(polygon) for polygon in traced),
+            "rings": [(ring * scale).round(2).tolist() for ring in rings]}
 
 
 def _steps(item: dict) -> list[tuple[Prompt, int]]:
