@@ -70,7 +70,12 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors on one line."""
+    """argparse with usage errors on one line, and negative coordinates as values (``--point -5,400``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse's negative numbers are single numbers: "-5,400" would be an unknown option without this.
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -367,6 +372,11 @@ def _files_listed(json_path: Path, stem: str) -> set[str]:
     return {name for name in names if isinstance(name, str) and ours.fullmatch(name)}
 
 
+def _plural(number: int, noun: str) -> str:
+    """``1 mask``, ``3 masks``: a count with its noun in agreement."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -459,6 +469,8 @@ class ImageWork:
         raise NotImplementedError
 
     def __call__(self, job: ImageJob, progress: Callable[[int, int], None] | None = None) -> ImageDone:
+        if not job.path.is_file():  # a missing path among several (``_images``): not skipped by --resume
+            raise FileNotFoundError(f"image not found: {job.path}")
         if self.args.resume:
             done = self.resumed(job)
             if done is not None:
@@ -612,7 +624,8 @@ class _SegmentWork(_MaskWork):
         written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(job.path), "files": [str(p) for p in written],
                           "scores": [m["score"] for m in report["masks"]], "seconds": seconds},
-                         f"{len(objects)} masks in {seconds['total']:.1f} s -> {out_dir / report['overlay']}", entry)
+                         f"{_plural(len(objects), 'mask')} in {seconds['total']:.1f} s -> "
+                         f"{out_dir / report['overlay']}", entry)
 
 
 class _EverythingWork(_MaskWork):
@@ -669,7 +682,7 @@ class _EverythingWork(_MaskWork):
         written = [*files, out_dir / overlay, out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(path), "files": [str(p) for p in written],
                           "scores": [r["predicted_iou"] for r in records], "seconds": seconds},
-                         f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
+                         f"{_plural(len(records), 'mask')} in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
 
 
 def _everything_object(mask: np.ndarray, record: dict) -> ExportObject:
@@ -765,6 +778,20 @@ def _report(args: argparse.Namespace, work: ImageWork, jobs: Sequence[ImageJob],
 
 
 # ---------------------------------------------------------------- commands
+def _images(args: argparse.Namespace, out_dir: Path | None) -> list[ImageInput]:
+    """The images of the IMAGE|DIR arguments. Among several, a path that is not there is an image of the run
+    that will fail (listed with the other failures, as a bad file is), unless --fail-fast stops the run first."""
+    images = []
+    for text in args.images:
+        try:
+            images += expand_images([text], args.recursive, out_dir)
+        except FileNotFoundError:
+            if len(args.images) == 1 or args.fail_fast:
+                raise
+            images.append(ImageInput(Path(text).expanduser(), Path(text).name))
+    return images
+
+
 def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
     """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
     if args.prompts:
@@ -780,7 +807,7 @@ def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in expand_images(args.images, args.recursive, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in _images(args, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -863,7 +890,7 @@ def _segment(
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    images = expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
+    images = _images(args, None if args.out else Path(args.out_dir))
     if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
         raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
                        f"(one STEM{TOKENS_SUFFIX} per image)")
@@ -884,21 +911,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 class _ProgressBar:
-    """One self-overwriting status line on a terminal (the line of the outcome replaces it); nothing elsewhere."""
+    """An image's progress (segment everything's point prompts, over all its crops) on stderr: on a terminal one
+    self-overwriting status line (the line of the outcome replaces it); elsewhere (a log, a pipe) a line when it
+    starts and then at most one every ``every`` seconds."""
 
-    def __init__(self, label: str, width: int = 30):
-        self.label, self.width = label, width
+    def __init__(self, label: str, width: int = 30, every: float = 10.0):
+        self.label, self.width, self.every = label, width, every
         self.live = sys.stderr.isatty()
+        self.last: float | None = None  # when the last line was written (not live)
 
     def __call__(self, done: int, total: int) -> None:
         if self.live:
             filled = self.width * done // max(total, 1)
             bar = "#" * filled + "." * (self.width - filled)
             print(f"\r{self.label} [{bar}] {done}/{total} points", end="", file=sys.stderr, flush=True)
+            return
+        now = time.monotonic()
+        if done < total and (self.last is None or now - self.last >= self.every):
+            self.last = now
+            _log(f"{self.label}: {done}/{total} point prompts decoded")
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = expand_images(args.images, args.recursive, Path(args.out_dir))
+    images = _images(args, Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 
@@ -976,13 +1011,18 @@ def cmd_app(args: argparse.Namespace) -> None:
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sam-mlx`` argument parser with its subcommands."""
+def _common_options(json_help: str) -> _Parser:
+    """Every command's --debug and --json (what --json prints differs: ``json_help``)."""
     common = _Parser(add_help=False)
     # SUPPRESS: a subcommand's absent --debug / --json must not reset one given before the subcommand.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print one JSON object per image on stdout (files written, scores, timings)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sam-mlx`` argument parser with its subcommands."""
+    common = _common_options("print one JSON object per image on stdout (files written, scores, timings)")
     model = _Parser(add_help=False)
     model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, mobile_sam, "
                        f"sam-hq-vit-base|large|huge|tiny, slimsam-50|77, medsam, a Hub repo id, "
@@ -1041,7 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", parents=[common, model, outputs, runs], help="masks for point and box prompts",
                               description="Segment images with point and box prompts (pixel coordinates; "
-                              "write negative numbers as --box=-5,0,90,80), or with a prompts file giving each "
+                              "negative ones too: --point -5,400), or with a prompts file giving each "
                               "image its own prompts. Writes per image an overlay PNG, a JSON of scores, areas, "
                               "bboxes and prompts, and the --export formats (default: one PNG per mask). A bbox "
                               "in that JSON is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and "
@@ -1109,7 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 
-    app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
+    app_common = _common_options("print the page's url, port and token on stdout as one JSON object once the app "
+                                 "serves")
+    app = commands.add_parser("app", parents=[app_common, model], help="the local segmentation app in the browser",
                               description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
                               "hover, click and drag for masks, several objects per image, export. Other local "
                               "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
@@ -1124,8 +1166,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: 2048, about 500 images; each image's tokens take ~4 MB)")
     app.add_argument("--prefetch", type=_count, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
-    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
-                     "with --json the address, port and token are printed on stdout as one JSON object")
+    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run)")
     app.set_defaults(func=cmd_app)
 
     info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
@@ -1159,6 +1200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _log("sam-mlx: interrupted")
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE: the code a shell shows for a tool that a closed pipe ended
     except Exception as exc:
         if args.debug:
             raise

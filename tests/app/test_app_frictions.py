@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_app_browser import (BACKGROUND, TRUCK, WINDOW, browser, client_point, open_page, open_truck,  # noqa: F401
-                              shown_mask, truck, wait_for_step)
-
+import test_app_browser
 from app_process import served
+from test_app_browser import BACKGROUND, TRUCK, WINDOW, client_point, open_page, open_truck, shown_mask, wait_for_step
+
 from sam_mlx.app.masks import encode_mask
 from sam_mlx.io.export import mask_polygons
 
 DOG = 0
+browser, truck = test_app_browser.browser, test_app_browser.truck  # the fixtures, shared
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,13 @@ def app(tmp_path_factory):
 
 
 @pytest.fixture
-def page(browser, app):  # noqa: F811
+def page(browser, app):
     page, close = open_page(browser, app)
     yield page
     close()
 
 
-def notice_of(browser, address):  # noqa: F811
+def notice_of(browser, address):
     context = browser.new_context()
     try:
         page = context.new_page()
@@ -39,7 +40,7 @@ def notice_of(browser, address):  # noqa: F811
         context.close()
 
 
-def test_without_or_with_a_wrong_token_the_page_asks_for_the_printed_address(browser, app):  # noqa: F811
+def test_without_or_with_a_wrong_token_the_page_asks_for_the_printed_address(browser, app):
     missing = notice_of(browser, app.base + "/")
     wrong = notice_of(browser, app.base + "/#token=not-the-token")
     for text in (missing, wrong):
@@ -76,7 +77,7 @@ def test_scores_are_labelled_as_predicted_iou(page, app):
     assert drawn == reply["rings"]
 
 
-def test_a_lone_background_point_waits_for_a_foreground_point(page, truck):  # noqa: F811
+def test_a_lone_background_point_waits_for_a_foreground_point(page, truck):
     open_truck(page)
     page.keyboard.press("h")
     decodes = []
@@ -97,7 +98,7 @@ def test_a_lone_background_point_waits_for_a_foreground_point(page, truck):  # n
     np.testing.assert_array_equal(shown_mask(page), masks[0])
 
 
-def test_expected_absences_are_not_errors(browser, app):  # noqa: F811
+def test_expected_absences_are_not_errors(browser, app):
     """No saved prompts is a 204 the page expects: a session opening both images logs no error and no 4xx."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
