@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import test_cli
 from helpers import IMAGES
 from sam_mlx.cli import build_parser
+from sam_mlx.cli import run as run_module
 from test_cli import DOG, MODEL, ok, run
 
 env, dog_tokens = test_cli.env, test_cli.dog_tokens  # the fixtures, shared
@@ -86,3 +88,14 @@ def test_everything_shows_progress_within_the_image(env, tmp_path):
     assert lines[-1].startswith(f"[1/1] {DOG}: ") and " in " in lines[-1]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [sorted(r) for r in records] == [["files", "image", "scores", "seconds"], ["summary"]]
+
+
+def test_progress_off_a_terminal_is_throttled(monkeypatch, capsys):
+    clock = iter([0.0, 3.0, 10.5, 12.0, 25.0])
+    monkeypatch.setattr(run_module, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    progress = run_module._ProgressBar("[1/2] a.jpg", every=10)
+    assert not progress.live  # captured stderr is not a terminal
+    for done in (0, 10, 50, 60, 100):
+        progress(done, 100)
+    assert capsys.readouterr().err.splitlines() == ["[1/2] a.jpg: 0/100 point prompts decoded",
+                                                    "[1/2] a.jpg: 50/100 point prompts decoded"]
