@@ -84,8 +84,6 @@ class ImageWork:
         raise NotImplementedError
 
     def __call__(self, job: ImageJob, progress: Callable[[int, int], None] | None = None) -> ImageDone:
-        if not job.path.is_file():  # a missing path among several (``commands._images``): not skipped by --resume
-            raise FileNotFoundError(f"image not found: {job.path}")
         if self.args.resume:
             done = self.resumed(job)
             if done is not None:
