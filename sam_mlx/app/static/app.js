@@ -664,9 +664,9 @@ function showNotice() {
   const notice = $("notice");
   const record = app.images[app.imageId];
   let text = "";
-  const address = "open the address sam-mlx app printed, with its #token=…";
-  if (!token) text = `This page needs its access token: ${address}.`;
-  else if (app.refused) text = `The access token is not this run's: ${address}.`;
+  const address = "open the address sam-mlx app printed (it ends in #token=…)";
+  if (!token) text = `This page needs its access token: ${address}`;
+  else if (app.refused) text = `The access token is not this run's: ${address}`;
   else if (!app.info) text = "Connecting…";
   else if (!app.images.length) text = "No images: start sam-mlx app with images or folders.";
   else if (record && record.status === "error") text = `Cannot open ${record.name}: ${record.error}`;
