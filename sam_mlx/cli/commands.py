@@ -14,6 +14,7 @@ import sam_mlx
 
 from ..checkpoints.hub import default_cache_dir, resolve_checkpoint
 from ..checkpoints.load import load_checkpoint, read_state_dict, save_model
+from ..examples import EXAMPLES, example_image
 from ..io.atomic import remove_abandoned_temporaries
 from ..io.folders import ImageInput, expand_images
 from ..io.tokens import model_identity
@@ -24,15 +25,23 @@ from .run import _run_images
 from .work import TOKENS_SUFFIX, _EncodeWork, _EverythingWork, _SegmentWork
 
 
-def _images(args: argparse.Namespace, out_dir: Path | None) -> list[ImageInput]:
-    """The images of the IMAGE|DIR arguments. Among several, a path that is not there is an image of the run
-    that will fail (listed with the other failures, as a bad file is), unless --fail-fast stops the run first."""
+def _images(args: argparse.Namespace, alternative: str = "") -> list[str]:
+    """IMAGE|DIR ... and the --example photo (the package's own file, so that a first run needs no photo)."""
+    images = [*args.images, *([str(example_image(args.example))] if args.example else [])]
+    if not images:
+        raise CliError(f"no image: give IMAGE|DIR ..., --example {EXAMPLES[0]}{alternative}")
+    return images
+
+
+def _expanded(args: argparse.Namespace, inputs: list[str], out_dir: Path | None) -> list[ImageInput]:
+    """The images of IMAGE|DIR inputs. Among several, a path that is not there is an image of the run that will
+    fail (listed with the other failures, as a bad file is), unless --fail-fast stops the run first."""
     images = []
-    for text in args.images:
+    for text in inputs:
         try:
             images += expand_images([text], args.recursive, out_dir)
         except FileNotFoundError:
-            if len(args.images) == 1 or args.fail_fast:
+            if len(inputs) == 1 or args.fail_fast:
                 raise
             images.append(ImageInput(Path(text).expanduser(), Path(text).name))
     return images
@@ -41,19 +50,18 @@ def _images(args: argparse.Namespace, out_dir: Path | None) -> list[ImageInput]:
 def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
     """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
     if args.prompts:
-        if args.images or args.point or args.bg_point or args.box or args.label:
-            raise CliError("--prompts FILE gives the images and prompts: no IMAGE, --point, --bg-point, --box or "
-                           "--label beside it")
+        if args.images or args.example or args.point or args.bg_point or args.box or args.label:
+            raise CliError("--prompts FILE gives the images and prompts: no IMAGE, --example, --point, --bg-point, "
+                           "--box or --label beside it")
         pairs = [(ImageInput(path, path.name), prompts) for path, prompts in read_prompts(args.prompts)]
     else:
-        if not args.images:
-            raise CliError("no image: give IMAGE|DIR ... or --prompts FILE")
+        images = _images(args, " or --prompts FILE")
         points = args.point + args.bg_point
         if not points and not args.box:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in _images(args, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in _expanded(args, images, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -68,7 +76,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    images = _images(args, None if args.out else Path(args.out_dir))
+    images = _expanded(args, args.images, None if args.out else Path(args.out_dir))
     if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
         raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
                        f"(one STEM{TOKENS_SUFFIX} per image)")
@@ -89,7 +97,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = _images(args, Path(args.out_dir))
+    images = _expanded(args, _images(args), Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 
