@@ -9,8 +9,9 @@ const PALETTE = ["#4dabf7", "#ff5c7a", "#51cf66", "#fcc419", "#b197fc", "#ff922b
                  "#f783ac", "#748ffc"];
 const AREAS = [0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000];  // clean-up slider steps
 const POLL_MS = 500;
-const MAX_MASK_SIDE = 4096;
-const IOU_NOTE = "SAM's predicted IoU: the model's own estimate of the mask's overlap with the object (may exceed 1)";  // masks of larger images are shown shrunk (exported at full size by the server)
+const MAX_MASK_SIDE = 4096;  // masks of larger images are shown shrunk (exported at full size by the server)
+// What the candidates' and objects' scores are (their tooltip).
+const IOU_NOTE = "SAM's predicted IoU: the model's own estimate of the mask's overlap with the object (may exceed 1)";
 
 const token = readToken();
 const canvas = $("view");
@@ -253,7 +254,7 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
     const drawn = performance.now();
     requestAnimationFrame(() => {  // the frame that shows the mask
       app.stats.clicks.push({latency_ms: performance.now() - startedAt, server_ms: result.server_ms,
-                             decode_ms: result.decode_ms, answer_ms: answered - startedAt,
+                             decode_ms: result.decode_ms, encode_ms: result.encode_ms, answer_ms: answered - startedAt,
                              png_ms: decoded - answered, draw_ms: drawn - decoded});
       showStats();
     });
