@@ -173,3 +173,13 @@ def cmd_app(args: argparse.Namespace) -> None:
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
           tokens_cache_bytes=args.tokens_cache_mb << 20,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
+
+
+def cmd_label_studio(args: argparse.Namespace) -> None:
+    try:
+        from ..label_studio.command import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise CliError(f"the Label Studio backend needs {exc.name}: pip install 'sam-mlx[app]'") from None
+    run(args, sam_mlx.load(_model_to_load(args)))
