@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one mask per prompt (default unless the prompt is a single point)")
     seg.add_argument("--hq-token-only", action="store_true",
                      help="HQ-SAM: the HQ token's mask alone (default: SAM's mask plus it, as the original)")
+    seg.add_argument("--clip-boxes", action="store_true",
+                     help="clip boxes that cross the image's border to the image (default: used as given, as the "
+                     "original SAM takes them; clipping moves the corners SAM reads, and so the mask)")
     seg.add_argument("--tokens", metavar="FILE", help="image tokens from `sam-mlx encode` to skip the encoder")
     seg.set_defaults(func=cmd_segment)
 

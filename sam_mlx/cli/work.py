@@ -160,7 +160,8 @@ class _SegmentWork(_MaskWork):
     def expected(self, job: ImageJob) -> dict:
         predictor = self.predictor
         settings = {"prompts": [p.describe() for p in job.prompts], "multimask": self.args.multimask,
-                    **({"hq_token_only": True} if self.args.hq_token_only else {}), **self._settings()}
+                    **({"hq_token_only": True} if self.args.hq_token_only else {}),
+                    **({"clip_boxes": True} if self.args.clip_boxes else {}), **self._settings()}
         return {"model": model_identity(predictor.model), "sizing": predictor.sizing, "size": predictor.size,
                 "settings": settings}
 
@@ -185,7 +186,7 @@ class _SegmentWork(_MaskWork):
             self.predictor.set_image(image)
         laps("encode")
         report, objects, overlay = _segment(self.predictor, image, job.prompts, self.args.multimask, job.stem,
-                                            self.exporter, self.args.hq_token_only)
+                                            self.exporter, self.args.hq_token_only, self.args.clip_boxes)
         laps("decode")
         out_dir = self.out_dir
         with _replacing_outputs(out_dir, job.stem):
@@ -275,14 +276,19 @@ def _mask_record(mask: np.ndarray) -> dict:
 
 
 def segment_prompts(
-    predictor: sam_mlx.SamPredictor, prompts: Sequence[Prompt], multimask: bool | None, hq_token_only: bool = False
+    predictor: sam_mlx.SamPredictor,
+    prompts: Sequence[Prompt],
+    multimask: bool | None,
+    hq_token_only: bool = False,
+    clip_boxes: bool = False,
 ) -> tuple[list[dict], list[ExportObject]]:
     """Decode the prompts on the predictor's image: a record per mask (prompt_index, mask_index, multimask,
     score, area, bbox, segmentation as COCO RLE, label, prompt) and the masks to export, in the same order.
 
     Every box of a prompt is one prompt (with all its points), all B decoded as one batch; no box is
     one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask (HQ-SAM: always
-    one, its HQ mask alone with ``hq_token_only``).
+    one, its HQ mask alone with ``hq_token_only``). Boxes crossing the image's border are used as given, as the
+    original takes them, or with ``clip_boxes`` clipped to the image.
     """
     records, objects = [], []
     group = 0  # SAM's candidates for one prompt (one box) form a group: --best keeps its top one
@@ -298,6 +304,7 @@ def segment_prompts(
             multimask_output=several,
             return_low_res=False,
             hq_token_only=hq_token_only,
+            clip_boxes=clip_boxes,
         )  # masks: n_prompts x C x H x W
         for b in range(n_prompts):
             box = boxes[b].tolist() if len(boxes) else None
@@ -322,9 +329,10 @@ def _segment(
     stem: str,
     exporter: Exporter,
     hq_token_only: bool = False,
+    clip_boxes: bool = False,
 ) -> tuple[dict, list[ExportObject], Image.Image]:
     """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay."""
-    records, objects = segment_prompts(predictor, prompts, multimask, hq_token_only)
+    records, objects = segment_prompts(predictor, prompts, multimask, hq_token_only, clip_boxes)
     chosen = set(exporter.selected(objects))
     records = [{**({_REPORT_KEYS[kind]: name for kind, name in exporter.object_files(stem, i).items()}
                    if i in chosen else {}), **record}  # --best: no files for the others
