@@ -72,10 +72,12 @@ def measure(model: str, image: Path, sizing: list[str], rounds: int, hover_secon
             tree: Path | None = None) -> dict:
     """One app (of ``tree``'s sam_mlx if given, else this one) measured at one sizing."""
     folder = Path(tempfile.mkdtemp(prefix="sam_mlx_app_latency_"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])} if tree else None
+    # The app runs from the temporary folder with its tree first on the path (``python -m`` would import the
+    # current folder's sam_mlx before PYTHONPATH's): this tree's, or ``tree``'s.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree or ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         app = start_app(str(image), "--model", model, *sizing, "--tokens-dir", str(folder / "tokens"),
-                        "--out-dir", str(folder / "out"), env=env)
+                        "--out-dir", str(folder / "out"), env=env, cwd=folder)
         try:
             return {"app": str(tree) if tree else "this tree",
                     **_measure(app, model, image, sizing, rounds, hover_seconds, browser)}
