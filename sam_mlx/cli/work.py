@@ -26,7 +26,7 @@ from ..io.images import load_image, pixel_fingerprint
 from ..io.overlay import draw_overlay
 from ..io.tokens import load_image_tokens, model_fingerprint, model_identity, read_image_tokens, save_image_tokens
 from .jobs import ImageDone, ImageJob, ImageWork
-from .messages import CliError
+from .messages import CliError, _plural
 from .outputs import _REPORT_KEYS, _replacing_outputs, _save_png, _write_json
 from .prompts import Prompt
 
@@ -199,7 +199,8 @@ class _SegmentWork(_MaskWork):
         written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(job.path), "files": [str(p) for p in written],
                           "scores": [m["score"] for m in report["masks"]], "seconds": seconds},
-                         f"{len(objects)} masks in {seconds['total']:.1f} s -> {out_dir / report['overlay']}", entry)
+                         f"{_plural(len(objects), 'mask')} in {seconds['total']:.1f} s -> "
+                         f"{out_dir / report['overlay']}", entry)
 
 
 class _EverythingWork(_MaskWork):
@@ -256,7 +257,7 @@ class _EverythingWork(_MaskWork):
         written = [*files, out_dir / overlay, out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(path), "files": [str(p) for p in written],
                           "scores": [r["predicted_iou"] for r in records], "seconds": seconds},
-                         f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
+                         f"{_plural(len(records), 'mask')} in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
 
 
 def _everything_object(mask: np.ndarray, record: dict) -> ExportObject:
