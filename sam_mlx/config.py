@@ -10,6 +10,7 @@ from typing import Any
 # a damaged or crafted file, refused before a model is built (``check_fields``).
 _LARGEST = 1 << 16
 _LARGEST_IMAGE = 16384
+QUANTIZATION_BITS = (None, 8, 4)  # weight-only quantization of the image encoder (``checkpoints.quantize``)
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,14 @@ class SamConfig:
     decoder: PromptDecoderConfig = field(default_factory=PromptDecoderConfig)
     image_size: int = 1024  # the square input the encoder was trained on
     hq: bool = False  # HQ-SAM: the mask decoder's HQ token and its fusion of the encoder's early features
+    # bits of the image encoder's quantized Linear weights (``checkpoints.quantize``); None: not quantized
+    encoder_bits: int | None = None
 
     def __post_init__(self) -> None:
         if type(self.hq) is not bool:
             raise ValueError(f"SamConfig.hq must be true or false, got {self.hq!r}")
+        if self.encoder_bits not in QUANTIZATION_BITS:
+            raise ValueError(f"SamConfig.encoder_bits must be one of {QUANTIZATION_BITS}, got {self.encoder_bits!r}")
         size = self.image_size
         if type(size) is not int or not 16 <= size <= _LARGEST_IMAGE or size % 16:
             raise ValueError(f"SamConfig.image_size must be a multiple of 16 from 16 to {_LARGEST_IMAGE}, got {size!r}")
@@ -140,7 +145,10 @@ class SamConfig:
             "decoder": asdict(self.decoder),
             "image_size": self.image_size,
         }
-        return {**data, "hq": True} if self.hq else data  # a plain SAM's config (and fingerprint) as before HQ
+        # a plain, unquantized SAM's config (and fingerprint) as before HQ and quantization
+        if self.encoder_bits is not None:
+            data["encoder_bits"] = self.encoder_bits
+        return {**data, "hq": True} if self.hq else data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamConfig:
@@ -154,6 +162,7 @@ class SamConfig:
             decoder=PromptDecoderConfig.from_dict(data.get("decoder")),
             image_size=data.get("image_size", 1024),
             hq=data.get("hq", False),
+            encoder_bits=data.get("encoder_bits"),
         )
 
     @property

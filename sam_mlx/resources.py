@@ -79,13 +79,35 @@ def format_bytes(count: float) -> str:
     return f"{count / 1e6:.2f} MB"
 
 
+def gpu_working_set() -> int | None:
+    """The memory MLX recommends a GPU's working set stay within (Metal's ``recommendedMaxWorkingSetSize``, from
+    ``mx.device_info()``), or None when MLX reports none (the CPU)."""
+    import mlx.core as mx
+
+    size = mx.device_info().get("max_recommended_working_set_size")
+    return int(size) if size else None
+
+
+def memory_for_encoding(cpu: bool) -> tuple[int | None, str]:
+    """(bytes an encoding may use, what that figure is) on the CPU or the GPU: on a GPU the least of MLX's
+    recommended working set and this machine's memory, as a GPU allocation past the working set pages out."""
+    available = machine_memory()
+    working_set = None if cpu else gpu_working_set()
+    if working_set is not None and (available is None or working_set <= available):
+        return working_set, "the GPU's recommended working set (MLX's device_info)"
+    return available, "this machine's memory and process limits"
+
+
 def check_encoding_fits(config, padded_size: tuple[int, int], cpu: bool) -> None:
-    """Raise ValueError, with the estimate, if encoding at ``padded_size`` would need more memory than there is."""
-    need, available = encoding_memory(config, padded_size, cpu), machine_memory()
+    """Raise ValueError, with the estimate and what it is compared with, if encoding at ``padded_size`` would need
+    more memory than there is."""
+    need = encoding_memory(config, padded_size, cpu)
+    available, basis = memory_for_encoding(cpu)
     if available is not None and need > available:
         h, w = padded_size
-        raise ValueError(f"encoding an image at {w}x{h} would need about {format_bytes(need)} of memory, more than "
-                         f"this machine's {format_bytes(available)}: use a smaller size")
+        how = "the CPU's chunked attention" if cpu else "the GPU's fused attention"
+        raise ValueError(f"encoding an image at {w}x{h} would need about {format_bytes(need)} of memory (estimated "
+                         f"for {how}), more than the {format_bytes(available)} of {basis}: use a smaller size")
 
 
 def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> int:
@@ -93,8 +115,8 @@ def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> i
 
     Counted in float32: the image (resized, normalised, padded: ~36 bytes a pixel); for the ViT, each token's
     activations (about 10 widths and 2 MLP widths) and, in global-attention blocks, the per-axis
-    relative-position logits (2 x heads x tokens x (rows + columns)), or on a GPU the full mask of the fused
-    attention kernel (heads x tokens^2, half precision); for TinyViT, its first stage's MBConv activations at
+    relative-position logits (2 x heads x tokens x (rows + columns)), and on a GPU one chunk of the fused
+    attention kernel's mask (``ops.attention.GPU_MASK_BYTES``); for TinyViT, its first stage's MBConv activations at
     a quarter of the resolution. Doubled for MLX's buffer cache and copies between row bands, plus 250 MB
     fixed: on the development machine's CPU that lies between the measured growth of the peak RSS while
     encoding and twice it, for MobileSAM and a ViT-B at 256..2048 pixels square (``scripts/encoding_memory.py``).
@@ -109,7 +131,9 @@ def encoding_memory(config, padded_size: tuple[int, int], cpu: bool = True) -> i
         if encoder.global_attention_blocks:
             need += 8 * encoder.num_heads * tokens * (rows + cols)
             if not cpu:
-                need += 2 * encoder.num_heads * tokens * tokens
+                from .ops.attention import GPU_MASK_BYTES
+
+                need += min(2 * encoder.num_heads * tokens * tokens, GPU_MASK_BYTES)
     else:
         dim, expand = encoder.embed_dims[0], encoder.mbconv_expand_ratio
         need += int(4 * (pixels // 16) * dim * (2 + 2 * expand))

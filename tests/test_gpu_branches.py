@@ -76,10 +76,11 @@ def test_gpu_default_precision_keeps_the_masks(mobile_sam_runs, photo):
 
 
 @pytest.mark.parametrize("sizing, size", [("original", 1024), ("stretch", 512)])
-def test_gpu_branches_equal_the_cpu_branches_with_a_vit(tmp_path, sizing, size):
+def test_gpu_branches_equal_the_cpu_branches_with_a_vit(tmp_path, monkeypatch, sizing, size):
     """A small random-weight ViT (9 x 9 windows, 2 global blocks): the fused attention kernel with the
     decomposed relative-position term as its mask, on a square and on a non-square token grid;
-    and its default GPU precision, bfloat16."""
+    and its default precision on a GPU with native bfloat16 (an M3, as MLX reports it), bfloat16."""
+    monkeypatch.setattr(mx, "device_info", lambda: {"architecture": "applegpu_g15s"})
     torch_model = build_reference_sam(embed_dim=128, depth=6, num_heads=4, global_attn_indexes=(2, 5),
                                       window_size=9, seed=3)
     path = tmp_path / "vit.pth"

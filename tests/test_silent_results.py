@@ -193,8 +193,9 @@ def test_generator_refuses_nan_options(model, option):
 def test_sizes_whose_encoding_cannot_fit_are_refused_with_the_estimate(model, monkeypatch):
     monkeypatch.setattr("sam_mlx.resources.machine_memory", lambda: 2 << 30)
     sam_mlx.SamPredictor(model, sizing="stretch", size=1024)  # ~0.6 GB: fine
-    with pytest.raises(ValueError, match=r"encoding an image at 4096x4096 would need about 6\.8 GB of memory, more "
-                                         r"than this machine's 2\.1 GB: use a smaller size"):
+    with pytest.raises(ValueError, match=r"encoding an image at 4096x4096 would need about 6\.8 GB of memory "
+                                         r"\(estimated for the CPU's chunked attention\), more than the 2\.1 GB of "
+                                         r"this machine's memory and process limits: use a smaller size"):
         sam_mlx.SamPredictor(model, sizing="stretch", size=4096)
 
 

@@ -8,11 +8,14 @@ the source they were converted from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -22,6 +25,7 @@ from ..modeling.sam import Sam
 from ..ops import backend
 from .errors import CheckpointError, few, require_float
 from .meta import check_model_fits, convert_meta
+from .quantize import quantized_layout
 from .torch_pickle import LazyTensor, read_torch_checkpoint
 
 # 2: parameters named after the model's components (image encoder stages, coordinate encoder, mask hint
@@ -50,7 +54,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, LazyTensor], dict[str, 
 
 # safetensors dtype -> numpy dtype of its bytes (BF16 reads as float32); others are refused when read
 _SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
-                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
+                       "I16": "<i2", "I8": "i1", "U32": "<u4", "U8": "u1", "BOOL": "?"}
 
 
 class SafetensorsTensor(LazyTensor):
@@ -124,45 +128,79 @@ def check_weights(model: Sam, weights: Mapping[str, object], source: str) -> Non
         raise CheckpointError(f"{source}: missing weights {few(missing)}")
     if extra:
         raise CheckpointError(f"{source}: unexpected weights {few(extra)}")
+    packed = {k for k, v in tree_flatten(model.parameters()) if v.dtype == mx.uint32}  # quantized weights
     for key, shape in expected.items():
         got = tuple(weights[key].shape)
         if got != shape:
             raise CheckpointError(f"{source}: weight {key} has shape {got}, expected {shape}")
-        require_float(weights[key], key, f"{source}: ")
+        if key not in packed:
+            require_float(weights[key], key, f"{source}: ")
+        elif str(weights[key].dtype).removeprefix("mlx.core.") != "uint32":  # numpy's or MLX's name
+            raise CheckpointError(f"{source}: quantized weight {key} holds {weights[key].dtype} values, "
+                                  "expected uint32")
 
 
 def default_encoder_dtype(config: SamConfig) -> mx.Dtype:
-    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU (Apple
-    Silicon) half precision, which halves the encoder's memory traffic there.
+    """The image encoder's precision when none is asked for: float32 on the CPU; on a GPU, by chip.
 
-    On a GPU, TinyViT (MobileSAM) gets float16 and the ViT bfloat16. float16 keeps 3 more bits, and
-    TinyViT's activations stay far below its range (README's Parity, ``scripts/precision.py``). Meta's
-    ViT-H is reported to overflow float16 (segment-anything issue #540), so the ViT keeps bfloat16, which
-    has float32's range. On MLX's CPU backend half-precision matmuls and transcendental functions are
-    slower than float32.
+    - TinyViT (MobileSAM): float16 on every GPU. Its activations stay below 1/16 of float16's range
+      (``tests/test_gpu_branches.py``), and float16 keeps 3 more bits than bfloat16: ~10x closer to float32.
+    - ViT: bfloat16 where the GPU computes it natively (Apple M3 and later, other GPUs); float32 on Apple M1
+      and M2 (MLX's ``device_info()["architecture"]`` applegpu_g13*/g14*), which emulate bfloat16 (reported
+      20-40% slower than float16 there) and run float32 arithmetic at float16's rate. Meta's ViT-H is reported
+      to overflow float16 (segment-anything issue #540), so the ViT never gets float16 by default.
+    ``--dtype`` / ``load(dtype=...)`` choose otherwise; ``scripts/device_check.py`` times each on a chip.
+    On MLX's CPU backend half-precision matmuls and transcendental functions are slower than float32.
     """
     if backend.on_cpu():
         return mx.float32
-    return mx.bfloat16 if config.encoder.kind == "vit" else mx.float16
+    if config.encoder.kind != "vit":
+        return mx.float16
+    return mx.bfloat16 if native_bfloat16() else mx.float32
 
 
-def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None) -> Sam:
+def native_bfloat16() -> bool:
+    """Whether the GPU computes bfloat16 natively, from the architecture MLX reports: Apple GPUs from the
+    M3 (applegpu_g15) on; True for any other GPU (CUDA GPUs MLX supports have bfloat16)."""
+    architecture = str(mx.device_info().get("architecture", ""))
+    match = re.fullmatch(r"applegpu_g(\d+)\w*", architecture)
+    return match is None or int(match.group(1)) >= 15
+
+
+def build_model(weights: Mapping[str, object], config: SamConfig, source: str, dtype: mx.Dtype | None = None,
+                quantize: int | None = None) -> Sam:
     """Instantiate Sam from converted weights, checking every name and shape first.
 
     ``dtype`` casts every weight; by default the image encoder gets ``default_encoder_dtype(config)``
-    and the small prompt encoder and mask decoder stay in float32.
+    and the small prompt encoder and mask decoder stay in float32. ``quantize`` (8 or 4) quantizes the
+    image encoder's Linear weights as they are read (``checkpoints.quantize``); a quantized file's config says so.
     """
+    if quantize is not None and config.encoder_bits not in (None, quantize):
+        raise CheckpointError(f"{source}: the image encoder is already quantized to {config.encoder_bits} bits; "
+                              f"it cannot be quantized to {quantize}")
     try:
         model = Sam(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: weights imply an impossible model ({exc})") from exc
+    if config.encoder_bits is not None:
+        quantized_layout(model.image_encoder, config.encoder_bits)
     try:
         check_model_fits(config, model)
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     check_weights(model, weights, source)
+    to_quantize: dict[str, nn.QuantizedLinear] = {}  # float weights quantized as they are read
+    if quantize is not None and config.encoder_bits is None:
+        quantized_layout(model.image_encoder, quantize)
+        to_quantize = {f"image_encoder.{path}.weight": layer for path, layer in model.image_encoder.named_modules()
+                       if isinstance(layer, nn.QuantizedLinear)}
+        model.config = dataclasses.replace(config, encoder_bits=quantize)
+    encoder_dtype = default_encoder_dtype(config) if dtype is None else dtype
+    other_dtype = mx.float32 if dtype is None else dtype
     arrays, non_finite = [], []
-    for key, value in weights.items():  # read one at a time; numpy's finiteness test is faster than MLX's CPU one
+    # read, checked, cast (and quantized) one tensor at a time, each evaluated before the next is read: the peak is
+    # the model as loaded plus one float32 tensor, not every weight in float32 (ViT-H: 2.5 GB) before the cast
+    for key, value in weights.items():  # numpy's finiteness test is faster than MLX's CPU one
         if isinstance(value, mx.array):
             finite = mx.isfinite(value).all().item()
         else:
@@ -171,35 +209,40 @@ def build_model(weights: Mapping[str, object], config: SamConfig, source: str, d
             value = mx.array(value)
         if not finite:
             non_finite.append(getattr(weights[key], "name", key))  # the file's own name
-        arrays.append((key, value))
+        if mx.issubdtype(value.dtype, mx.floating):  # not a quantized weight's packed integers
+            value = value.astype(encoder_dtype if key.startswith("image_encoder.") else other_dtype)
+        layer = to_quantize.get(key)
+        if layer is None:
+            mx.eval(value)
+            arrays.append((key, value))
+        else:
+            packed = mx.quantize(value, group_size=layer.group_size, bits=layer.bits)
+            mx.eval(packed)
+            arrays += zip((key, key.removesuffix("weight") + "scales", key.removesuffix("weight") + "biases"), packed)
     if non_finite:
         raise CheckpointError(f"{source}: weights with NaN or infinite values: {few(sorted(non_finite))}")
-    if dtype is not None:
-        arrays = [(k, v.astype(dtype)) for k, v in arrays]
-    else:
-        encoder_dtype = default_encoder_dtype(config)
-        arrays = [
-            (k, v.astype(encoder_dtype if k.startswith("image_encoder.") else mx.float32)) for k, v in arrays
-        ]
     model.load_weights(arrays)
     model.eval()
     mx.eval(model.parameters())
     return model
 
 
-def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> Sam:
-    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file."""
+def load_checkpoint(path: str | Path, dtype: mx.Dtype | None = None, quantize: int | None = None) -> Sam:
+    """Load a SAM model from a Meta .pth, a transformers safetensors or a sam_mlx safetensors file; ``quantize``
+    (8 or 4): with the image encoder's Linear weights quantized to that many bits."""
     path = Path(path)
+    if quantize not in (None, 8, 4):
+        raise ValueError(f"quantize must be 8 or 4 bits, got {quantize!r}")
     state, metadata = read_state_dict(path)
     if "sam_mlx_config" in metadata:
-        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype)
+        return build_model(state, _sam_mlx_config(metadata, path), str(path), dtype, quantize)
     try:
         weights, config = convert_state_dict(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     except (ValueError, KeyError) as exc:  # e.g. a config the model refuses (TinyViTConfig's stage count)
         raise CheckpointError(f"{path}: invalid weights ({exc})") from exc
-    return build_model(weights, config, str(path), dtype)
+    return build_model(weights, config, str(path), dtype, quantize)
 
 
 def _sam_mlx_config(metadata: Mapping[str, str], path: Path) -> SamConfig:
@@ -221,12 +264,13 @@ def save_model(model: Sam, path: str | Path, dtype: str = "float32", source: str
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     params = tree_flatten(model.parameters())
+    floats = [(k, v) for k, v in params if mx.issubdtype(v.dtype, mx.floating)]  # not quantized weights' integers
     if dtype == "float16":  # float16's largest finite value is 65504: larger weights would become inf
-        too_large = [k for k, v in params if mx.abs(v).max().item() > _FLOAT16_MAX]
+        too_large = [k for k, v in floats if mx.abs(v).max().item() > _FLOAT16_MAX]
         if too_large:
             raise ValueError(f"weights {few(too_large)} exceed float16's largest value ({_FLOAT16_MAX:g}) and would "
                              "become infinite: save as bfloat16 or float32")
-    weights = {k: v.astype(DTYPES[dtype]) for k, v in params}
+    weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in params}
     metadata = {
         "format": "sam_mlx",
         "format_version": FORMAT_VERSION,

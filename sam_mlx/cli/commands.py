@@ -87,13 +87,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
     source = Path(args.checkpoint).expanduser()
     # A local file is converted directly (no cache copy); names and repo ids go through the Hub cache.
     # float32, not the device's default (a half-precision encoder on a GPU): --dtype alone decides the precision.
-    model = load_checkpoint(source, mx.float32) if source.is_file() else sam_mlx.load(args.checkpoint, mx.float32)
+    bits = args.quantize
+    model = (load_checkpoint(source, mx.float32, quantize=bits) if source.is_file()
+             else sam_mlx.load(args.checkpoint, mx.float32, quantize=bits))
     out = Path(args.out).expanduser()
     if out.parent.is_dir():
         remove_abandoned_temporaries(out.parent, re.escape(out.name))  # those a killed convert left
     path = save_model(model, out, dtype=args.dtype, source=str(args.checkpoint))
-    _log(f"{args.checkpoint}: {model.config.name} -> {path} ({args.dtype}, {path.stat().st_size / 1e6:.1f} MB)")
-    _emit(args, {"checkpoint": str(args.checkpoint), "files": [str(path)], "dtype": args.dtype})
+    kind = f"{args.dtype}, image encoder quantized to {bits} bits" if bits else args.dtype
+    _log(f"{args.checkpoint}: {model.config.name} -> {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB)")
+    _emit(args, {"checkpoint": str(args.checkpoint), "files": [str(path)], "dtype": args.dtype, "quantize": bits})
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
@@ -168,7 +171,7 @@ def cmd_app(args: argparse.Namespace) -> None:
             raise
         raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
     library = Library(args.images or ["."], args.out_dir)
-    model = sam_mlx.load(_model_to_load(args))
+    model = sam_mlx.load(_model_to_load(args), quantize=args.quantize)
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
           tokens_cache_bytes=args.tokens_cache_mb << 20,
@@ -182,4 +185,4 @@ def cmd_label_studio(args: argparse.Namespace) -> None:
         if exc.name not in ("starlette", "uvicorn"):
             raise
         raise CliError(f"the Label Studio backend needs {exc.name}: pip install 'sam-mlx[app]'") from None
-    run(args, sam_mlx.load(_model_to_load(args)))
+    run(args, sam_mlx.load(_model_to_load(args), quantize=args.quantize))

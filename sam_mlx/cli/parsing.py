@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "stretch: longest side to SIZE, sides rounded to multiples of 16, no padding "
                        "(default: original)")
     model.add_argument("--size", type=_positive_int, metavar="N", help="encoder input size (default: 1024)")
+    model.add_argument("--quantize", type=int, choices=(8, 4), metavar="BITS",
+                       help="quantize the image encoder's weights to 8 or 4 bits when loading (ViT-H: 2.6 GB of "
+                       "float32 weights -> ~0.8 GB at 8 bits; docs/gpu-and-quantization.md)")
     outputs = _Parser(add_help=False)
     outputs.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
     outputs.add_argument("--export", type=_formats, default=("png",), metavar="FORMAT[,FORMAT...]",
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("checkpoint", metavar="CHECKPOINT")
     conv.add_argument("--out", required=True, metavar="FILE")
     conv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    conv.add_argument("--quantize", type=int, choices=(8, 4), metavar="BITS",
+                      help="save the image encoder's Linear weights quantized to 8 or 4 bits (the file's config "
+                      "records it; --dtype then sets the other weights and the quantization scales)")
     conv.set_defaults(func=cmd_convert)
 
     every = commands.add_parser("everything", parents=[common, model, outputs, runs],

@@ -71,7 +71,7 @@ class _EncodeWork(ImageWork):
             self.out_dir = Path(args.out).parent
 
     def setup(self) -> None:
-        self.predictor = _predictor(self.args, sam_mlx.load(self.model_name))
+        self.predictor = _predictor(self.args, sam_mlx.load(self.model_name, quantize=self.args.quantize))
 
     def output(self, job: ImageJob) -> Path:
         return Path(self.args.out) if self.args.out else self.out_dir / f"{job.stem}{TOKENS_SUFFIX}"
@@ -151,7 +151,7 @@ class _SegmentWork(_MaskWork):
     def setup(self) -> None:
         self.saved = read_image_tokens(self.args.tokens) if self.args.tokens else None
         # Tokens bring their own sizing: it is used unless --sizing / --size say otherwise (then refused).
-        model = sam_mlx.load(self.model_name)
+        model = sam_mlx.load(self.model_name, quantize=self.args.quantize)
         if self.args.hq_token_only and not model.config.hq:
             raise CliError(f"--hq-token-only needs an HQ-SAM model; {self.model_name} ({model.config.name}) has no "
                            "HQ token")
@@ -212,7 +212,7 @@ class _EverythingWork(_MaskWork):
 
     def setup(self) -> None:
         args = self.args
-        self.model = sam_mlx.load(self.model_name)
+        self.model = sam_mlx.load(self.model_name, quantize=self.args.quantize)
         self.generator = sam_mlx.SamAutomaticMaskGenerator(
             self.model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
             pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,

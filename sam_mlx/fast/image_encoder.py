@@ -15,7 +15,7 @@ from ..modeling.image_encoder import Block, ImageEncoderViT, window_partition, w
 from ..ops.attention import attention
 from ..ops.bands import across_rows
 from ..ops.elementwise import gelu
-from ..ops.layers import layer_norm
+from ..ops.layers import layer_norm, linear
 
 
 def _attention(block: Block, qkv: mx.array) -> mx.array:
@@ -30,9 +30,9 @@ def _attention(block: Block, qkv: mx.array) -> mx.array:
 
 
 def _residual_and_mlp(block: Block, shortcut: mx.array, attended: mx.array) -> mx.array:
-    x = shortcut + block.attn.proj(attended)
+    x = shortcut + linear(block.attn.proj, attended)
     mlp = block.mlp
-    return x + mlp.lin2(gelu(mlp.lin1(layer_norm(block.norm2, x))))
+    return x + linear(mlp.lin2, gelu(linear(mlp.lin1, layer_norm(block.norm2, x))))
 
 
 def _block(block: Block, x: mx.array) -> mx.array:
@@ -41,10 +41,10 @@ def _block(block: Block, x: mx.array) -> mx.array:
         size = (x.shape[1], x.shape[2])
         norm = across_rows(lambda t: layer_norm(block.norm1, t), x)
         windows, padded = window_partition(norm, block.window_size)  # padded after the norm
-        attended = _attention(block, across_rows(block.attn.qkv, windows))
+        attended = _attention(block, across_rows(lambda t: linear(block.attn.qkv, t), windows))
         attended = window_unpartition(attended, block.window_size, padded, size)
     else:
-        attended = _attention(block, across_rows(lambda t: block.attn.qkv(layer_norm(block.norm1, t)), x))
+        attended = _attention(block, across_rows(lambda t: linear(block.attn.qkv, layer_norm(block.norm1, t)), x))
     return across_rows(lambda s, a: _residual_and_mlp(block, s, a), x, attended)
 
 

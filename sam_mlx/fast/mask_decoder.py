@@ -28,6 +28,12 @@ from .two_way_transformer import ImageSide, project_image, shift_image, two_way_
 # 4096 x 256 image-side floats through the transformer, and one prompt's stay in cache; MLX evaluates
 # independent groups interleaved, which would put all of them in flight at once.
 _CPU_PROMPT_GROUP = 1
+# On a GPU, prompts are decoded in groups whose activations stay within this many bytes: segment everything's
+# 64 prompts took 1.8 GB at once, 0.29 GB in these groups (measured through the GPU branches on dog.jpg).
+_GPU_DECODE_BYTES = 256 << 20
+# bytes of activations a prompt takes per image token and channel: measured ~28 MB a prompt for 64 x 64 x 256
+# float32 tokens through the GPU branches, i.e. ~7 floats (``tests/test_gpu_memory.py``)
+_GPU_BYTES_PER_TOKEN_CHANNEL = 28
 
 
 class MaskHint(NamedTuple):
@@ -98,6 +104,15 @@ def interleave_blocks(blocks: mx.array) -> mx.array:
     return blocks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, blocks.shape[-1], 4 * h, 4 * w)
 
 
+def prompt_group(grid_shape: tuple[int, ...]) -> int:
+    """How many prompts ``decode`` computes at once over an h x w x D token grid: one on the CPU (cache-sized);
+    on a GPU as many as fit ``_GPU_DECODE_BYTES`` of activations (at least one)."""
+    if backend.on_cpu():
+        return _CPU_PROMPT_GROUP
+    h, w, d = grid_shape
+    return max(1, _GPU_DECODE_BYTES // (_GPU_BYTES_PER_TOKEN_CHANNEL * h * w * d))
+
+
 def decode(
     decoder: MaskDecoder,
     side: ImageSide,
@@ -116,10 +131,11 @@ def decode(
     Returns low-res logits B x C x 4 rows x 4 cols and IoU predictions B x C.
     """
     b = prompt_tokens.shape[0]
-    if b > _CPU_PROMPT_GROUP and backend.on_cpu():
+    group = prompt_group(image_pe.shape)
+    if b > group:
         groups: list[tuple[mx.array, mx.array]] = []
-        for i in range(0, b, _CPU_PROMPT_GROUP):
-            part = slice(i, i + _CPU_PROMPT_GROUP)
+        for i in range(0, b, group):
+            part = slice(i, i + group)
             prompts = [prompt_tokens[part]] + ([] if hint is None else [hint.features[part]])
             if groups:  # start after the previous group
                 prompts = mx.depends(prompts, list(groups[-1]))

@@ -24,7 +24,7 @@ from ..modeling.tiny_vit import (
 from ..ops.attention import attention
 from ..ops.bands import across_rows
 from ..ops.elementwise import gelu
-from ..ops.layers import layer_norm
+from ..ops.layers import layer_norm, linear
 from ..ops.threads import compiled
 from .image_encoder import channel_projection
 
@@ -66,9 +66,9 @@ def _patch_merging(merging: PatchMerging, x: mx.array) -> mx.array:
 def _window_attention(attn: WindowAttention, x: mx.array) -> mx.array:
     """``attn(x)``: nWindows x window^2 x C -> same shape."""
     n, length, c = x.shape
-    q, k, v = attn.split_qkv(across_rows(lambda t: attn.qkv(layer_norm(attn.norm, t)), x))
+    q, k, v = attn.split_qkv(across_rows(lambda t: linear(attn.qkv, layer_norm(attn.norm, t)), x))
     out = attention(q, k, v, q.shape[-1] ** -0.5, mask=attn.bias(), spread=True)
-    return across_rows(attn.proj, out.transpose(0, 2, 1, 3).reshape(n, length, c))
+    return across_rows(lambda t: linear(attn.proj, t), out.transpose(0, 2, 1, 3).reshape(n, length, c))
 
 
 def _tiny_vit_block(block: TinyViTBlock, x: mx.array) -> mx.array:
@@ -81,7 +81,7 @@ def _tiny_vit_block(block: TinyViTBlock, x: mx.array) -> mx.array:
     x = x + window_unpartition(attended, ws, b, h + pad_h, w + pad_w)[:, :h, :w]
     x = _conv(block.local_conv, x)
     mlp = block.mlp
-    return across_rows(lambda t: t + mlp.fc2(gelu(mlp.fc1(layer_norm(mlp.norm, t)))), x)
+    return across_rows(lambda t: t + linear(mlp.fc2, gelu(linear(mlp.fc1, layer_norm(mlp.norm, t)))), x)
 
 
 def encode_tiny_vit(encoder: TinyViTImageEncoder, image: mx.array) -> mx.array:

@@ -69,9 +69,12 @@ def model_fingerprint(model) -> str:
 
 
 def model_identity(model) -> str:
-    """Human-readable identity for messages: config name, weight dtypes and fingerprint."""
-    dtypes = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters()))
-    return f"{model.config.name} {'+'.join(dtypes)} [{model_fingerprint(model)}]"
+    """Human-readable identity for messages: config name, weight dtypes (``q8``/``q4``: a quantized image encoder's
+    Linear weights) and fingerprint."""
+    dtypes = dict.fromkeys(str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
+                           if mx.issubdtype(v.dtype, mx.floating))
+    bits = model.config.encoder_bits
+    return f"{model.config.name} {'+'.join(dtypes)}{f' q{bits}' if bits else ''} [{model_fingerprint(model)}]"
 
 
 @dataclass(frozen=True)

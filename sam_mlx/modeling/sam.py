@@ -38,8 +38,9 @@ class Sam(nn.Module):
 
     @property
     def encoder_dtype(self) -> mx.Dtype:
-        """The image encoder's weight dtype, which it computes in."""
-        return tree_flatten(self.image_encoder.parameters())[0][1].dtype
+        """The image encoder's weight dtype, which it computes in (a quantized encoder's scales')."""
+        return next(v.dtype for _, v in tree_flatten(self.image_encoder.parameters())
+                    if mx.issubdtype(v.dtype, mx.floating))
 
     def encode_image(self, image: mx.array) -> mx.array:
         """B x H x W x 3 normalized, padded image -> B x H/16 x W/16 x 256 image tokens (in the encoder's dtype)."""

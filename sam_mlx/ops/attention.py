@@ -10,7 +10,8 @@ caches (12 x 4096 x 4096 floats = 805 MB per global ViT block). So on the CPU:
 - exp is ``elementwise.shifted_exp``, a fused polynomial (accurate to ~2e-7 relative).
 
 SAM's decomposed relative-position term is added per chunk from its two per-axis
-parts, so the full Lq x Lk bias is never built.
+parts, so the full Lq x Lk bias is never built. On a GPU the fused kernel takes that term as
+its mask, built for one chunk of query rows at a time (``GPU_MASK_BYTES``), chunk after chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from .bands import chunk_streams, per_band
 from .elementwise import fused, shifted_exp
 
 _CHUNK_LOGITS = 1 << 19  # logits per CPU chunk: 2 MB of float32 stays in L2/L3
+# Bytes of relative-position mask per chunk of query rows on a GPU: ViT-H's global block at 1024 would
+# otherwise build a 512 MiB heads x T x T mask (8 GiB at stretch 2048); in 64 MiB chunks the fused kernel
+# still gets hundreds of query rows per call.
+GPU_MASK_BYTES = 64 << 20
 
 
 @fused
@@ -63,11 +68,9 @@ def attention(
     (for a caller whose ops are not already in bands).
     """
     if not backend.on_cpu():
-        if rel_pos is not None:
-            bias_h, bias_w = rel_pos
-            full = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(*bias_h.shape[:3], -1)
-            mask = full if mask is None else mask + full
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if rel_pos is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _fused_with_rel_pos(q, k, v, scale, mask, rel_pos)
     # float32 (half precision is slower on the CPU and ``shifted_exp`` needs it), row-major once rather
     # than inside each chunk's matmul (k^T is then a free transposed view)
     q32, k32, v32 = (t.astype(mx.float32) for t in (q, k, v))
@@ -75,6 +78,34 @@ def attention(
     streams = chunk_streams(spread)
     out = _chunked_attention(mx.contiguous(q32 * scale), k_t, mx.contiguous(v32), mask, rel_pos, streams)
     return out.astype(q.dtype)
+
+
+def _fused_with_rel_pos(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None, rel_pos: tuple[mx.array, mx.array]
+) -> mx.array:
+    """The fused kernel with the relative-position term as its mask, for chunks of query rows in turn.
+
+    Each chunk builds only its rows of the B x heads x Lq x Lk mask from its rows of the per-axis terms;
+    each chunk's queries depend on the last chunk's output, so MLX evaluates them one after another and
+    frees each mask before the next is built (peak: one chunk's mask, not the whole).
+    """
+    bias_h, bias_w = rel_pos
+    batch, heads, queries = bias_h.shape[:3]
+    keys = k.shape[2]
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    rows = max(1, GPU_MASK_BYTES // (batch * heads * keys * q.dtype.size))
+    parts: list[mx.array] = []
+    for r0 in range(0, queries, rows):
+        rs = slice(r0, r0 + rows)
+        q_part, h_part, w_part = q[:, :, rs], bias_h[:, :, rs], bias_w[:, :, rs]
+        if parts:  # after the previous chunk
+            q_part, h_part, w_part = mx.depends([q_part, h_part, w_part], [parts[-1]])
+        full = (h_part[..., :, None] + w_part[..., None, :]).reshape(*h_part.shape[:3], keys).astype(q.dtype)
+        if mask is not None:
+            full = full + mask[:, :, rs] if mask.shape[2] > 1 else full + mask
+        parts.append(mx.fast.scaled_dot_product_attention(q_part, k, v, scale=scale, mask=full))
+    return _join(parts, axis=2)
 
 
 def banded_attention(q: mx.array, keys: list[mx.array], values: list[mx.array], scale: float) -> mx.array:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import backend
 from .threads import compiled
@@ -99,8 +100,11 @@ def _gelu_of_clipped(x: mx.array, clipped: mx.array) -> mx.array:
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU to ~2e-6, as ``nn.gelu``, with a vectorised rational erf (~10x faster on the CPU).
 
-    Evaluated in float32 (the powers of x^2 overflow float16), returned in x's dtype.
+    Evaluated in float32 (the powers of x^2 overflow float16), returned in x's dtype. On a GPU, ``nn.gelu``
+    itself (exact erf, one kernel in x's dtype, where this would cast and run four).
     """
+    if not backend.on_cpu():
+        return nn.gelu(x)
     x32 = x if x.dtype == mx.float32 else x.astype(mx.float32)
     # x clipped to where erf(x / sqrt(2)) is approximated, by a plain MLX op: inside a fused CPU kernel,
     # MLX's float min/max test every element for NaN and keep the loop from vectorising

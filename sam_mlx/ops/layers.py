@@ -1,9 +1,12 @@
 """LayerNorm and Linear over plain ``nn.LayerNorm`` / ``nn.Linear`` parameters, fast on the CPU.
 
-On a GPU both call the module itself (MLX's fused kernels); on the CPU:
+On a GPU both call the module itself (MLX's fused kernels, ``quantized_matmul`` for a quantized Linear); on
+the CPU:
 - LayerNorm's mean and variance are matrix products with a 1/C column: MLX's fused CPU layer norm
   and its reductions are several times slower than BLAS's matrix-vector products here;
-- a few rows times a large weight go in blocks of output columns that OpenBLAS multiplies in place.
+- a few rows times a large weight go in blocks of output columns that OpenBLAS multiplies in place;
+- a quantized Linear's weight is dequantized for each product, which BLAS then multiplies: MLX's CPU
+  ``quantized_matmul`` is a plain loop (~300x slower: MobileSAM's encoding took 93 s).
 """
 
 from __future__ import annotations
@@ -45,13 +48,20 @@ def _column_block(rows: int, out_dim: int, in_dim: int) -> int:
     return block
 
 
-def linear(layer: nn.Linear, x: mx.array) -> mx.array:
-    """``layer(x)``; on the CPU a few rows times a large weight go in blocks of output columns.
+def linear(layer: nn.Linear | nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """``layer(x)``; on the CPU a few rows times a large weight go in blocks of output columns, and a quantized
+    layer's weight is dequantized for BLAS.
 
     For the mask decoder's prompt tokens (~7 rows), OpenBLAS spends longer packing the token MLP's
     2048 x 256 weights than multiplying; cut into blocks (views, no copies) small enough for its
     small-matrix kernels, the weights are read in place.
     """
+    if isinstance(layer, nn.QuantizedLinear):
+        if not backend.on_cpu():
+            return layer(x)
+        weight = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits)
+        y = x @ weight.T
+        return y + layer.bias if "bias" in layer else y
     out_dim, in_dim = layer.weight.shape
     rows = x.size // in_dim
     block = _column_block(rows, out_dim, in_dim) if backend.on_cpu() else out_dim

@@ -32,9 +32,7 @@ class ThreadState:
         # At interpreter exit the states of threads still alive (daemons) and the main thread's are deleted
         # from the main thread: MLX's own exit handler releases the main thread, the others' are left alone.
         if threading.get_ident() == self.thread_id != threading.main_thread().ident:
-            clear = getattr(mx, "clear_streams", None)  # MLX < 0.31.2 keeps no per-thread state
-            if clear is not None:
-                clear()
+            mx.clear_streams()
 
 
 def this_thread() -> ThreadState:
