@@ -27,8 +27,8 @@ from starlette.testclient import TestClient
 
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM
-from sam_mlx.app.engine import _TOKENS_NAME
 from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.cache import TOKENS_NAME
 from sam_mlx.io.images import load_image
 from sam_mlx.label_studio.backend import SamBackend
 from sam_mlx.label_studio.config import parse_label_config
@@ -267,7 +267,7 @@ def test_a_task_without_context_encodes_its_image_ahead_and_keeps_its_tokens(mod
             backend._warmups.submit(lambda: None).result(timeout=300)  # the warm-up queued before this one is done
         files = list((tmp_path / "tokens").iterdir())
         digest = hashlib.sha256((IMAGES / "dog.jpg").read_bytes()).hexdigest()[:32]
-        assert len(files) == 1 and _TOKENS_NAME.fullmatch(files[0].name) and files[0].name.startswith(digest)
+        assert len(files) == 1 and TOKENS_NAME.fullmatch(files[0].name) and files[0].name.startswith(digest)
     finally:
         backend.close()
     # another run reads the image (its digest names the file) and opens it from its tokens file, not the encoder

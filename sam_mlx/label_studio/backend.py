@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .. import SamAutomaticMaskGenerator, SamPredictor, __version__
-from ..app.engine import _TOKENS_NAME
+from ..io.cache import trim_tokens_cache
 from ..io.images import pil_to_rgb
 from ..io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 from .config import LabelConfig, parse_label_config
@@ -236,25 +236,8 @@ class SamBackend:
         if on_disk:
             self.tokens_dir.mkdir(parents=True, exist_ok=True)
             save_image_tokens(predictor, path, image_name=reference)
-            self._trim_tokens_cache(keep=path)
+            trim_tokens_cache(self.tokens_dir, path, self.tokens_cache_bytes)
         return predictor
-
-    def _trim_tokens_cache(self, keep: Path) -> None:
-        """Remove the tokens files used longest ago until the folder's tokens files fit ``tokens_cache_bytes``."""
-        files = []
-        for path in self.tokens_dir.iterdir():
-            if _TOKENS_NAME.fullmatch(path.name) and path != keep:
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # removed meanwhile (an app on the same folder)
-                    continue
-                files.append((stat.st_mtime, stat.st_size, path))
-        total = keep.stat().st_size + sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.tokens_cache_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, predictor: SamPredictor, digest: str, points: np.ndarray | None, labels: np.ndarray | None,

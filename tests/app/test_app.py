@@ -27,6 +27,7 @@ from sam_mlx.app.engine import Engine
 from sam_mlx.app.library import Library
 from sam_mlx.app.masks import clean_mask, decode_mask, encode_mask
 from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.cache import trim_tokens_cache
 from sam_mlx.io.tokens import read_image_tokens
 
 DOG, TRUCK = 0, 1  # the photos folder's images, in name order
@@ -375,7 +376,7 @@ def test_tokens_cache_keeps_the_latest_used_within_its_limit(tmp_path):
         os.utime(tmp_path / name, (1000 + age, 1000 + age))
     (tmp_path / "notes.safetensors").write_bytes(bytes(5000))  # not a tokens file of the app: never removed
     os.utime(tmp_path / names[1], (2000, 2000))  # used again since
-    engine._trim_tokens_cache(keep=tmp_path / names[3])
+    trim_tokens_cache(tmp_path, tmp_path / names[3], engine.tokens_cache_bytes)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], names[3], "notes.safetensors"])
 
 
