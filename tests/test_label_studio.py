@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM
+from label_studio_process import SAM_CONFIG as CONFIG
 from sam_mlx.checkpoints.load import load_checkpoint
 from sam_mlx.io.cache import TOKENS_NAME
 from sam_mlx.io.images import load_image
@@ -37,12 +38,6 @@ from sam_mlx.label_studio.prompts import parse_click
 from sam_mlx.label_studio.rle import LENGTH_BITS, decode_brush, encode_brush
 from sam_mlx.label_studio.server import create_app
 
-CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="brush" toName="image"><Label value="Car"/><Label value="Sky"/></BrushLabels>
-  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Car"/><Label value="Sky"/></KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true"><Label value="Car"/></RectangleLabels>
-</View>"""
 WIDTH, HEIGHT = 1800, 1200  # truck.jpg
 WINDOW, TYRE = (500.0, 375.0), (1380.0, 700.0)
 TRUCK_BOX = (75.0, 275.0, 1725.0, 850.0)

@@ -15,7 +15,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from app_process import served, start_app, truck_predictor
+from app_process import served, start_app, start_dog_and_truck_app, truck_predictor
 from PIL import Image
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -307,12 +307,7 @@ def test_image_tokens_are_cached_on_disk(app, folders, tmp_path):
 
 def test_a_click_is_answered_while_another_image_is_encoded(tmp_path):
     """Encodes run on their own thread: a decode of an encoded image does not wait for one in progress."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("dog.jpg", "truck.jpg"):
-        shutil.copy(IMAGES / name, photos / name)
-    running = start_app(str(photos), "--prefetch", "0", "--tokens-dir", str(tmp_path / "tokens"),
-                        "--out-dir", str(tmp_path / "out"))
+    running = start_dog_and_truck_app(tmp_path)
     try:
         running.wait_ready(DOG)
         with running.client() as client:
