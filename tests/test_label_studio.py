@@ -406,6 +406,10 @@ def test_posts_must_be_json_and_bounded(backend):
         assert response.status_code == 415 and "application/json" in response.json()["error"]
         response = client.post("/predict", json={"tasks": [], "pad": "x" * 5000})
         assert response.status_code == 413 and "4096 bytes" in response.json()["error"]
+        for raw, message in ((b'{"tasks": [', "not JSON"), (b"[]", "JSON object"), (b'{"tasks": NaN}', "NaN"),
+                             (b"[" * 2000 + b"]" * 2000, "nested too deep")):
+            response = client.post("/predict", content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_basic_auth_is_checked_on_every_request(backend):
