@@ -968,12 +968,44 @@ def cmd_app(args: argparse.Namespace) -> None:
         if exc.name not in ("starlette", "uvicorn"):
             raise
         raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
+    from .app.project import Project, ProjectError
+    from .io.tokens import model_identity
+
     library = Library(args.images or ["."], args.out_dir)
+    project_path = Path(args.project or Path(args.out_dir) / "sam-mlx.sqlite")
+    project_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        project = Project(project_path)
+    except ProjectError as exc:
+        raise CliError(str(exc)) from None
     model = sam_mlx.load(_model_to_load(args))
+    project.set_meta("model", json.dumps({"model": model_identity(model), "sizing": args.sizing or "original",
+                                          "size": args.size}))
+    print(f"sam-mlx app: the work is kept in {project.path}", file=sys.stderr, flush=True)
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
-          tokens_cache_bytes=args.tokens_cache_mb << 20,
+          tokens_cache_bytes=args.tokens_cache_mb << 20, project=project,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a project's objects from its stored masks (no model): the files the app's export writes."""
+    from .app.project import Project, ProjectError
+    from .app.project_export import export_project
+
+    if not Path(args.project).is_file():
+        raise CliError(f"{args.project}: no such project file")
+    try:
+        project = Project(args.project)
+    except ProjectError as exc:
+        raise CliError(str(exc)) from None
+    with project:
+        written = export_project(project, args.out_dir, args.export, args.simplify,
+                                 log=lambda message: print(message, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps({"project": str(project.path), "out_dir": str(Path(args.out_dir).resolve()),
+                          "files": [str(p) for p in written]}))
+    print(f"sam-mlx export: {len(written)} files -> {args.out_dir}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1118,6 +1150,8 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--no-browser", action="store_true", help="do not open the browser")
     app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
                      help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
+    app.add_argument("--project", metavar="FILE", help="the project file that keeps every image's objects and "
+                     "prompts as they are made (SQLite; default: OUT_DIR/sam-mlx.sqlite)")
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
     app.add_argument("--tokens-cache-mb", type=_count, default=2048, metavar="MB",
                      help="the tokens folder's size limit: the tokens used longest ago are removed first "
@@ -1127,6 +1161,18 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
                      "with --json the address, port and token are printed on stdout as one JSON object")
     app.set_defaults(func=cmd_app)
+
+    export = commands.add_parser("export", parents=[common], help="export an app project's objects (no model)",
+                                 description="Write the objects of a project of `sam-mlx app` (its SQLite file) from "
+                                 "their stored masks, with the project's clean-up: the files the app's export "
+                                 "writes, and a STEM.prompts.json per image.")
+    export.add_argument("project", metavar="PROJECT", help="the project file (sam-mlx app's OUT_DIR/sam-mlx.sqlite)")
+    export.add_argument("--export", type=_formats, default=("png",), metavar="FORMAT[,FORMAT...]",
+                        help=f"formats: {', '.join(FORMATS)} (default: png)")
+    export.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
+    export.add_argument("--simplify", type=_pixels, metavar="PIXELS",
+                        help="polygon simplification tolerance (default: the project's setting)")
+    export.set_defaults(func=cmd_export)
 
     info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "

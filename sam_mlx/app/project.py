@@ -14,7 +14,6 @@ from, and one made from an older revision is refused (``Conflict``), so two tabs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sqlite3
 import threading
@@ -104,13 +103,6 @@ class Step:
     selected: int
     score: float | None = None
     mask: np.ndarray | None = None
-
-
-def pixel_fingerprint(pixels: np.ndarray) -> str:
-    """SHA-256 of decoded H x W x C uint8 pixels and their shape: the same picture under any name or format."""
-    digest = hashlib.sha256(repr(tuple(pixels.shape)).encode())
-    digest.update(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
-    return digest.hexdigest()
 
 
 def encode_rle(mask: np.ndarray) -> dict:

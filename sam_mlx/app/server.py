@@ -45,6 +45,8 @@ from ..io.tokens import model_identity
 from .engine import Engine, HintExpired, Prompt
 from .library import Forbidden, Library, UnknownImage, display_image
 from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask
+from .project import Conflict, NotFound, Project
+from .project_api import project_routes
 
 STATIC = Path(__file__).parent / "static"
 HOST = "127.0.0.1"
@@ -88,8 +90,8 @@ class TokenGuard:
             await JSONResponse({"error": reason}, status_code=403)(scope, receive, send)
 
 
-def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
-    """The Starlette application of one app run."""
+def create_app(engine: Engine, token: str, prefetch: int = 2, project: Project | None = None) -> Starlette:
+    """The Starlette application of one app run (with ``project``: its endpoints, ``project_api``)."""
     library = engine.library
 
     async def index(request: Request) -> Response:
@@ -239,11 +241,11 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
         Route("/api/polygons", polygons, methods=["POST"]),
         Route("/api/export", export, methods=["POST"]),
         WebSocketRoute("/api/hover", hover),
-    ]
+    ] + (project_routes(project, library) if project else [])
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(ALLOWED_HOSTS)),
                   Middleware(TokenGuard, token=token)]
     handlers = {Forbidden: error(403), UnknownImage: error(404), HintExpired: error(409), ValueError: error(400),
-                ExportUnavailable: error(501)}
+                ExportUnavailable: error(501), Conflict: error(409), NotFound: error(404)}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
@@ -424,7 +426,7 @@ def _export(engine: Engine, body: dict) -> dict:
 # ---------------------------------------------------------------- running
 def serve(library: Library, model, sizing: str = "original", size: int | None = None, port: int = 8000,
           open_browser: bool = True, tokens_dir: Path | None = None, prefetch: int = 2, token: str | None = None,
-          tokens_cache_bytes: int = 2 << 30,
+          tokens_cache_bytes: int = 2 << 30, project: Project | None = None,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
           announce: Callable[[dict], None] | None = None) -> None:
     """Serve the app until Ctrl+C / SIGTERM; the model's decoding runs on this (the calling) thread.
@@ -436,7 +438,7 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
     token = token or secrets.token_urlsafe(24)
     engine = Engine(model, library, tokens_dir or default_cache_dir() / "app_tokens", sizing, size,
                     tokens_cache_bytes=tokens_cache_bytes, log=log)
-    app = create_app(engine, token, prefetch)
+    app = create_app(engine, token, prefetch, project)
     listener = _listen(port)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sam_mlx.app import project as project_module
-from sam_mlx.app.project import Conflict, NotFound, Project, ProjectError, Step, pixel_fingerprint
+from sam_mlx.app.project import Conflict, NotFound, Project, ProjectError, Step
+from sam_mlx.io.images import pixel_fingerprint
 
 
 def _mask(seed: int, shape: tuple[int, int] = (30, 40)) -> np.ndarray:
@@ -257,7 +258,8 @@ def test_two_connections_see_each_others_changes_and_conflicts(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from sam_mlx.app.project import Project, Step, pixel_fingerprint
+    from sam_mlx.app.project import Project, Step
+    from sam_mlx.io.images import pixel_fingerprint
     project = Project(sys.argv[1])
     image = project.add_image("/photos/a.jpg", 64, 48, pixel_fingerprint(np.zeros((48, 64, 3), np.uint8)))
     rng = np.random.default_rng(int(sys.argv[2]))
