@@ -73,7 +73,7 @@ def _create_v1(db: sqlite3.Connection) -> None:
         if statement.strip():
             db.execute(statement)
     db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                   [("format", FORMAT), ("revision", "0"), ("cleanup", json.dumps(dict.fromkeys(CLEANUP_KEYS, 0)))])
+                   [("format", FORMAT), ("revision", "0"), ("cleanup", json.dumps({"fill_holes": 0, "remove_islands": 0, "simplify": None}))])
 
 
 # MIGRATIONS[n] brings a database of schema version n to version n + 1 (0: an empty file, the first schema).
@@ -175,7 +175,8 @@ class Project:
                        (key, value, value))
 
     def cleanup(self) -> dict:
-        """The clean-up settings: fill_holes, remove_islands (pixels), simplify (polygon tolerance, pixels)."""
+        """The clean-up settings: fill_holes, remove_islands (pixels), simplify (polygon tolerance in pixels; None:
+        the export's default)."""
         return json.loads(self.meta("cleanup"))
 
     def set_cleanup(self, **settings: float) -> dict:
@@ -183,6 +184,8 @@ class Project:
         if unknown:
             raise ValueError(f"clean-up settings are {', '.join(CLEANUP_KEYS)}, not {', '.join(sorted(unknown))}")
         for key, value in settings.items():
+            if key == "simplify" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"clean-up {key} must be a number >= 0, got {value!r}")
         merged = {**self.cleanup(), **settings}

@@ -54,7 +54,7 @@ def export_project(project: Project, out_dir: str | Path, formats: list[str] | t
 
     cleanup = project.cleanup()
     if simplify is None:
-        simplify = cleanup.get("simplify") or export.DEFAULT_SIMPLIFY
+        simplify = export.DEFAULT_SIMPLIFY if cleanup["simplify"] is None else cleanup["simplify"]
     exporter = export.Exporter(out_dir, formats, simplify=simplify)
     records = project.images()
     stems = dict(zip((r["id"] for r in records), output_stems([Path(r["path"]) for r in records])))
