@@ -981,7 +981,6 @@ def cmd_app(args: argparse.Namespace) -> None:
     model = sam_mlx.load(_model_to_load(args))
     project.set_meta("model", json.dumps({"model": model_identity(model), "sizing": args.sizing or "original",
                                           "size": args.size}))
-    print(f"sam-mlx app: the work is kept in {project.path}", file=sys.stderr, flush=True)
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
           tokens_cache_bytes=args.tokens_cache_mb << 20, project=project,

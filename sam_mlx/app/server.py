@@ -450,7 +450,8 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
         raise RuntimeError("the HTTP server did not start (see the messages above)")
     url = f"http://{HOST}:{port}/#token={token}"
     count = len(library.all())
-    log(f"sam-mlx app: {count} image{'s' * (count != 1)}, exports to {library.export_root}")
+    kept = f", work kept in {project.path}" if project else ""
+    log(f"sam-mlx app: {count} image{'s' * (count != 1)}, exports to {library.export_root}{kept}")
     log(f"sam-mlx app: serving {url}  (Ctrl+C stops)")
     if announce:
         announce({"url": url, "port": port, "token": token})
