@@ -65,15 +65,42 @@ def _png(mask: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
+def _read_png(data: bytes) -> np.ndarray | None:
+    """H x W bool of a 1-bit grayscale PNG whose rows are all unfiltered, as ``_png`` writes it (what the page sends
+    back: its masks as they came), ~5x faster than Pillow; None for any other PNG, left to Pillow."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    chunks, offset = {}, 8
+    while offset + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[offset:offset + 4]), data[offset + 4:offset + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    if set(chunks) - {b"IHDR", b"tRNS", b"IDAT", b"IEND"} or len(chunks.get(b"IHDR", b"")) != 13 \
+            or chunks.get(b"tRNS", b"\x00\x00") != b"\x00\x00":
+        return None
+    width, height, depth, kind, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    stride = (width + 7) // 8 + 1
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8)
+    if (depth, kind, interlace) != (1, 0, 0) or rows.size != height * stride:
+        return None
+    rows = rows.reshape(height, stride)
+    if rows[:, 0].any():  # a filtered row: Pillow knows the filters
+        return None
+    return np.unpackbits(rows[:, 1:], axis=1, count=width).astype(bool)
+
+
 def decode_mask(data: object, size: tuple[int, int] | None = None) -> np.ndarray:
     """``encode_mask``'s output (either form) -> H x W bool; ``size`` (width, height) is checked when given."""
     if not isinstance(data, dict) or not ({"png", "rle"} & data.keys()):
         raise ValueError('a mask must be {"png": base64 PNG} or {"rle": {"size": [H, W], "counts": [...]}}')
     if "png" in data:
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data["png"], validate=True))) as im:
-                mask = np.array(im.convert("L")) > 127
-        except (binascii.Error, TypeError, OSError, ValueError) as exc:
+            png = base64.b64decode(data["png"], validate=True)
+            mask = _read_png(png)
+            if mask is None:
+                with Image.open(io.BytesIO(png)) as im:
+                    mask = np.array(im.convert("L")) > 127
+        except (binascii.Error, TypeError, OSError, ValueError, zlib.error) as exc:
             raise ValueError(f"mask: not a base64 PNG ({exc})") from None
     else:
         rle = data["rle"]

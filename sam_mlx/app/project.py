@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..amg.mask_utils import coco_decode_rle, coco_encode_rle, mask_to_rle
+from ..amg.mask_utils import coco_decode_rle
 
 FORMAT = "sam_mlx_project"
 SCHEMA_VERSION = 1
@@ -73,7 +73,8 @@ def _create_v1(db: sqlite3.Connection) -> None:
         if statement.strip():
             db.execute(statement)
     db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                   [("format", FORMAT), ("revision", "0"), ("cleanup", json.dumps({"fill_holes": 0, "remove_islands": 0, "simplify": None}))])
+                   [("format", FORMAT), ("revision", "0"),
+                    ("cleanup", json.dumps({"fill_holes": 0, "remove_islands": 0, "simplify": None}))])
 
 
 # MIGRATIONS[n] brings a database of schema version n to version n + 1 (0: an empty file, the first schema).
@@ -106,8 +107,48 @@ class Step:
 
 
 def encode_rle(mask: np.ndarray) -> dict:
-    """H x W bool -> COCO compressed RLE ``{"size": [H, W], "counts": str}``."""
-    return coco_encode_rle(mask_to_rle(np.asarray(mask, dtype=bool)[None])[0])
+    """H x W bool -> COCO compressed RLE ``{"size": [H, W], "counts": str}``, as ``mask_utils``' ``mask_to_rle``
+    and ``rle_to_coco_string`` give it, ~10x faster (a save must not slow a click): the runs are found from the
+    row-to-row changes inside the mask's bounding box (no column-major copy of the image), the string's 5-bit groups
+    for all counts at once."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return {"size": [height, width], "counts": _coco_string(np.array([height * width]))}
+    top, left = rows[0], cols[0]
+    inside = mask[top:rows[-1] + 1, left:cols[-1] + 1]
+    padded = np.zeros((inside.shape[0] + 2, inside.shape[1]), bool)
+    padded[1:-1] = inside
+    # a change above row r of a column (flatnonzero: ~10x faster than a 2-d nonzero)
+    change_rows, change_cols = np.divmod(np.flatnonzero(padded[1:] != padded[:-1]), inside.shape[1])
+    changes = (change_cols + left) * height + change_rows + top  # column-major positions where a run starts
+    changes.sort()
+    # A run of ones through a column's end into the next column's start shows as two equal positions: no change.
+    joined = np.flatnonzero(changes[1:] == changes[:-1])
+    changes = np.delete(changes, np.concatenate([joined, joined + 1]))
+    changes = changes[changes < height * width]  # the mask's end is no change
+    counts = np.diff(np.concatenate([[0], changes, [height * width]]))
+    return {"size": [height, width], "counts": _coco_string(counts)}
+
+
+def _coco_string(counts: np.ndarray) -> str:
+    """pycocotools' ``rleToString`` of run lengths: each count from the fourth on as its difference with the count two
+    before, written as little-endian 5-bit groups (``chr(48 + g)``; 0x20 marks more groups, 0x10 of the last one is
+    the sign); every count's groups computed together."""
+    values = counts.astype(np.int64)
+    values[3:] -= counts[1:-2]
+    groups, wanted = [], []
+    active = np.ones(len(values), bool)
+    while active.any():
+        group = values & 0x1F
+        values = values >> 5  # arithmetic shift, as the C code's on a signed long
+        more = np.where(group & 0x10, values != -1, values != 0) & active
+        groups.append(48 + (group | (more << 5)))
+        wanted.append(active)
+        active = more
+    chars = np.stack(groups, axis=1)[np.stack(wanted, axis=1)]  # each count's groups, count after count
+    return chars.astype(np.uint8).tobytes().decode("ascii")
 
 
 class Project:

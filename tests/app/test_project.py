@@ -3,6 +3,8 @@ refused files (corrupt, foreign, newer), two writers, and a writer process kille
 
 from __future__ import annotations
 
+import base64
+import io
 import random
 import signal
 import sqlite3
@@ -13,9 +15,12 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from sam_mlx.amg.mask_utils import coco_decode_rle, coco_encode_rle, mask_to_rle
 from sam_mlx.app import project as project_module
-from sam_mlx.app.project import Conflict, NotFound, Project, ProjectError, Step
+from sam_mlx.app.masks import _read_png, decode_mask, encode_mask
+from sam_mlx.app.project import Conflict, NotFound, Project, ProjectError, Step, encode_rle
 from sam_mlx.io.images import pixel_fingerprint
 
 
@@ -160,6 +165,39 @@ def test_a_moved_image_with_the_same_pixels_finds_its_work(tmp_path, project):
     moved = tmp_path / "elsewhere.png"
     assert project.add_image(moved, 40, 30, pixel_fingerprint(pixels.copy())) == image
     assert project.image(image)["path"] == str(moved) and project.image(image)["objects"] == 1
+
+
+def test_masks_are_stored_as_coco_compressed_rle_exactly():
+    """The store's fast encoder against ``mask_utils``' (pycocotools' format): every run, across columns too."""
+    rng = np.random.default_rng(5)
+    across = np.zeros((6, 4), bool)
+    across[4:, 0] = across[:2, 1] = True  # a run from one column's end into the next one's start
+    corners = np.zeros((6, 4), bool)
+    corners[0, 0] = corners[-1, -1] = True
+    masks = [np.zeros((5, 7), bool), np.ones((5, 7), bool), np.ones((1, 1), bool), across, corners]
+    masks += [rng.random(rng.integers(1, 40, 2)) > rng.random() for _ in range(200)]
+    yy, xx = np.mgrid[:1200, :1800]
+    masks.append(((yy - 600) / 400) ** 2 + ((xx - 900) / 700) ** 2 < 1)
+    for mask in masks:
+        rle = encode_rle(mask)
+        assert rle == coco_encode_rle(mask_to_rle(mask[None])[0])
+        np.testing.assert_array_equal(coco_decode_rle(rle), mask)
+
+
+def test_the_pages_pngs_are_read_as_pillow_reads_them():
+    rng = np.random.default_rng(6)
+    for shape in ((1, 1), (3, 9), (17, 8), (120, 181)):
+        mask = rng.random(shape) > 0.5
+        encoded = encode_mask(mask, "png")
+        assert _read_png(base64.b64decode(encoded["png"])) is not None  # the fast path
+        np.testing.assert_array_equal(decode_mask(encoded), mask)
+        pillow_pngs = ((Image.fromarray(mask), False), (Image.fromarray(mask.astype(np.uint8) * 255), True))
+        for image, pillow_only in pillow_pngs:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")  # Pillow's own PNGs: 1-bit (filtered or not), 8-bit (left to Pillow)
+            if pillow_only:
+                assert _read_png(buffer.getvalue()) is None
+            np.testing.assert_array_equal(decode_mask({"png": base64.b64encode(buffer.getvalue()).decode()}), mask)
 
 
 # ---------------------------------------------------------------- versions and refused files
