@@ -7,7 +7,8 @@ Real masks: MobileSAM (../shared/weights) on truck.jpg (1800 x 1200), one click 
    server's whole save of a step (the page's 1-bit PNG decoded, then ``add_step``), against
    ``SamPredictor.predict`` of the same click: medians and their ratio.
 2. Over HTTP, against a real ``sam-mlx app``: ``POST /api/objects/ID/steps`` (what the page sends after a click's
-   mask is shown) against ``POST /api/decode`` (the click itself), medians of ``--saves`` each.
+   mask is shown) against ``POST /api/decode`` (the click itself) and ``GET /api/info`` (a request that does
+   nothing: the HTTP round trip itself), medians of ``--saves`` each.
 3. ``--objects`` objects of ``--steps`` steps each written to a fresh project: its file size per 1,000 objects.
 
     python scripts/project_cost.py [--saves 200 --objects 1000 --steps 2]
@@ -120,8 +121,11 @@ def main() -> None:
                 first = {"points": [[*points[0], 1]], "multimask": True, "selected": 0, "mask": pngs[0]}
                 obj = client.post(f"/api/images/{TRUCK}/objects", json={"label": "o", "color": "#fff",
                                                                          "step": first}).json()["object"]
-                saves, decodes = [], []
+                saves, decodes, nothing = [], [], []
                 for number in range(args.saves):
+                    start = time.perf_counter()
+                    client.get("/api/info")
+                    nothing.append(time.perf_counter() - start)
                     x, y = points[number % len(points)]
                     start = time.perf_counter()
                     client.post("/api/decode", json={"image": TRUCK, "points": [[x, y]], "labels": [1]})
@@ -132,8 +136,10 @@ def main() -> None:
                     saves.append(time.perf_counter() - start)
         finally:
             app.stop()
-    print(f"over HTTP: a click's decode {median_ms(decodes):.2f} ms; a step's save {median_ms(saves):.2f} ms "
-          f"({median_ms(saves) / median_ms(decodes):.3f}x), medians of {args.saves}")
+    save, trip = median_ms(saves), median_ms(nothing)
+    print(f"over HTTP: a click's decode {median_ms(decodes):.2f} ms; a step's save {save:.2f} ms "
+          f"({save / median_ms(decodes):.3f}x); a request that does nothing {trip:.2f} ms: the save adds "
+          f"{save - trip:.2f} ms to the round trip (medians of {args.saves})")
 
 
 def sam_mlx_step(points: list[list[float]], mask: np.ndarray) -> Step:

@@ -259,18 +259,20 @@ class Project:
         """The ids of images whose file is no longer at its path (candidates for ``add_image``'s matching)."""
         return [i for i, path in self._read("SELECT id, path FROM images ORDER BY id") if not Path(path).exists()]
 
+    _IMAGE_COLUMNS = ("id", "path", "width", "height", "state", "revision", "fingerprint", "objects")
+    _IMAGE_SELECT = ("SELECT i.id, i.path, i.width, i.height, i.state, i.revision, i.fingerprint, "
+                     "(SELECT COUNT(*) FROM objects o WHERE o.image_id = i.id) FROM images i")
+
     def images(self) -> list[dict]:
         """Every image: id, path, width, height, state, revision and object count, in order of adding."""
-        rows = self._read("SELECT i.id, i.path, i.width, i.height, i.state, i.revision, i.fingerprint, "
-                          "(SELECT COUNT(*) FROM objects o WHERE o.image_id = i.id) FROM images i ORDER BY i.id")
-        keys = ("id", "path", "width", "height", "state", "revision", "fingerprint", "objects")
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(self._IMAGE_COLUMNS, row)) for row in self._read(self._IMAGE_SELECT + " ORDER BY i.id")]
 
     def image(self, image_id: int) -> dict:
-        for record in self.images():
-            if record["id"] == image_id:
-                return record
-        raise NotFound(f"no image {image_id} in project {self.path}")
+        """``images()``' record of one image."""
+        rows = self._read(self._IMAGE_SELECT + " WHERE i.id = ?", (image_id,))
+        if not rows:
+            raise NotFound(f"no image {image_id} in project {self.path}")
+        return dict(zip(self._IMAGE_COLUMNS, rows[0]))
 
     def set_state(self, image_id: int, state: str, expected: int | None = None) -> None:
         if state not in STATES:

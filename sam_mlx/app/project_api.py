@@ -88,10 +88,11 @@ def project_routes(project: Project, library: Library) -> list[Route]:
         return {"path": str(project.path), "revision": project.revision, "done": done, "total": len(images),
                 "cleanup": project.cleanup(), "images": images}
 
-    def answer(image_row: int | None, **extra) -> JSONResponse:
+    def answer(image_row: int | None, **extra) -> dict:
+        """A write's answer: the image's revision and state after it, the project's revision."""
         record = project.image(image_row) if image_row is not None else None
-        return JSONResponse({**extra, "revision": record["revision"] if record else 0,
-                             "state": record["state"] if record else "new", "project_revision": project.revision})
+        return {**extra, "revision": record["revision"] if record else 0, "state": record["state"] if record else "new",
+                "project_revision": project.revision}
 
     async def overview(request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(summary))
@@ -105,13 +106,13 @@ def project_routes(project: Project, library: Library) -> list[Route]:
         if request.method == "POST":
             body = await _body(request)
 
-            def add() -> int:
+            def add() -> dict:
                 row = link.row(entry)
                 first = _step(body["step"], project.image(row)) if body.get("step") is not None else None
-                return row, project.add_object(row, body.get("label"), body.get("color"), first, _revision(body))
+                return answer(row, object=project.add_object(row, body.get("label"), body.get("color"), first,
+                                                             _revision(body)))
 
-            row, object_id = await run_in_threadpool(add)
-            return answer(row, object=object_id)
+            return JSONResponse(await run_in_threadpool(add))
         mask_format = request.query_params.get("mask_format", "png")
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
@@ -125,19 +126,21 @@ def project_routes(project: Project, library: Library) -> list[Route]:
                     if step["mask"] is not None:
                         step["mask"] = encode_masks(coco_decode_rle(step["mask"])[None], mask_format, max_side)[0]
                 obj.pop("mask")
-            return {"image": entry.id, "objects": listed, "row": row}
+            return answer(row, image=entry.id, objects=listed)
 
-        loaded = await run_in_threadpool(load)
-        return answer(loaded.pop("row"), **loaded)
+        return JSONResponse(await run_in_threadpool(load))
 
     def object_change(change):
         async def handler(request: Request) -> Response:
             object_id = request.path_params["object_id"]
             body = await _body(request) if request.method != "DELETE" else {
                 "revision": int(request.query_params["revision"]) if "revision" in request.query_params else None}
-            row = project.object_image(object_id)
-            result = await run_in_threadpool(change, object_id, row, body)
-            return answer(row, object=object_id, **(result or {}))
+
+            def run() -> dict:
+                row = project.object_image(object_id)
+                return answer(row, object=object_id, **(change(object_id, row, body) or {}))
+
+            return JSONResponse(await run_in_threadpool(run))
 
         return handler
 
@@ -164,12 +167,12 @@ def project_routes(project: Project, library: Library) -> list[Route]:
         if body.get("state") not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, got {json.dumps(body.get('state'))}")
 
-        def change() -> int:
+        def change() -> dict:
             row = link.row(entry)
             project.set_state(row, body["state"], _revision(body))
-            return row
+            return answer(row)
 
-        return answer(await run_in_threadpool(change))
+        return JSONResponse(await run_in_threadpool(change))
 
     async def export(request: Request) -> Response:
         body = await _body(request)
