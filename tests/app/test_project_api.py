@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +164,34 @@ def test_the_export_command_refuses_a_missing_or_foreign_project(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sam_mlx.cli", "export", str(tmp_path / "empty.sqlite"),
                              "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "0 files" in result.stderr
+
+
+def test_a_moved_folder_finds_its_work_by_the_pixels(tmp_path):
+    (tmp_path / "photos").mkdir()
+    for name in ("dog.jpg", "truck.jpg"):
+        shutil.copy(IMAGES / name, tmp_path / "photos" / name)
+    project = tmp_path / "work.sqlite"
+    first = start_app(str(tmp_path / "photos"), "--project", str(project), "--out-dir", str(tmp_path / "export"),
+                      "--tokens-dir", str(tmp_path / "tokens"))
+    try:
+        with first.client() as client:
+            client.post(f"/api/images/{DOG}/objects", json={"label": "dog", "color": "#ff0000", "step": _step(7)})
+    finally:
+        assert first.stop()[0] == 0
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    (tmp_path / "moved" / "dog.jpg").rename(tmp_path / "moved" / "a dog.jpg")
+    again = start_app(str(tmp_path / "moved"), "--project", str(project), "--out-dir", str(tmp_path / "export"),
+                      "--tokens-dir", str(tmp_path / "tokens"))
+    try:
+        with again.client() as client:
+            deadline = time.monotonic() + 60
+            while client.get("/api/project").json()["images"][DOG]["objects"] == 0:  # found in the background
+                assert time.monotonic() < deadline, "the moved image's work was not found"
+                time.sleep(0.2)
+            listed = client.get(f"/api/images/{DOG}/objects").json()
+            assert [o["label"] for o in listed["objects"]] == ["dog"]
+            np.testing.assert_array_equal(decode_mask(listed["objects"][0]["steps"][0]["mask"]), _mask(7))
+    finally:
+        assert again.stop()[0] == 0
+    with Project(project) as kept:
+        assert [Path(r["path"]).name for r in kept.images()] == ["a dog.jpg"]

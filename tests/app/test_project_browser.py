@@ -18,6 +18,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from helpers import IMAGES
+from sam_mlx.app.project import Project
 
 DOG, TRUCK = 0, 1
 DOG_POINTS = [(250, 250), (620, 120)]  # the dog, the background's upper right
@@ -164,3 +165,22 @@ def test_work_survives_a_killed_server_and_two_pages_stay_consistent(tmp_path, b
         dataset.pop("info")  # its date
     assert coco[0] == coco[1] and len(coco[0]["annotations"]) == 3
     np.testing.assert_array_equal(np.array(Image.open(command_dir / "dog_mask0.png")) > 127, dog_masks["dog"])
+
+    # An exported .prompts.json can still be imported: a new project's page decodes it again and keeps it.
+    fresh = start_app(*arguments, "--project", str(tmp_path / "fresh.sqlite"))
+    try:
+        fresh.wait_ready(TRUCK)
+        page.goto(fresh.url)
+        page.wait_for_function("() => window.samApp && samApp.app.picture && samApp.session().loaded")
+        page.fill("#export-folder", "page")
+        page.keyboard.press("Escape")
+        open_image(page, TRUCK)
+        page.wait_for_function("""() => samApp.session().objects.length === 2 && samApp.session().objects[0].id""")
+        page.evaluate("samApp.saved()")
+        np.testing.assert_array_equal(shown_masks(page)["window"], truck_masks["window"])
+    finally:
+        assert fresh.stop()[0] == 0
+    with Project(tmp_path / "fresh.sqlite") as imported:
+        [(kept, mask)] = imported.masks(imported.find_image(tmp_path / "photos" / "truck.jpg"))
+        assert kept["label"] == "window"
+        np.testing.assert_array_equal(mask, truck_masks["window"])

@@ -430,7 +430,7 @@ function persist(imageId, work) {
       const reply = await work(s);
       if (reply && reply.revision !== undefined && s.generation === generation) s.revision = reply.revision;
     } catch (error) {
-      if (error.status === 409) {
+      if (error.status === 409 || error.status === 404) {  // a stale revision, an object deleted elsewhere
         toast("This image was changed in another tab or program: its objects were loaded again.", true);
         await reloadSession(imageId);
       } else {
