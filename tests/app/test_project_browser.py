@@ -18,6 +18,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from helpers import IMAGES
+from sam_mlx.app.masks import decode_mask
 from sam_mlx.app.project import Project
 
 DOG, TRUCK = 0, 1
@@ -62,6 +63,11 @@ def click_object(page, point, label: str) -> None:
     page.evaluate("samApp.saved()")
 
 
+def kept_objects(app, image_id: int) -> list[dict]:
+    with app.client() as client:
+        return client.get(f"/api/images/{image_id}/objects").json()["objects"]
+
+
 def shown_masks(page) -> dict[str, np.ndarray]:
     """The masks the page shows for its current image's objects, by label."""
     masks = {}
@@ -91,8 +97,22 @@ def test_work_survives_a_killed_server_and_two_pages_stay_consistent(tmp_path, b
         page.wait_for_function(f"() => samApp.app.imageId === {TRUCK} && samApp.app.picture && "
                                "samApp.session().loaded")
         click_object(page, WINDOW, "window")
-        page.keyboard.press("Escape")
+        click_object(page, (1100, 500), "extra")
+        page.click("#objects li:has-text('extra') button")  # deleted
+        page.click("#objects li:has-text('window')")
+        page.keyboard.press("Control+z")  # undo, redo, another candidate: each saved
+        page.evaluate("samApp.saved()")
+        assert kept_objects(app, TRUCK)[0]["cursor"] == 0
+        page.keyboard.press("Control+Shift+z")
+        page.keyboard.press("1" if page.evaluate("samApp.stateOf(samApp.currentObject()).selected") else "2")
+        page.wait_for_function("""() => { const s = samApp.stateOf(samApp.currentObject());
+            return s.layers[s.selected].bitmap; }""")
+        page.evaluate("samApp.saved()")
+        [window] = kept_objects(app, TRUCK)
+        chosen = page.evaluate("samApp.stateOf(samApp.currentObject()).selected")
+        assert window["label"] == "window" and window["cursor"] == 1 and window["steps"][0]["selected"] == chosen
         truck_masks = shown_masks(page)
+        np.testing.assert_array_equal(decode_mask(window["steps"][0]["mask"]), truck_masks["window"])
         open_image(page, DOG)
         dog_masks = shown_masks(page)
         assert sorted(dog_masks) == ["corner", "dog"] and list(truck_masks) == ["window"]

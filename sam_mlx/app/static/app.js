@@ -537,8 +537,10 @@ async function loadSession(imageId) {
   await Promise.all(objects.flatMap((o) => o.history.flatMap((state) => state.layers.filter(Boolean).map(loadLayer))));
   objects.push(newObject(objects));
   const s = session(imageId);
-  Object.assign(s, {objects, current: objects.length - 1, loaded: true, revision: data.revision,
-                    generation: s.generation + 1});
+  const editing = s.objects[s.current] && s.objects[s.current].id;  // loaded again: still the one being edited
+  const current = objects.findIndex((o) => o.id != null && o.id === editing);
+  Object.assign(s, {objects, current: current < 0 ? objects.length - 1 : current, loaded: true,
+                    revision: data.revision, generation: s.generation + 1});
   if (app.project && app.project.images[imageId]) Object.assign(app.project.images[imageId], {state: data.state});
 }
 
@@ -571,7 +573,7 @@ async function pollProject() {
   if (app.project && app.pending === 0) {
     for (const [imageId, s] of app.sessions) {
       const record = app.project.images[imageId];
-      if (!s.loaded || !record || record.revision === s.revision) continue;
+      if (!s.loaded || !record || record.revision <= s.revision) continue;  // (an answer sent before a save)
       if (imageId === app.imageId) await reloadSession(imageId);
       else app.sessions.delete(imageId);  // loaded again when opened
     }
