@@ -40,7 +40,10 @@ from PIL import Image
 
 import sam_mlx
 
-from .cli import CliError, ImageDone, ImageFailed, ImageJob, ImageWork, _one_line, _prompt, segment_prompts
+from .cli.jobs import ImageDone, ImageFailed, ImageJob, ImageWork
+from .cli.messages import CliError, _one_line
+from .cli.prompts import _prompt
+from .cli.work import segment_prompts
 from .io.images import load_image, pil_to_rgb
 from .io.tokens import ImageTokensError, model_fingerprint, model_identity
 from .ops import blas

@@ -25,6 +25,7 @@ from helpers import IMAGES, MOBILE_SAM
 from sam_mlx import cli
 from sam_mlx.amg.mask_utils import coco_decode_rle
 from sam_mlx.checkpoints.load import load_checkpoint, save_model
+from sam_mlx.cli.run import _run_images
 from test_cli import env, ok, read_mask, run  # noqa: F401  (env: the module's fixture)
 
 MODEL = str(MOBILE_SAM)
@@ -304,10 +305,10 @@ def test_run_loop_goes_on_after_a_failure(tmp_path, capsys, fail_fast):
     jobs = [cli.ImageJob(Path(n), n, Path(n).stem) for n in ("a.jpg", "bad.jpg", "c.jpg")]
     if fail_fast:
         with pytest.raises(ValueError, match="truncated"):
-            cli._run_images(args, work, jobs)
+            _run_images(args, work, jobs)
         assert work.done == ["a.jpg"] and not (tmp_path / "failures.json").exists()
         return
-    assert cli._run_images(args, work, jobs) == 1
+    assert _run_images(args, work, jobs) == 1
     assert work.done == ["a.jpg", "c.jpg"]
     assert json.loads((tmp_path / "failures.json").read_text()) == {
         "failures": [{"image": "bad.jpg", "error": "bad.jpg: not a readable image (truncated)"}]}

@@ -23,6 +23,7 @@ from helpers import IMAGES, MOBILE_SAM, ROOT
 from reference import build_reference_sam
 from sam_mlx import SamAutomaticMaskGenerator, cli
 from sam_mlx.checkpoints.load import CheckpointError, load_checkpoint, save_model
+from sam_mlx.cli.outputs import _json_text
 from sam_mlx.io.images import load_image
 from sam_mlx.io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 
@@ -137,7 +138,7 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
 
 def test_json_outputs_are_strict():
     """Whatever a report holds, the file is standard JSON: no bare NaN or Infinity."""
-    text = cli._json_text({"masks": [{"score": math.nan, "area": 3}, {"score": math.inf}], "size": 1.5})
+    text = _json_text({"masks": [{"score": math.nan, "area": 3}, {"score": math.inf}], "size": 1.5})
 
     def refuse(token):
         raise ValueError(f"non-standard JSON constant {token}")
