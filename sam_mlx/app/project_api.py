@@ -116,7 +116,7 @@ def project_routes(project: Project, library: Library) -> list[Route]:
         mask_format = request.query_params.get("mask_format", "png")
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
-        max_side = int(request.query_params.get("max_side", "0")) or None
+        max_side = _query_int(request, "max_side")
 
         def load() -> dict:
             row = link.find(entry)
@@ -133,8 +133,7 @@ def project_routes(project: Project, library: Library) -> list[Route]:
     def object_change(change):
         async def handler(request: Request) -> Response:
             object_id = request.path_params["object_id"]
-            body = await _body(request) if request.method != "DELETE" else {
-                "revision": int(request.query_params["revision"]) if "revision" in request.query_params else None}
+            body = await _body(request) if request.method != "DELETE" else {"revision": _query_int(request, "revision")}
 
             def run() -> dict:
                 row = project.object_image(object_id)
@@ -203,6 +202,16 @@ async def _body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ValueError("the request body must be a JSON object")
     return body
+
+
+def _query_int(request: Request, name: str) -> int | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"query parameter {name} must be an integer, got {text!r}") from None
 
 
 def _revision(body: dict) -> int | None:
