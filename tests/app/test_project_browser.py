@@ -161,6 +161,9 @@ def test_work_survives_a_killed_server_and_two_pages_stay_consistent(tmp_path, b
         assert [" ".join(text.split()) for text in listed] == ["dog.jpg 2 obj · done ✓",
                                                               "truck.jpg 1 obj · in progress"]
         assert page.inner_text("#progress") == "1 / 2 done"
+        page.click("#skip-image")  # the truck skipped: every image done or skipped
+        page.wait_for_function("() => document.getElementById('progress').innerText === '2 / 2 done'")
+        assert "every image is done or skipped" in page.inner_text("#toast")
         page.fill("#export-folder", "page")
         for name in ("png", "coco"):
             page.check(f"#formats input[value='{name}']")

@@ -604,7 +604,7 @@ function showProgress() {
   const project = app.project;
   $("progress").textContent = project ? `${project.done} / ${project.total} done` : "";
   $("progress").title = project ? `work kept in ${project.path}` : "";
-  $("mark-done").disabled = !project || app.imageId < 0;
+  $("mark-done").disabled = $("skip-image").disabled = !project || app.imageId < 0;
 }
 
 // ------------------------------------------------------------------ images
@@ -1246,6 +1246,7 @@ function setupInput() {
     $(id).addEventListener("change", () => saveLook(app.imageId, currentObject()));
   }
   $("mark-done").addEventListener("click", () => finishImage("done"));
+  $("skip-image").addEventListener("click", () => finishImage("skipped"));
 }
 
 // ------------------------------------------------------------------ start
