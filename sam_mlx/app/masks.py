@@ -78,10 +78,10 @@ def _read_png(data: bytes) -> np.ndarray | None:
     if set(chunks) - {b"IHDR", b"tRNS", b"IDAT", b"IEND"} or len(chunks.get(b"IHDR", b"")) != 13 \
             or chunks.get(b"tRNS", b"\x00\x00") != b"\x00\x00":
         return None
-    width, height, depth, kind, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
     stride = (width + 7) // 8 + 1
     rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8)
-    if (depth, kind, interlace) != (1, 0, 0) or rows.size != height * stride:
+    if (depth, color, interlace) != (1, 0, 0) or rows.size != height * stride:
         return None
     rows = rows.reshape(height, stride)
     if rows[:, 0].any():  # a filtered row: Pillow knows the filters
