@@ -10,6 +10,7 @@ from .amg.automatic_mask_generator import SamAutomaticMaskGenerator  # noqa: E40
 from .checkpoints.errors import CheckpointError  # noqa: E402
 from .checkpoints.load import DTYPES, load_checkpoint, save_model  # noqa: E402
 from .config import PromptDecoderConfig, SamConfig, TinyViTConfig, ViTConfig  # noqa: E402
+from .examples import example_image  # noqa: E402
 from .io.tokens import load_image_tokens, save_image_tokens  # noqa: E402
 from .modeling.sam import Sam  # noqa: E402
 from .predictor import SamPredictor  # noqa: E402
@@ -42,6 +43,7 @@ __all__ = [
     "SamPredictor",
     "TinyViTConfig",
     "ViTConfig",
+    "example_image",
     "load",
     "load_checkpoint",
     "load_image_tokens",

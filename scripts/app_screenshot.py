@@ -1,4 +1,4 @@
-"""The README's screenshot of `sam-mlx app`: a few objects segmented on groceries.jpg in headless Chromium.
+"""The screenshot of `sam-mlx app` (README.md, docs/app.md): objects segmented on groceries.jpg in headless Chromium.
 
     python scripts/app_screenshot.py [--out docs/app.jpg]
 
@@ -54,7 +54,7 @@ def main() -> None:
                 if number < len(OBJECTS):
                     page.keyboard.press("Enter")
             page.mouse.move(5, 5)
-            page.evaluate("samApp.app.stats.clicks = []")  # the README's figures come from scripts/app_latency.py
+            page.evaluate("samApp.app.stats.clicks = []")  # docs/speed.md's figures come from scripts/app_latency.py
             page.keyboard.press("h")
             page.keyboard.press("h")  # (a key press redraws the status bar)
             page.wait_for_timeout(500)

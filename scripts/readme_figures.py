@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the pictures in docs/ that README.md shows, with the `sam-mlx` command itself.
+"""Regenerate the pictures in docs/ that README.md and the docs show, with the `sam-mlx` command itself.
 
     python scripts/readme_figures.py [--model ../shared/weights/mobile_sam.pt] [--only truck_cutout.jpg]
 """
@@ -24,11 +24,11 @@ FIGURES = {
     "truck_box_point.jpg": ["segment", "truck.jpg", "--box", "75,275,1725,850", "--point", "500,375"],
     "groceries_boxes.jpg": ["segment", "groceries.jpg", "--box", "365,160,450,345", "--box", "440,85,645,345"],
     "dog_everything.jpg": ["everything", "dog.jpg"],
-    # the shared prompt whose stretch masks differ most from the original's (README, "Sizing")
+    # the shared prompt whose stretch masks differ most from the original's (docs/api.md, "Sizing")
     "groceries_item_box_original.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480", "--multimask"],
     "groceries_item_box_stretch.jpg": ["segment", "groceries.jpg", "--box", "100,150,350,480",
                                        "--sizing", "stretch", "--size", "1024", "--multimask"],
-    # a cut-out (README, "Export"), shown on a checkerboard where it is transparent
+    # a cut-out (docs/command.md, "Export"), shown on a checkerboard where it is transparent
     "truck_cutout.jpg": ["segment", "truck.jpg", "--box", "75,275,1725,850", "--export", "cutout"],
 }
 

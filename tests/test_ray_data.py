@@ -1,5 +1,5 @@
 """Image collections on Ray: ``--ray`` gives the files of a run without it, survives a bad image and a killed
-worker, resumes; the map_batches classes and the README's example.
+worker, resumes; the map_batches classes and the example of docs/many-images.md.
 
 One local Ray instance (2 CPUs) serves the module; the command runs in this process (the driver), its workers
 in Ray's. Runs without Ray use one row band and one OpenBLAS thread, as each of the 2 workers does by default:
@@ -314,16 +314,16 @@ def test_segment_rows_match_the_generator_and_the_command(model):
     np.testing.assert_allclose([m["score"] for m in point], scores, atol=1e-5)
 
 
-# ---------------------------------------------------------------- the README's example
-def test_readme_example_runs(ray_instance, model, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Many images"):]
+# ---------------------------------------------------------------- the docs' example
+def test_docs_pipeline_example_runs(ray_instance, model, tmp_path):
+    page = (ROOT / "docs" / "many-images.md").read_text()
+    section = page[page.index("## Your own Ray pipeline"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert '"../shared/weights/mobile_sam.pt"' in code
     code = code.replace('"../shared/weights/mobile_sam.pt"', repr(model))  # converted once for the module
     for folder in ("tokens", "masks"):  # workers write relative paths in their own folder: Ray's, not the test's
         code = code.replace(f'write_parquet("{folder}")', f"write_parquet({str(tmp_path / folder)!r})")
-    exec(compile(code.replace("../shared", str(IMAGES.parent)), "README.md", "exec"), {})
+    exec(compile(code.replace("../shared", str(IMAGES.parent)), "docs/many-images.md", "exec"), {})
     tokens = ray.data.read_parquet(str(tmp_path / "tokens")).take_all()
     masks = ray.data.read_parquet(str(tmp_path / "masks")).take_all()
     assert sorted(Path(row["path"]).name for row in tokens) == sorted(PHOTOS)

@@ -14,6 +14,7 @@ import sam_mlx
 
 from ..checkpoints.hub import default_cache_dir, resolve_checkpoint
 from ..checkpoints.load import load_checkpoint, read_state_dict, save_model
+from ..examples import EXAMPLES, example_image
 from ..io.atomic import remove_abandoned_temporaries
 from ..io.folders import ImageInput, expand_images
 from ..io.tokens import model_identity
@@ -24,22 +25,29 @@ from .run import _run_images
 from .work import TOKENS_SUFFIX, _EncodeWork, _EverythingWork, _SegmentWork
 
 
+def _images(args: argparse.Namespace, alternative: str = "") -> list[str]:
+    """IMAGE|DIR ... and the --example photo (the package's own file, so that a first run needs no photo)."""
+    images = [*args.images, *([str(example_image(args.example))] if args.example else [])]
+    if not images:
+        raise CliError(f"no image: give IMAGE|DIR ..., --example {EXAMPLES[0]}{alternative}")
+    return images
+
+
 def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
     """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
     if args.prompts:
-        if args.images or args.point or args.bg_point or args.box or args.label:
-            raise CliError("--prompts FILE gives the images and prompts: no IMAGE, --point, --bg-point, --box or "
-                           "--label beside it")
+        if args.images or args.example or args.point or args.bg_point or args.box or args.label:
+            raise CliError("--prompts FILE gives the images and prompts: no IMAGE, --example, --point, --bg-point, "
+                           "--box or --label beside it")
         pairs = [(ImageInput(path, path.name), prompts) for path, prompts in read_prompts(args.prompts)]
     else:
-        if not args.images:
-            raise CliError("no image: give IMAGE|DIR ... or --prompts FILE")
+        images = _images(args, " or --prompts FILE")
         points = args.point + args.bg_point
         if not points and not args.box:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in expand_images(args.images, args.recursive, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in expand_images(images, args.recursive, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -75,7 +83,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = expand_images(args.images, args.recursive, Path(args.out_dir))
+    images = expand_images(_images(args), args.recursive, Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 

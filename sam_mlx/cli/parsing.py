@@ -10,6 +10,7 @@ import numpy as np
 
 import sam_mlx
 
+from ..examples import EXAMPLES
 from ..io.export import DEFAULT_SIMPLIFY, FORMATS, parse_formats
 from .commands import cmd_app, cmd_convert, cmd_encode, cmd_everything, cmd_export, cmd_info, cmd_segment
 from .jobs import MODEL_ENV
@@ -104,6 +105,12 @@ def _pixels(text: str) -> float:
     return _non_negative(text, "a number of pixels")
 
 
+def _example_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--example", choices=EXAMPLES, metavar="NAME",
+                        help=f"the sample photo shipped in the package ({', '.join(EXAMPLES)}: 900 x 600), "
+                        "instead of or beside IMAGE|DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sam-mlx`` argument parser with its subcommands."""
     common = _Parser(add_help=False)
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "in that JSON is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and "
                               "last pixel columns and rows (as Meta's SAM: one less than COCO's).")
     seg.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="image files or folders of images")
+    _example_argument(seg)
     seg.add_argument("--point", type=_point, action="append", default=[], metavar="X,Y", help="foreground point")
     seg.add_argument("--bg-point", type=_point, action="append", default=[], metavar="X,Y", help="background point")
     seg.add_argument("--box", type=_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
@@ -222,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and the --export formats (default: one PNG per mask). The bbox in that JSON is x, "
                                 "y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and last pixel columns "
                                 "and rows: one less than COCO's w, h (the coco export uses COCO's).")
-    every.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
+    every.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="image files or folders of images")
+    _example_argument(every)
     every.add_argument("--points-per-side", type=_positive_int, default=32, metavar="N",
                        help="N x N grid of point prompts (default: 32)")
     every.add_argument("--points-per-batch", type=_positive_int, default=64, metavar="N",
@@ -240,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
                               description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
                               "hover, click and drag for masks, several objects per image, export. Other local "
-                              "programs can use the same HTTP API (README). Needs the sam-mlx[app] extra.")
+                              "programs can use the same HTTP API (docs/app.md). Needs the sam-mlx[app] extra.")
     app.add_argument("images", nargs="*", metavar="IMAGE|DIR", help="images or folders (default: this folder)")
     app.add_argument("--port", type=_count, default=8000, metavar="N", help="port on 127.0.0.1 (default: 8000; 0: any)")
     app.add_argument("--no-browser", action="store_true", help="do not open the browser")
