@@ -377,6 +377,7 @@ function selectCandidate(index) {
   const state = stateOf(object);
   if (!state.result || index >= 3 || index === state.selected) return;
   if (state.result.stored) {  // loaded from the project with its chosen mask only: decode the others
+    if (!multimask(state)) return;  // there are no others
     const imageId = app.imageId;
     replay(imageId, object, object.cursor).then(() => { if (app.imageId === imageId) selectCandidate(index); });
     return;
