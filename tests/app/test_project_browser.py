@@ -155,6 +155,16 @@ def test_work_survives_a_killed_server_and_two_pages_stay_consistent(tmp_path, b
             np.testing.assert_array_equal(mask, dog_masks[label])
         open_image(page, TRUCK)
         np.testing.assert_array_equal(shown_masks(page)["window"], truck_masks["window"])
+        # Another candidate of a kept step: its prompts are decoded again for all three, the choice is kept.
+        page.click("#objects li:has-text('window')")
+        chosen = page.evaluate("samApp.stateOf(samApp.currentObject()).selected")
+        other = 0 if chosen else 1
+        page.keyboard.press(str(other + 1))
+        page.wait_for_function(f"""() => {{ const s = samApp.stateOf(samApp.currentObject());
+            return s.selected === {other} && s.layers.length === 3 && s.layers[{other}].bitmap; }}""")
+        page.evaluate("samApp.saved()")
+        assert kept_objects(again, TRUCK)[0]["steps"][0]["selected"] == other
+        truck_masks = shown_masks(page)
         states = page.evaluate("Array.from(document.querySelectorAll('#images li'), li => li.dataset.state)")
         assert states == ["done", "in_progress"]
         listed = page.evaluate("Array.from(document.querySelectorAll('#images li'), li => li.innerText)")
