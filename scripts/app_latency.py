@@ -2,10 +2,17 @@
 own time per decode, and `SamPredictor.predict` on the same prompts in this process, in one run.
 
     python scripts/app_latency.py [--model ../shared/weights/mobile_sam.pt] [--image ../shared/images/truck.jpg]
+                                  [--before /tmp/main-before]
+
+``--before TREE``: also run the app of another sam_mlx source tree (e.g. ``git worktree add --detach
+/tmp/main-before main``) in the same run, each sizing's two apps one after the other, to compare code against code.
 
 For each sizing (original, stretch 512) it starts `sam-mlx app` as a subprocess, opens the page in headless
 Chromium (Debian's /usr/bin/chromium, driven by Playwright) and alternates rounds of clicks in the browser with
 rounds of `SamPredictor.predict` calls here on the same points, so the machine's slow spells fall on both.
+Where a click's time goes: the page's request until its answer is parsed (``answer``: the server's time
+plus the HTTP round trip), the server's own time (``server``: its ``predict``, then the masks' PNG encoding
+``encode`` when the server reports it, then JSON), the PNG decoded by the browser and the mask drawn.
 A click is a lone foreground point on an empty object (3 candidates, no hint), the app's first click on an
 object. Click to drawn is timed by the page: from the pointerup event to the animation frame after the mask was
 drawn. The server reports its decode time (the predict call inside it) and its whole time per request.
@@ -16,9 +23,13 @@ masks drawn (the server drops the positions it has not started when a newer one 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +44,8 @@ from app_process import CHROMIUM, CHROMIUM_ARGS, start_app  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 import sam_mlx  # noqa: E402  (OpenBLAS before mlx)
+from helpers import SHARED  # noqa: E402  (../shared, or $SAM_MLX_SHARED)
 
-SHARED = ROOT.parent / "shared"
 POINTS = [(500, 375), (1100, 500), (1350, 900), (300, 880), (900, 250), (1560, 640)]  # on truck.jpg's 1800 x 1200
 # A pointer moving over the image once per animation frame (~60 per second), dispatched in the page: the
 # input a mouse gives, without a round trip to Playwright per move.
@@ -56,13 +67,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def measure(model: str, image: Path, sizing: list[str], rounds: int, hover_seconds: float, browser) -> dict:
+def measure(model: str, image: Path, sizing: list[str], rounds: int, hover_seconds: float, browser,
+            tree: Path | None = None) -> dict:
+    """One app (of ``tree``'s sam_mlx if given, else this one) measured at one sizing."""
     folder = Path(tempfile.mkdtemp(prefix="sam_mlx_app_latency_"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])} if tree else None
     try:
         app = start_app(str(image), "--model", model, *sizing, "--tokens-dir", str(folder / "tokens"),
-                        "--out-dir", str(folder / "out"))
+                        "--out-dir", str(folder / "out"), env=env)
         try:
-            return _measure(app, model, image, sizing, rounds, hover_seconds, browser)
+            return {"app": str(tree) if tree else "this tree",
+                    **_measure(app, model, image, sizing, rounds, hover_seconds, browser)}
         finally:
             app.stop()
     finally:
@@ -106,11 +121,13 @@ def _measure(app, model, image, sizing, rounds, hover_seconds, browser) -> dict:
     latencies = [c["latency_ms"] for c in clicks]
     server = [c["server_ms"] for c in clicks]
     decode = [c["decode_ms"] for c in clicks]
+    encode = [c["encode_ms"] for c in clicks if c.get("encode_ms") is not None]
     return {
         "sizing": " ".join(sizing) or "original", "clicks": len(clicks),
         "click_to_drawn_median_ms": statistics.median(latencies), "click_to_drawn_p95_ms": percentile(latencies, 95),
         "server_median_ms": statistics.median(server), "server_decode_median_ms": statistics.median(decode),
-        "predict_median_ms": statistics.median(direct),
+        "server_encode_median_ms": statistics.median(encode) if encode else None,
+        "predict_median_ms": statistics.median(direct), "predict_p95_ms": percentile(direct, 95),
         "hover_masks_per_s": shown / ((hover_end - hover_start) / 1e3), "hover_pointer_moves": moves,
         "hover_positions_dropped": dropped,
         # where a click's time goes in the page: until the answer is parsed, the PNG decoded, the mask drawn
@@ -124,21 +141,34 @@ def main() -> None:
     parser.add_argument("--image", default=str(SHARED / "images" / "truck.jpg"))
     parser.add_argument("--rounds", type=int, default=5, help="rounds of 6 clicks (default: 5)")
     parser.add_argument("--hover-seconds", type=float, default=8.0)
+    parser.add_argument("--before", type=Path, help="also measure the app of this sam_mlx source tree, same run")
     args = parser.parse_args()
+    trees = [args.before.resolve(), None] if args.before else [None]
     results = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for sizing in ([], ["--sizing", "stretch", "--size", "512"]):
-            results.append(measure(args.model, Path(args.image), sizing, args.rounds, args.hover_seconds, browser))
-            print(json.dumps(results[-1]), file=sys.stderr)
+            for tree in trees:
+                results.append(measure(args.model, Path(args.image), sizing, args.rounds, args.hover_seconds, browser,
+                                       tree))
+                print(json.dumps(results[-1]), file=sys.stderr)
         browser.close()
-    print("| sizing | click to mask drawn, median (p95) | the server per click (its `predict`) "
-          "| `SamPredictor.predict` alone | hover masks/s |")
-    print("|---|---|---|---|---|")
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
+    print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores: python scripts/app_latency.py "
+          + " ".join(sys.argv[1:]))
+    print("| app | sizing | click to mask drawn, median (p95) | `SamPredictor.predict` alone, median (p95) "
+          "| the page's request (server: its predict + masks' encoding) | PNG read + drawn | hover masks/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['sizing']} | {r['click_to_drawn_median_ms']:.0f} ms ({r['click_to_drawn_p95_ms']:.0f} ms) | "
-              f"{r['server_median_ms']:.1f} ms ({r['server_decode_median_ms']:.1f} ms) | "
-              f"{r['predict_median_ms']:.1f} ms | {r['hover_masks_per_s']:.1f} |")
+        encode = "" if r["server_encode_median_ms"] is None else f" + {r['server_encode_median_ms']:.1f}"
+        print(f"| {r['app']} | {r['sizing']} | {r['click_to_drawn_median_ms']:.0f} ms "
+              f"({r['click_to_drawn_p95_ms']:.0f} ms) | "
+              f"{r['predict_median_ms']:.1f} ms ({r['predict_p95_ms']:.1f} ms) | "
+              f"{r['page_answer_ms_median_ms']:.1f} ms ({r['server_median_ms']:.1f} ms: "
+              f"{r['server_decode_median_ms']:.1f}{encode} ms) | "
+              f"{r['page_png_ms_median_ms']:.1f} + {r['page_draw_ms_median_ms']:.1f} ms | "
+              f"{r['hover_masks_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

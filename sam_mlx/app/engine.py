@@ -8,7 +8,8 @@ on the futures they return.
 
 The interactive thread takes decodes (clicks, boxes, exports: each one answered, first come first served), then
 hovers: the latest position of each hover stream only; a position not started when a newer one arrives is dropped
-(its future cancelled), never queued. A decode for an image not encoded yet waits for its encode.
+(its future cancelled), never queued. A decode for an image not encoded yet waits in the queue for its encode,
+while decodes of images that are ready pass it.
 
 The encoder thread takes the image the user looks at (``focus``), then the next images ahead (``prefetch``) once
 interactive work has paused for ``idle_seconds``. Encoded images keep their predictor in memory (the last
@@ -47,6 +48,10 @@ from .masks import encode_masks
 
 class HintExpired(KeyError):
     """A mask hint that refers to a result the engine no longer keeps."""
+
+
+class EngineStopped(RuntimeError):
+    """Work asked of an engine that is stopping: it will not run."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class Engine:
         self.idle_seconds = idle_seconds
         self.hints = HintStore(hint_bytes)
         self._wake = threading.Condition()
-        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._jobs: deque[tuple[int, Callable[[], Any], Future]] = deque()  # (image id, work, its future)
         self._hovers: dict[Any, tuple[Callable[[], Any], Future]] = {}
         self._focus: int | None = None  # the image the user looks at
         self._wanted: list[int] = []  # images to encode: the focus first, then the ones ahead
@@ -130,11 +135,11 @@ class Engine:
     def decode(self, image_id: int, prompt: Prompt, mask_format: str = "png", return_low_res: bool = False,
                max_side: int | None = None) -> Future:
         """Future of ``decode_now``'s result."""
-        return self._submit(lambda: self.decode_now(image_id, prompt, mask_format, return_low_res, max_side))
+        return self._submit(image_id, lambda: self.decode_now(image_id, prompt, mask_format, return_low_res, max_side))
 
     def replay(self, image_id: int, steps: list[tuple[Prompt, int]]) -> Future:
         """Future of ``replay_now``'s result."""
-        return self._submit(lambda: self.replay_now(image_id, steps))
+        return self._submit(image_id, lambda: self.replay_now(image_id, steps))
 
     def hover(self, key: Any, image_id: int, x: float, y: float, mask_format: str = "png",
               max_side: int | None = None) -> Future:
@@ -168,10 +173,13 @@ class Engine:
             self._stopping = True
             self._wake.notify_all()
 
-    def _submit(self, work: Callable[[], Any]) -> Future:
+    def _submit(self, image_id: int, work: Callable[[], Any]) -> Future:
         future: Future = Future()
         with self._wake:
-            self._jobs.append((work, future))
+            if self._stopping:
+                future.set_exception(EngineStopped("the app is stopping"))
+                return future
+            self._jobs.append((image_id, work, future))
             self._last_interactive = time.monotonic()
             self._wake.notify_all()
         return future
@@ -197,21 +205,31 @@ class Engine:
         finally:
             with self._wake:
                 self._stopping = True
-                pending = [f for _, f in self._jobs] + [f for _, f in self._hovers.values()]
+                jobs, hovers = [f for _, _, f in self._jobs], [f for _, f in self._hovers.values()]
                 self._jobs.clear()
                 self._hovers.clear()
                 self._wake.notify_all()
-            for future in pending:
+            for future in jobs:  # answered: their requests get 503 at once
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineStopped("the app is stopping"))
+            for future in hovers:
                 future.cancel()
             encoder.join()  # after the encode it may be in, which cannot be interrupted
 
     def _next_work(self) -> tuple[Callable[[], Any], Future] | None:
-        """The next decode, else the next hover, or None after waiting up to 0.2 s for one."""
+        """The first decode of an image that is ready (or failed), else the next hover, or None after waiting up to
+        0.2 s for one. A decode of an image still to encode waits in the queue, its image encoded first: decodes
+        of ready images pass it."""
         with self._wake:
             if self._stopping:
                 return None
+            for job in self._jobs:
+                image_id = job[0]
+                if image_id in self._predictors or self.library.get(image_id).status == "error":
+                    self._jobs.remove(job)
+                    return job[1:]
             if self._jobs:
-                return self._jobs.popleft()
+                self._encode_first(self._jobs[0][0])
             if self._hovers:
                 return self._hovers.pop(next(iter(self._hovers)))
             self._wake.wait(0.2)
@@ -225,14 +243,18 @@ class Engine:
                 if entry.status == "error":
                     raise ValueError(entry.error)
                 if self._stopping:
-                    raise RuntimeError("the app is stopping")
-                if self._focus != image_id:  # this one first
-                    self._focus = image_id
-                    self._wanted = [image_id, *(i for i in self._wanted if i != image_id)]
-                    self._wake.notify_all()
+                    raise EngineStopped("the app is stopping")
+                self._encode_first(image_id)
                 self._wake.wait(0.2)
             self._predictors.move_to_end(image_id)
             return self._predictors[image_id]
+
+    def _encode_first(self, image_id: int) -> None:
+        """(Holding the lock.) Make the image the encoder's next one."""
+        if self._focus != image_id:
+            self._focus = image_id
+            self._wanted = [image_id, *(i for i in self._wanted if i != image_id)]
+            self._wake.notify_all()
 
     # ---------------------------------------------------------------- the encoder thread
     def _encode_loop(self) -> None:
@@ -267,14 +289,15 @@ class Engine:
         entry.status, entry.encode_started = "encoding", time.monotonic()
         try:
             predictor = SamPredictor(self.model, sizing=self.sizing, size=self.size)
-            digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:32]
+            path = self.library.image_path(entry)  # as it is now: not a link to elsewhere
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
             size = "x".join(map(str, self.size)) if isinstance(self.size, tuple) else self.size
             tokens_path = self.tokens_dir / f"{digest}-{self.fingerprint}-{self.sizing}-{size}.safetensors"
             on_disk = not self.model.config.hq  # a tokens file cannot hold HQ-SAM's early features
             if on_disk and self._load_tokens(predictor, tokens_path):
                 os.utime(tokens_path)  # used now: the last to be removed from a full cache
             else:
-                image = load_image(entry.path)
+                image = load_image(path)
                 start = time.perf_counter()
                 predictor.set_image(image)
                 entry.encode_seconds = round(time.perf_counter() - start, 2)
@@ -335,11 +358,13 @@ class Engine:
         start = time.perf_counter()
         masks, scores, low_res = predictor.predict(prompt.points, prompt.labels, prompt.box, hint, prompt.multimask)
         decode_ms = (time.perf_counter() - start) * 1e3
+        encoded = encode_masks(masks, mask_format, max_side)
         result = {
             "result": self.hints.put(image_id, low_res),
             "scores": [round(float(s), 5) for s in scores],
-            "masks": encode_masks(masks, mask_format, max_side),
+            "masks": encoded,
             "decode_ms": round(decode_ms, 2),
+            "encode_ms": round((time.perf_counter() - start) * 1e3 - decode_ms, 2),  # the masks' PNG or RLE
         }
         if return_low_res:
             result["low_res"] = low_res
@@ -363,6 +388,9 @@ class Engine:
         """One foreground point: 3 candidates decoded, the best one upscaled (no low-res logits kept)."""
         with self._wake:
             if image_id not in self._predictors:
+                entry = self.library.get(image_id)
+                if entry.status == "error":
+                    raise ValueError(f"{entry.path.name} could not be encoded: {entry.error}")
                 return None
         predictor = self.predictor(image_id)
         start = time.perf_counter()

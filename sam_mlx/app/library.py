@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..io.folders import IMAGE_SUFFIXES, expand_images, output_stems
 from ..io.images import load_image
+from .limits import MAX_PATH_CHARS
 
 # Formats a browser shows as they are; other images (and EXIF-rotated ones) are sent re-encoded as decoded.
 _BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -112,14 +113,31 @@ class Library:
 
     def readable(self, text: str) -> Path:
         """An image file or folder inside the opened folders (or an opened file), resolved."""
-        path = Path(text).expanduser().resolve()
-        if not self._allowed(path):
-            raise Forbidden(f"{text}: outside the folders opened by `sam-mlx app`")
-        if not path.exists():
-            raise ValueError(f"{text}: no such file or folder")
+        if len(text) > MAX_PATH_CHARS or "\0" in text:
+            raise ValueError(f"{text[:60]}...: not a path (over {MAX_PATH_CHARS} characters or with a NUL)")
+        try:
+            path = Path(text).expanduser().resolve()
+            if not self._allowed(path):
+                raise Forbidden(f"{text}: outside the folders opened by `sam-mlx app`")
+            if not path.exists():
+                raise ValueError(f"{text}: no such file or folder")
+            if not (path.is_file() or path.is_dir()):  # a FIFO, a device: reading it could wait for ever
+                raise ValueError(f"{text}: not a regular file or a folder")
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise ValueError(f"{text}: {exc.strerror or exc}") from None
         if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{text}: not an image ({', '.join(IMAGE_SUFFIXES)})")
         return path
+
+    def image_path(self, entry: ImageEntry) -> Path:
+        """The image's file, checked again now: a file replaced by a link leading outside the opened folders (or
+        by something that is not a file) since it was opened is refused."""
+        resolved = entry.path.resolve()
+        if not self._allowed(resolved):
+            raise Forbidden(f"{entry.path}: now leads outside the folders opened by `sam-mlx app`")
+        if not resolved.is_file():
+            raise ValueError(f"{entry.path}: no longer a regular file")
+        return resolved
 
     def _allowed(self, resolved: Path) -> bool:
         return resolved in self.files or any(resolved.is_relative_to(folder) for folder in self.folders)
@@ -136,14 +154,21 @@ class Library:
             raise Forbidden(f"{text}: outside the export folder {self.export_root}")
         return path
 
+    def export_file(self, path: Path) -> Path:
+        """``path`` (a file or folder to read or write in the export folder) if it resolves, now, inside it."""
+        if not path.resolve().is_relative_to(self.export_root):
+            raise Forbidden(f"{path}: leads outside the export folder {self.export_root}")
+        return path
 
-def display_image(entry: ImageEntry) -> tuple[bytes, str]:
-    """The image as a browser should show it (the pixels the model sees): (bytes, media type).
+
+def display_image(entry: ImageEntry, path: Path) -> tuple[bytes, str]:
+    """The image (its file ``path``, checked by ``Library.image_path``) as a browser should show it (the pixels the
+    model sees): (bytes, media type).
 
     JPEG, PNG and WebP files without an EXIF rotation are sent as they are; others are decoded as the
     model decodes them (``load_image``: EXIF-rotated, RGB) and sent as PNG. Records the image's size.
     """
-    data = entry.path.read_bytes()
+    data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:
             media_type = _BROWSER_FORMATS.get(im.format or "")
@@ -154,7 +179,7 @@ def display_image(entry: ImageEntry) -> tuple[bytes, str]:
     if media_type and not rotated:
         entry.size = entry.size or size
         return data, media_type
-    array = load_image(entry.path)
+    array = load_image(path)
     entry.size = (array.shape[1], array.shape[0])
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1)

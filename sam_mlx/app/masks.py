@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from ..amg.mask_utils import batched_mask_to_box, mask_to_rle, remove_small_regions, rle_to_mask
+from .limits import MAX_MASK_PIXELS, TooLarge, shape
 
 MASK_FORMATS = ("png", "rle")
 
@@ -65,9 +68,10 @@ def _png(mask: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
-def _read_png(data: bytes) -> np.ndarray | None:
+def _read_png(data: bytes, check: Callable[[tuple[int, int]], None]) -> np.ndarray | None:
     """H x W bool of a 1-bit grayscale PNG whose rows are all unfiltered, as ``_png`` writes it (what the page sends
-    back: its masks as they came), ~5x faster than Pillow; None for any other PNG, left to Pillow."""
+    back: its masks as they came), ~5x faster than Pillow; None for any other PNG, left to Pillow. ``check`` sees
+    the size (width, height) before anything is decompressed."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         return None
     chunks, offset = {}, 8
@@ -79,9 +83,12 @@ def _read_png(data: bytes) -> np.ndarray | None:
             or chunks.get(b"tRNS", b"\x00\x00") != b"\x00\x00":
         return None
     width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    if (depth, color, interlace) != (1, 0, 0):
+        return None
+    check((width, height))
     stride = (width + 7) // 8 + 1
-    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8)
-    if (depth, color, interlace) != (1, 0, 0) or rows.size != height * stride:
+    rows = np.frombuffer(zlib.decompressobj().decompress(chunks[b"IDAT"], height * stride + 1), np.uint8)
+    if rows.size != height * stride:
         return None
     rows = rows.reshape(height, stride)
     if rows[:, 0].any():  # a filtered row: Pillow knows the filters
@@ -89,28 +96,56 @@ def _read_png(data: bytes) -> np.ndarray | None:
     return np.unpackbits(rows[:, 1:], axis=1, count=width).astype(bool)
 
 
-def decode_mask(data: object, size: tuple[int, int] | None = None) -> np.ndarray:
-    """``encode_mask``'s output (either form) -> H x W bool; ``size`` (width, height) is checked when given."""
+def decode_mask(data: object, size: tuple[int, int] | None = None, within: tuple[int, int] | None = None,
+                max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
+    """``encode_mask``'s output (either form) -> H x W bool.
+
+    Its size (width, height) is checked before it is decoded: equal to ``size``, no larger than ``within`` on
+    either side (a mask shrunk for showing), and at most ``max_pixels``; so a few bytes of RLE or PNG cannot
+    ask for gigabytes.
+    """
     if not isinstance(data, dict) or not ({"png", "rle"} & data.keys()):
         raise ValueError('a mask must be {"png": base64 PNG} or {"rle": {"size": [H, W], "counts": [...]}}')
     if "png" in data:
         try:
             png = base64.b64decode(data["png"], validate=True)
-            mask = _read_png(png)
+            mask = _read_png(png, lambda mask_size: _check_size(mask_size, size, within, max_pixels))
             if mask is None:
                 with Image.open(io.BytesIO(png)) as im:
+                    _check_size(im.size, size, within, max_pixels)
                     mask = np.array(im.convert("L")) > 127
-        except (binascii.Error, TypeError, OSError, ValueError, zlib.error) as exc:
+        except (binascii.Error, TypeError, OSError, ValueError, zlib.error, Image.DecompressionBombError) as exc:
+            if isinstance(exc, (MaskSizeError, TooLarge)):
+                raise
             raise ValueError(f"mask: not a base64 PNG ({exc})") from None
-    else:
-        rle = data["rle"]
-        try:
-            mask = rle_to_mask(rle)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"mask: not a COCO uncompressed RLE ({exc})") from None
-    if size is not None and mask.shape != (size[1], size[0]):
-        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
-    return mask
+        return mask
+    rle = data["rle"]
+    if not isinstance(rle, dict) or not isinstance(rle.get("counts"), list):
+        raise ValueError('mask: not a COCO uncompressed RLE ({"size": [H, W], "counts": [...]})')
+    height, width = shape(rle.get("size"), "mask size", 2, math.inf)  # its size checked below
+    _check_size((width, height), size, within, max_pixels)
+    counts = rle["counts"]
+    if len(counts) > height * width + 1 or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ValueError(f"mask: RLE counts must be at most {height * width + 1} integers")
+    try:
+        return rle_to_mask(rle)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"mask: not a COCO uncompressed RLE ({exc})") from None
+
+
+class MaskSizeError(ValueError):
+    """A mask whose size is not the one expected."""
+
+
+def _check_size(mask_size: tuple[int, int], size: tuple[int, int] | None, within: tuple[int, int] | None,
+                max_pixels: int) -> None:
+    width, height = mask_size
+    if size is not None and (width, height) != tuple(size):
+        raise MaskSizeError(f"mask is {width}x{height} but the image is {size[0]}x{size[1]}")
+    if within is not None and (width > within[0] or height > within[1]):
+        raise MaskSizeError(f"mask is {width}x{height}, larger than the {within[0]}x{within[1]} image")
+    if width * height > max_pixels:
+        raise TooLarge(f"mask is {width}x{height}: over the app's limit of {max_pixels} pixels")
 
 
 def clean_mask(mask: np.ndarray, fill_holes: float = 0, remove_islands: float = 0) -> np.ndarray:

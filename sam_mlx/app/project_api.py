@@ -21,6 +21,7 @@ from starlette.routing import Route
 from ..amg.mask_utils import coco_decode_rle
 from ..io.images import load_image, pixel_fingerprint
 from .library import ImageEntry, Library
+from .limits import MAX_POINTS, TooLarge, parse_json
 from .masks import MASK_FORMATS, decode_mask, encode_masks
 from .project import STATES, Project, Step
 from .project_export import export_project
@@ -198,10 +199,9 @@ def project_routes(project: Project, library: Library) -> list[Route]:
 
 # ---------------------------------------------------------------- request parsing
 async def _body(request: Request) -> dict:
-    body = await request.json() if await request.body() else {}
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    return body
+    """The request's JSON object, as the app's other endpoints take it (``limits.parse_json``); {} for no body."""
+    raw = await request.body()
+    return parse_json(raw, request.headers.get("content-type")) if raw else {}
 
 
 def _query_int(request: Request, name: str) -> int | None:
@@ -229,8 +229,8 @@ def _score(score: object) -> float | None:
 
 def _mask(data: object, image: dict) -> np.ndarray:
     """A mask as ``encode_masks`` sends it: at the image's size, or shrunk to a longer side as the page shows it."""
-    mask = decode_mask(data)
     width, height = image["width"], image["height"]
+    mask = decode_mask(data, within=(width, height))  # its size checked before it is decoded
     side = max(mask.shape)
     scale = side / max(width, height)
     shrunk = (max(round(height * scale), 1), max(round(width * scale), 1))
@@ -247,6 +247,8 @@ def _step(data: object, image: dict) -> Step:
     multimask = data.get("multimask", False)
     if not isinstance(multimask, bool):
         raise ValueError(f"step multimask must be true or false, got {json.dumps(multimask)}")
+    if isinstance(data.get("points"), list) and len(data["points"]) > MAX_POINTS:
+        raise TooLarge(f"a step has at most {MAX_POINTS} points, got {len(data['points'])}")
     empty = not data.get("points") and data.get("box") is None
     if not empty and data.get("mask") is None:
         raise ValueError("a step with points or a box needs the mask of its chosen candidate")

@@ -188,3 +188,13 @@ def _open_project(path: Path, create: bool):
         return Project(path)
     except ProjectError as exc:
         raise CliError(str(exc)) from None
+
+
+def cmd_label_studio(args: argparse.Namespace) -> None:
+    try:
+        from ..label_studio.command import run
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("starlette", "uvicorn"):
+            raise
+        raise CliError(f"the Label Studio backend needs {exc.name}: pip install 'sam-mlx[app]'") from None
+    run(args, sam_mlx.load(_model_to_load(args)))

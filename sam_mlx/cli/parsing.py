@@ -12,7 +12,17 @@ import sam_mlx
 
 from ..examples import EXAMPLES
 from ..io.export import DEFAULT_SIMPLIFY, FORMATS, parse_formats
-from .commands import cmd_app, cmd_convert, cmd_encode, cmd_everything, cmd_export, cmd_info, cmd_segment
+from ..label_studio.command import add_arguments as add_label_studio_arguments
+from .commands import (
+    cmd_app,
+    cmd_convert,
+    cmd_encode,
+    cmd_everything,
+    cmd_export,
+    cmd_info,
+    cmd_label_studio,
+    cmd_segment,
+)
 from .jobs import MODEL_ENV
 from .run import FAILURES_FILE
 from .work import TOKENS_SUFFIX
@@ -279,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="polygon simplification tolerance (default: the project's setting)")
     export.set_defaults(func=cmd_export)
 
+    studio = commands.add_parser("label-studio", parents=[common, model], help="a Label Studio ML backend",
+                                 description="Serve Label Studio's ML backend protocol: masks for smart keypoints "
+                                 "and boxes (docs/label-studio.md). Needs the sam-mlx[app] extra.")
+    add_label_studio_arguments(studio)
+    studio.set_defaults(func=cmd_label_studio)
     info = commands.add_parser("info", parents=[common], help="versions, device, BLAS and a model's config",
                                description="Show the sam_mlx and MLX versions, the default device, the BLAS "
                                f"in use, the model cache and, with --model or ${MODEL_ENV}, the model's config, "

@@ -259,7 +259,7 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
     const drawn = performance.now();
     requestAnimationFrame(() => {  // the frame that shows the mask
       app.stats.clicks.push({latency_ms: performance.now() - startedAt, server_ms: result.server_ms,
-                             decode_ms: result.decode_ms, answer_ms: answered - startedAt,
+                             decode_ms: result.decode_ms, encode_ms: result.encode_ms, answer_ms: answered - startedAt,
                              png_ms: decoded - answered, draw_ms: drawn - decoded});
       showStats();
     });
