@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,9 @@ class ProjectLink:
         return row
 
 
-def project_routes(project: Project, library: Library) -> list[Route]:
-    """The routes of the project's endpoints, for ``server.create_app``."""
+def project_routes(project: Project, library: Library, export_set: Callable[..., dict]) -> list[Route]:
+    """The routes of the project's endpoints, for ``server.create_app``; ``export_set(library, folder, write)``
+    writes an export as one set of files that replaces the folder's last one (``server.export_set``)."""
     link = ProjectLink(project, library)
     # Moved images find their work in the background: the page polls the project and shows it when found.
     threading.Thread(target=link.relink_moved, name="sam-mlx-project-relink", daemon=True).start()
@@ -180,8 +182,8 @@ def project_routes(project: Project, library: Library) -> list[Route]:
         formats = body.get("formats")
         if not isinstance(formats, list) or not formats:
             raise ValueError(f"formats must be a list of export formats, got {json.dumps(formats)}")
-        written = await run_in_threadpool(export_project, project, folder, formats)
-        return JSONResponse({"folder": str(folder), "files": [str(Path(p).relative_to(folder)) for p in written]})
+        return JSONResponse(await run_in_threadpool(export_set, library, folder,
+                                                    lambda: export_project(project, folder, formats)))
 
     return [
         Route("/api/project", overview),

@@ -298,7 +298,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2, project: Project |
         Route("/api/polygons", polygons, methods=["POST"]),
         Route("/api/export", export, methods=["POST"]),
         WebSocketRoute("/api/hover", hover),
-    ] + (project_routes(project, library) if project else [])
+    ] + (project_routes(project, library, export_set) if project else [])
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(ALLOWED_HOSTS)),
                   Middleware(TokenGuard, token=token), Middleware(BodyLimit)]
     handlers = {Forbidden: error(403), UnknownImage: error(404), HintExpired: error(409), ValueError: error(400),
@@ -519,20 +519,28 @@ def _export_request(engine: Engine, body: dict) -> tuple[list[str], float, dict,
 
 def _export(engine: Engine, body: dict) -> dict:
     """Write the export formats of the given images' objects and, per image, the prompts that reopen them, as one
-    set that replaces the folder's previous one (``README``/docs: "What an export replaces").
+    set that replaces the folder's previous one (``export_set``).
 
     An object's mask is given (``mask``) or made again here from its prompt steps (``steps``), exactly as the
     page showed it, at the image's full size; the clean-up is applied to every object. The request is checked
-    whole first; then one image at a time is made and written to temporaries (so memory holds one image's
-    masks), and all are renamed into place at the end, under a lock of the folder: a failure (a full disk, a
-    stop) replaces nothing, and two exports into one folder take turns. Then the files of the previous set that
-    this one did not write are removed. A file this set would replace that no export of the app wrote (the
-    user's own) stops the export with 409, and nothing is replaced.
+    whole first; then one image at a time is made and written (so memory holds one image's masks).
     """
     library = engine.library
     folder = library.export_dir(_field(body, "folder", str, ""))
     formats, simplify, cleanup, work = _export_request(engine, body)
     export = _export_module()
+    return export_set(library, folder, lambda: _write_set(engine, folder, formats, simplify, cleanup, work, export))
+
+
+def export_set(library: Library, folder: Path, write: Callable[[], list[Path]]) -> dict:
+    """Call ``write()`` (it writes an export's files into ``folder`` and returns them) so that they are one set that
+    replaces the folder's previous one (docs/app.md: "What an export replaces").
+
+    The files are written to temporaries and all renamed into place at the end, under a lock of the folder: a
+    failure (a full disk, a stop) replaces nothing, and two exports into one folder take turns. Then the files of
+    the previous set that this one did not write are removed. A file this set would replace that no export of the
+    app wrote (the user's own) stops the export with 409, and nothing is replaced.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for sub in _EXPORT_SUBFOLDERS:  # a link there must not carry the files out of the export folder
@@ -543,7 +551,7 @@ def _export(engine: Engine, body: dict) -> dict:
                 if (folder / sub).is_dir():
                     remove_abandoned_temporaries(folder / sub, r"[^/]+\.(png|json|txt)")
             with one_set_of_files():
-                written = _write_set(engine, folder, formats, simplify, cleanup, work, export)
+                written = write()
                 names = {path.relative_to(folder).as_posix() for path in written}
                 theirs = sorted(name for name in names - previous if (folder / name).exists())
                 if theirs:

@@ -189,14 +189,14 @@ def test_the_pages_pngs_are_read_as_pillow_reads_them():
     for shape in ((1, 1), (3, 9), (17, 8), (120, 181)):
         mask = rng.random(shape) > 0.5
         encoded = encode_mask(mask, "png")
-        assert _read_png(base64.b64decode(encoded["png"])) is not None  # the fast path
+        assert _read_png(base64.b64decode(encoded["png"]), lambda size: None) is not None  # the fast path
         np.testing.assert_array_equal(decode_mask(encoded), mask)
         pillow_pngs = ((Image.fromarray(mask), False), (Image.fromarray(mask.astype(np.uint8) * 255), True))
         for image, pillow_only in pillow_pngs:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")  # Pillow's own PNGs: 1-bit (filtered or not), 8-bit (left to Pillow)
             if pillow_only:
-                assert _read_png(buffer.getvalue()) is None
+                assert _read_png(buffer.getvalue(), lambda size: None) is None
             np.testing.assert_array_equal(decode_mask({"png": base64.b64encode(buffer.getvalue()).decode()}), mask)
 
 

@@ -132,6 +132,12 @@ def test_a_killed_server_restarts_with_every_change_and_exports_as_the_command(t
             np.testing.assert_array_equal(decode_mask(listed["objects"][1]["steps"][0]["mask"]), _mask(6))
             client.post("/api/project/cleanup", json={"fill_holes": 100})
             page = client.post("/api/project/export", json={"folder": "page", "formats": ["coco", "png"]}).json()
+            mine = tmp_path / "export" / "mine" / "coco.json"  # the user's own file: an export does not replace it
+            mine.parent.mkdir()
+            mine.write_text("{}")
+            refused = client.post("/api/project/export", json={"folder": "mine", "formats": ["coco"]})
+            assert refused.status_code == 409 and "not written by an export of the app" in refused.json()["error"]
+            assert mine.read_text() == "{}" and sorted(p.name for p in mine.parent.iterdir()) == ["coco.json"]
     finally:
         assert again.stop()[0] == 0
     project = str(tmp_path / "export" / "sam-mlx.sqlite")
