@@ -22,7 +22,7 @@ from .modeling.prompt_encoder import PADDING_LABEL, prompt_batch_size
 from .modeling.sam import Sam
 from .ops import backend
 from .resources import check_encoding_fits
-from .transforms import MASK_THRESHOLD, ImageGeometry, checked_size, image_geometry
+from .transforms import MASK_THRESHOLD, ImageGeometry, checked_size, image_geometry, in_input_frame
 
 # SAM's low-res logits lie within about +-100; far larger hints would overflow float32 in the hint encoder
 _MASK_INPUT_LIMIT = 1e6
@@ -140,17 +140,21 @@ class SamPredictor:
         return_logits: bool = False,
         return_low_res: bool = True,
         hq_token_only: bool = False,
+        clip_boxes: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """One prompt -> (masks C x H x W, iou_predictions C, low_res_logits C x h x w), numpy.
 
         point_coords: N x 2 (x, y) pixels of the original image, point_labels: N (1 = foreground,
         0 = background, -1 = padding, ignored); box: 4 (x1, y1, x2, y2); mask_input: 1 x h x w
         low-res logits from a previous prediction. C is 3 with ``multimask_output`` else 1.
+        A box partly outside the image is used as given, as the original does (``clip_boxes=True`` clips it
+        to the image first); points outside the image are refused.
         ``return_low_res=False``: no low-res logits (None); the masks of the padding's tokens, which
         only they show, are then not computed (``ImageGeometry.read_grid``; a 3:2 photo: 1/3 of the tokens).
         HQ-SAM, as its original predictor: C is 1 (SAM's best mask of the three with ``multimask_output``, else
         mask 0, plus the HQ mask; the HQ mask alone with ``hq_token_only``).
         """
+        _refuse_input_frame(point_coords=point_coords, box=box)
         if point_coords is not None or point_labels is not None:
             coords, labels = _points(point_coords, point_labels)
             point_coords, point_labels = coords[None], labels[None]
@@ -168,7 +172,8 @@ class SamPredictor:
                 )
             mask_input = mask_input[None]
         masks, iou, low_res = self.predict_batch(
-            point_coords, point_labels, box, mask_input, multimask_output, return_logits, return_low_res, hq_token_only
+            point_coords, point_labels, box, mask_input, multimask_output, return_logits, return_low_res, hq_token_only,
+            clip_boxes,
         )
         return masks[0], iou[0], None if low_res is None else low_res[0]
 
@@ -183,18 +188,39 @@ class SamPredictor:
         return_logits: bool = False,
         return_low_res: bool = True,
         hq_token_only: bool = False,
+        clip_boxes: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """B prompts decoded together -> (masks B x C x H x W, iou B x C, low_res B x C x h x w).
 
         point_coords: B x N x 2, point_labels: B x N, boxes: B x 4, mask_input: B x 1 x h x w,
-        all in the original image's pixels; whichever are given must agree on B. Prompts with
-        fewer points are padded with label -1. B = 0 gives empty arrays. ``return_low_res``, ``hq_token_only``:
-        as ``predict``.
+        all in the original image's pixels (not the encoder input's, which ``ResizeLongestSide`` gives and
+        ``segment_anything.SamPredictor.predict_torch`` takes: such coordinates are refused); whichever are given
+        must agree on B. Prompts with fewer points are padded with label -1. B = 0 gives empty arrays.
+        ``return_low_res``, ``hq_token_only``, ``clip_boxes``: as ``predict``.
         """
+        _refuse_input_frame(point_coords=point_coords, boxes=boxes)
+        return self._decode_batch(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
+                                  return_low_res, hq_token_only, clip_boxes, input_frame=False)
+
+    def _decode_batch(
+        self,
+        point_coords: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        boxes: np.ndarray | None,
+        mask_input: np.ndarray | None,
+        multimask_output: bool,
+        return_logits: bool,
+        return_low_res: bool,
+        hq_token_only: bool,
+        clip_boxes: bool,
+        input_frame: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``predict_batch`` with the coordinates in the original image's pixels, or with ``input_frame`` in the
+        resized image's (the encoder input's, as the original's ``predict_torch`` takes them)."""
         image = self._require_image()
         if hq_token_only and not self.model.config.hq:
             raise ValueError(f"hq_token_only needs an HQ-SAM model; a {self.model.config.name} model has no HQ token")
-        prompts = self._prepare_prompts(point_coords, point_labels, boxes, mask_input)
+        prompts = self._prepare_prompts(point_coords, point_labels, boxes, mask_input, clip_boxes, input_frame)
         if prompt_batch_size(*prompts) == 0:
             return self._no_masks(multimask_output, return_logits, return_low_res)
         low_res, iou = self._sam.decode(image, *prompts, multimask_output, read_grid_only=not return_low_res,
@@ -221,10 +247,15 @@ class SamPredictor:
         point_labels: np.ndarray | None,
         boxes: np.ndarray | None,
         mask_input: np.ndarray | None,
+        clip_boxes: bool,
+        input_frame: bool,
     ) -> tuple[tuple[mx.array, mx.array] | None, mx.array | None, mx.array | None]:
-        """Check batched prompts against the image and move them to encoder-input coordinates."""
+        """Check batched prompts against the image and move them to encoder-input coordinates (unless they are
+        there already: ``input_frame``)."""
         geometry = self.geometry
-        h, w = geometry.original_size
+        h, w = geometry.input_size if input_frame else geometry.original_size
+        to_input = (lambda c: np.asarray(c, np.float32)) if input_frame else geometry.to_input_coords
+        frame = f"{w}x{h} resized image" if input_frame else f"{w}x{h} image"
         batch_sizes = {}
         points = None
         if point_coords is not None or point_labels is not None:
@@ -234,14 +265,14 @@ class SamPredictor:
             )
             if outside.any():
                 x, y = coords[outside][0]
-                raise ValueError(f"point ({x:g}, {y:g}) is outside the {w}x{h} image (x in 0..{w}, y in 0..{h})")
+                raise ValueError(f"point ({x:g}, {y:g}) is outside the {frame} (x in 0..{w}, y in 0..{h})")
             batch_sizes["point_coords"] = coords.shape[0]
-            points = (mx.array(geometry.to_input_coords(coords)), mx.array(labels))
+            points = (mx.array(to_input(coords)), mx.array(labels))
         box_array = None
         if boxes is not None:
-            boxes = _boxes(boxes, w, h)
+            boxes = _boxes(boxes, w, h, clip_boxes, frame)
             batch_sizes["boxes"] = boxes.shape[0]
-            box_array = mx.array(geometry.to_input_coords(boxes.reshape(-1, 2, 2)).reshape(-1, 4))
+            box_array = mx.array(to_input(boxes.reshape(-1, 2, 2)).reshape(-1, 4))
         masks = None
         if mask_input is not None:
             masks = self._mask_input(mask_input)
@@ -273,6 +304,17 @@ class SamPredictor:
         return mx.array(mask_input[:, 0].astype(np.float32))
 
 
+def _refuse_input_frame(**coordinates: Any) -> None:
+    """Refuse coordinates ``ResizeLongestSide`` mapped to the encoder input: they would give wrong masks silently."""
+    for name, value in coordinates.items():
+        if in_input_frame(value):
+            raise ValueError(
+                f"{name} were transformed to the encoder input's frame (ResizeLongestSide.apply_*), but predict "
+                "and predict_batch take the original image's pixels: pass the untransformed ones, or the "
+                "transformed ones to sam_mlx.segment_anything.SamPredictor.predict_torch"
+            )
+
+
 def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Validate point prompts: N x 2 and N (or B x N x 2 and B x N when ``batched``)."""
     if coords is None or labels is None:
@@ -297,8 +339,12 @@ def _points(coords: Any, labels: Any, batched: bool = False) -> tuple[np.ndarray
     return coords, labels.astype(np.int32)
 
 
-def _boxes(boxes: Any, w: int, h: int) -> np.ndarray:
-    """Validate B x 4 (x1, y1, x2, y2) boxes and clip them to the image."""
+def _boxes(boxes: Any, w: int, h: int, clip: bool, frame: str) -> np.ndarray:
+    """Validate B x 4 (x1, y1, x2, y2) boxes; with ``clip``, clip them to the w x h image (``frame`` names it).
+
+    A box partly outside the image is kept as given by default, as the original takes it (detector boxes often
+    cross the border, and SAM reads the corners' positions, not only the pixels inside): clipping it moves a
+    corner, and so the mask. A box wholly outside the image, inverted or not finite is refused."""
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim == 1:
         boxes = boxes[None]
@@ -310,5 +356,5 @@ def _boxes(boxes: Any, w: int, h: int) -> np.ndarray:
         if x2 < x1 or y2 < y1:
             raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
         if x2 < 0 or y2 < 0 or x1 > w or y1 > h:
-            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {w}x{h} image")
-    return np.clip(boxes, 0, [w, h, w, h])
+            raise ValueError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {frame}")
+    return np.clip(boxes, 0, [w, h, w, h]) if clip else boxes

@@ -119,15 +119,42 @@ def checked_size(sizing: str, size: Any) -> int | tuple[int, int]:
     return size
 
 
+class InputFrameCoords(np.ndarray):
+    """Coordinates already mapped to the resized image (the encoder input's frame), as ``ResizeLongestSide`` returns
+    them: the predictor's ``predict`` and ``predict_batch``, which take the original image's pixels, refuse them."""
+
+
+_INPUT_FRAME = "_sam_mlx_input_frame"  # the same mark on a torch tensor, which cannot be subclassed here
+
+
+def mark_input_frame(coords: Any) -> Any:
+    """Mark a numpy array or torch tensor of coordinates as being in the encoder input's frame."""
+    if isinstance(coords, np.ndarray):
+        return coords.view(InputFrameCoords)
+    setattr(coords, _INPUT_FRAME, True)
+    return coords
+
+
+def in_input_frame(coords: Any) -> bool:
+    """Whether ``mark_input_frame`` marked these coordinates."""
+    return isinstance(coords, InputFrameCoords) or getattr(coords, _INPUT_FRAME, False) is True
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H x W x 3 uint8 -> the (H', W') image, PIL bilinear (as the original's torchvision resize of a PIL image)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
 def preprocess(image: np.ndarray, geometry: ImageGeometry) -> mx.array:
     """H x W x 3 uint8 RGB -> 1 x H' x W' x 3 normalized float32 encoder input.
 
-    Resizes with PIL bilinear (as the original's torchvision resize of a PIL image),
-    normalises with the ImageNet mean/std and zero-pads bottom/right.
+    Resizes with PIL bilinear (``resize_image``), normalises with the ImageNet mean/std and zero-pads
+    bottom/right. An image already at ``geometry.input_size`` is not resized (and may then be float).
     """
     h, w = geometry.input_size
-    if image.shape[:2] != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    image = resize_image(image, (h, w))
     x = (image.astype(np.float32) - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
     ph, pw = geometry.padded_size
     x = np.pad(x, ((0, ph - h), (0, pw - w), (0, 0)))

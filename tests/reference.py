@@ -307,3 +307,48 @@ def predictor_pair(ref_model: torch.nn.Module, predictor_class: type, path) -> t
     ours = sam_mlx.SamPredictor(sam_mlx.load(str(path)))
     ours.set_image(image)
     return ref, ours
+
+
+class _TinyViTTokens(torch.nn.Module):
+    """segment-anything-hq's TinyViT (MobileSAM's, which also hands back its early features) as Meta's ``Sam``
+    takes an image encoder: the image tokens only, and ``img_size``."""
+
+    def __init__(self, tiny_vit: torch.nn.Module):
+        super().__init__()
+        self.tiny_vit = tiny_vit
+        self.img_size = tiny_vit.img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tiny_vit(x)[0]
+
+
+def build_reference_mobile_sam(checkpoint) -> torch.nn.Module:
+    """MobileSAM in PyTorch: Meta's ``Sam``, prompt encoder and mask decoder with MobileSAM's TinyViT-5M (from
+    segment-anything-hq, whose TinyViT is MobileSAM's) as the image encoder, every weight from ``checkpoint``."""
+    m = segment_anything_modeling()
+    tiny_vit = segment_anything_hq_modeling().TinyViT(
+        img_size=1024, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+        use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
+    )
+    sam = m.Sam(
+        image_encoder=_TinyViTTokens(tiny_vit),
+        prompt_encoder=m.PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                       mask_in_chans=16),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+        ),
+    )
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = {k.replace("image_encoder.", "image_encoder.tiny_vit.", 1): v for k, v in state.items()}
+    sam.load_state_dict(state)
+    return sam.eval()  # TinyViT's attention caches its bias table when set to eval mode
+
+
+def reference_transforms_module():
+    """segment-anything's ``utils.transforms`` (``ResizeLongestSide``), torchvision's two functions shimmed."""
+    segment_anything_modeling()
+    _install_torchvision_shim()
+    return importlib.import_module("segment_anything.utils.transforms")

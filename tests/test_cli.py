@@ -152,6 +152,24 @@ def test_segment_folder_with_batched_boxes(env, dog, tmp_path):
         assert record["score"] == pytest.approx(float(score), abs=1e-4)
 
 
+def test_segment_box_crossing_the_border_as_given_or_clipped(env, dog, dog_tokens, tmp_path):
+    """A box crossing the border is used as given (as the original takes it), or clipped with --clip-boxes."""
+    box = [-200.0, 60.0, 700.0, 640.0]
+    scores = {}
+    for clip in (False, True):
+        out = tmp_path / ("clipped" if clip else "given")
+        ok(run(env, "segment", DOG, "--box=-200,60,700,640", "--tokens", str(dog_tokens), "--out-dir", str(out),
+               "--model", MODEL, *(["--clip-boxes"] if clip else [])))
+        report = json.loads((out / "dog.json").read_text())
+        (record,) = report["masks"]
+        assert record["prompt"]["box"] == box and report["settings"].get("clip_boxes", False) is clip
+        mask, score, _ = dog.predict(box=np.array(box), multimask_output=False, clip_boxes=clip)
+        assert record["score"] == pytest.approx(float(score[0]), abs=1e-4)
+        assert (read_mask(out / record["file"]) != mask[0]).mean() < 1e-4
+        scores[clip] = record["score"]
+    assert abs(scores[True] - scores[False]) > 1e-2
+
+
 def test_segment_rerun_leaves_no_stale_masks(env, dog_tokens, tmp_path):
     """Three masks, then one: the second run's JSON lists every mask PNG of the image, and no other is left."""
     other = tmp_path / "dog_mask1_mask0.png"  # an output of an image named dog_mask1.jpg: not the dog's

@@ -334,10 +334,14 @@ def test_bad_prompts(image_set, kwargs, message):
         image_set.predict(**kwargs)
 
 
-def test_boxes_are_clipped_and_border_points_accepted(image_set):
-    inside, _, _ = image_set.predict(box=np.array([0, 0, 200, 120]), multimask_output=False)
-    overhanging, _, _ = image_set.predict(box=np.array([-50, -20, 260, 300]), multimask_output=False)
-    assert (inside == overhanging).all()
+def test_boxes_are_taken_as_given_or_clipped_and_border_points_accepted(image_set):
+    """A box crossing the border is used as given, as the original does; ``clip_boxes=True`` clips it to the image."""
+    inside, inside_scores, inside_low = image_set.predict(box=np.array([0, 0, 200, 120]), multimask_output=False)
+    clipped, clipped_scores, _ = image_set.predict(box=np.array([-50, -20, 260, 300]), multimask_output=False,
+                                                   clip_boxes=True)
+    assert (inside == clipped).all() and (inside_scores == clipped_scores).all()
+    _, given_scores, given_low = image_set.predict(box=np.array([-50, -20, 260, 300]), multimask_output=False)
+    assert given_scores != inside_scores and np.abs(given_low - inside_low).max() > 1e-3
     masks, _, _ = image_set.predict(point_coords=np.array([[200, 120]]), point_labels=np.array([1]))
     assert masks.shape == (3, 120, 200)
 

@@ -122,7 +122,7 @@ class SamAutomaticMaskGenerator:
             data = self._generate_masks(image, progress)
         if self.min_mask_region_area > 0:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
-            data = self._remove_small_regions(data, self.min_mask_region_area, nms_thresh)
+            data = self.postprocess_small_regions(data, self.min_mask_region_area, nms_thresh)
         return [self._record(data, i) for i in range(len(data["rles"]))]
 
     # ----------------------------------------------------------------- helpers
@@ -225,7 +225,7 @@ class SamAutomaticMaskGenerator:
         return mu.stability_score_of_masks(inner, outer), masks
 
     @staticmethod
-    def _remove_small_regions(data: mu.MaskData, min_area: int, nms_thresh: float) -> mu.MaskData:
+    def postprocess_small_regions(data: mu.MaskData, min_area: int, nms_thresh: float) -> mu.MaskData:
         """Fill small holes and drop small islands, then NMS again preferring untouched masks."""
         if not data["rles"]:
             return data

@@ -174,3 +174,35 @@ def clean_shown_mask(mask: np.ndarray, image_size: tuple[int, int], fill_holes: 
         encoded["box"] = [int(x1 * sx), int(y1 * sy), min(int((x2 + 1) * sx), width - 1),
                           min(int((y2 + 1) * sy), height - 1)]
     return {"mask": encoded, "area": round(int(cleaned.sum()) / factor)}
+
+
+def mask_outline(mask: np.ndarray, simplify: float = 0.0) -> list[np.ndarray]:
+    """The rings (K x 2 int x, y pixel corners) of an H x W bool mask's boundary: one per 8-connected part's
+    outside and one per hole's edge, simplified by ``simplify`` pixels (Douglas-Peucker); filled even-odd, they
+    are the mask. Unlike the export's polygons, which cut a part with a hole open, nothing crosses the mask.
+
+    Both kinds are traced as the outside of a region (the parts, and the holes: background 4-connected regions
+    that do not reach the border) on the region doubled in size, whose boundary pixel index u (in the padded
+    array) is the original pixels' corner u // 2 (as ``sam_mlx.io.export.piece_outline``).
+    """
+    from ..io.export import require_opencv
+
+    cv2 = require_opencv()
+    if not mask.any():
+        return []
+    x1, y1, x2, y2 = (int(v) for v in batched_mask_to_box(mask))
+    crop = np.pad(mask[y1:y2 + 1, x1:x2 + 1], 1).astype(np.uint8)  # the border is outside: one background region
+    _, background = cv2.connectedComponents(1 - crop, connectivity=4)
+    holes = ((background != background[0, 0]) & (crop == 0))[1:-1, 1:-1]
+    rings = []
+    for region in (crop[1:-1, 1:-1], holes):
+        doubled = np.pad(np.repeat(np.repeat(region.astype(np.uint8), 2, axis=0), 2, axis=1), 1)
+        contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        for contour, (_, _, _, parent) in zip(contours, hierarchy[0] if contours else []):
+            if parent != -1:
+                continue  # the holes of the parts are traced as regions of their own
+            corners = contour.reshape(-1, 2) // 2
+            corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
+            reduced = cv2.approxPolyDP(corners.reshape(-1, 1, 2).astype(np.int32), simplify, True).reshape(-1, 2)
+            rings.append((reduced if len(reduced) >= 3 else corners) + (x1, y1))
+    return rings

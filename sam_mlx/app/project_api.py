@@ -243,7 +243,8 @@ def _mask(data: object, image: dict) -> np.ndarray:
 
 
 def _step(data: object, image: dict) -> Step:
-    """``{points: [[x, y, label], ...], box, multimask, selected, score, mask}`` (mask: none for a cleared object)."""
+    """``{points: [[x, y, label], ...], box, multimask, selected, score, mask}`` (no mask: a cleared object, or
+    background points alone)."""
     if not isinstance(data, dict):
         raise ValueError("step must be {points, box, multimask, selected, score, mask}")
     multimask = data.get("multimask", False)
@@ -251,9 +252,10 @@ def _step(data: object, image: dict) -> Step:
         raise ValueError(f"step multimask must be true or false, got {json.dumps(multimask)}")
     if isinstance(data.get("points"), list) and len(data["points"]) > MAX_POINTS:
         raise TooLarge(f"a step has at most {MAX_POINTS} points, got {len(data['points'])}")
-    empty = not data.get("points") and data.get("box") is None
-    if not empty and data.get("mask") is None:
-        raise ValueError("a step with points or a box needs the mask of its chosen candidate")
+    points = data.get("points") or []
+    decodable = data.get("box") is not None or any(isinstance(p, list) and p[-1:] == [1] for p in points)
+    if decodable and data.get("mask") is None:
+        raise ValueError("a step with a box or a foreground point needs the mask of its chosen candidate")
     mask = None if data.get("mask") is None else _mask(data["mask"], image)
-    return Step(points=data.get("points") or [], box=data.get("box"), multimask=multimask,
+    return Step(points=points, box=data.get("box"), multimask=multimask,
                 selected=data.get("selected", 0), score=_score(data.get("score")), mask=mask)

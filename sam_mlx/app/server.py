@@ -70,7 +70,7 @@ from .limits import (
     shape,
     timed_h11_protocol,
 )
-from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask
+from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask, mask_outline
 from .project import Conflict, NotFound, Project
 from .project_api import project_routes
 
@@ -223,7 +223,7 @@ def create_app(engine: Engine, token: str, prefetch: int = 2, project: Project |
 
         saved = await run_in_threadpool(read)
         if saved is None:
-            return JSONResponse({"error": f"no saved prompts for {entry.path.name} in {folder}"}, status_code=404)
+            return Response(status_code=204)  # none saved (yet): expected, not an error
         return JSONResponse(saved)
 
     async def hover(websocket: WebSocket) -> None:
@@ -412,7 +412,9 @@ def _export_module():
 
 
 def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: float | None) -> dict:
-    """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels)."""
+    """The polygons the COCO export would write for a mask (a shrunk one: scaled to the image's pixels), and
+    ``rings``: the mask's boundary at the same simplification (outsides and holes' edges, uncut), which the page
+    draws."""
     export = _export_module()
     if export is None:
         raise ExportUnavailable("this sam_mlx has no export module (sam_mlx.io.export)")
@@ -423,10 +425,12 @@ def _polygons(mask: np.ndarray, image_size: tuple[int, int] | None, simplify: fl
     scale = np.array([width / mask.shape[1], height / mask.shape[0]])
     try:
         traced = export.mask_polygons(mask, simplify / scale.max(), outline=True)
+        rings = mask_outline(mask, simplify / scale.max())
     except ImportError as exc:
         raise ExportUnavailable(str(exc)) from None
     return {"polygons": [(polygon * scale).round(2).tolist() for polygon in traced],
-            "vertices": sum(len(polygon) for polygon in traced)}
+            "vertices": sum(len(polygon) for polygon in traced),
+            "rings": [(ring * scale).round(2).tolist() for ring in rings]}
 
 
 def _steps(item: dict) -> list[tuple[Prompt, int]]:

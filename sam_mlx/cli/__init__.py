@@ -11,6 +11,8 @@ reports), ``commands``, ``parsing`` (the argument parser); ``main`` here.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -37,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _log("sam-mlx: interrupted")
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE: the code a shell shows for a tool that a closed pipe ended
     except Exception as exc:
         if args.debug:
             raise

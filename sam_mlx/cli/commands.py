@@ -33,6 +33,20 @@ def _images(args: argparse.Namespace, alternative: str = "") -> list[str]:
     return images
 
 
+def _expanded(args: argparse.Namespace, inputs: list[str], out_dir: Path | None) -> list[ImageInput]:
+    """The images of IMAGE|DIR inputs. Among several, a path that is not there is an image of the run that will
+    fail (listed with the other failures, as a bad file is), unless --fail-fast stops the run first."""
+    images = []
+    for text in inputs:
+        try:
+            images += expand_images([text], args.recursive, out_dir)
+        except FileNotFoundError:
+            if len(inputs) == 1 or args.fail_fast:
+                raise
+            images.append(ImageInput(Path(text).expanduser(), Path(text).name))
+    return images
+
+
 def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
     """The images and their prompts: from --prompts FILE, or the command line's prompt for every image."""
     if args.prompts:
@@ -47,7 +61,7 @@ def _segment_jobs(args: argparse.Namespace) -> list[ImageJob]:
             raise CliError("no prompt: give at least one --point, --bg-point or --box")
         prompt = _prompt(points, [1] * len(args.point) + [0] * len(args.bg_point), args.box, args.label,
                          "the command line")
-        pairs = [(image, [prompt]) for image in expand_images(images, args.recursive, Path(args.out_dir))]
+        pairs = [(image, [prompt]) for image in _expanded(args, images, Path(args.out_dir))]
     return _jobs([image for image, _ in pairs], [prompts for _, prompts in pairs])
 
 
@@ -62,7 +76,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    images = expand_images(args.images, args.recursive, None if args.out else Path(args.out_dir))
+    images = _expanded(args, args.images, None if args.out else Path(args.out_dir))
     if args.out and (len(images) != 1 or Path(args.images[0]).is_dir()):
         raise CliError("--out FILE takes one image: for folders or several images give --out-dir DIR "
                        f"(one STEM{TOKENS_SUFFIX} per image)")
@@ -83,7 +97,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_everything(args: argparse.Namespace) -> int:
-    images = expand_images(_images(args), args.recursive, Path(args.out_dir))
+    images = _expanded(args, _images(args), Path(args.out_dir))
     return _run_images(args, _EverythingWork(args), _jobs(images))
 
 

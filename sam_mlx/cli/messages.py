@@ -22,6 +22,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text} (unexpected: run with --debug for the traceback)"
 
 
+def _plural(number: int, noun: str) -> str:
+    """``1 mask``, ``3 masks``: a count with its noun in agreement."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

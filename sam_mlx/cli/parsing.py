@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -29,7 +30,12 @@ from .work import TOKENS_SUFFIX
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors on one line."""
+    """argparse with usage errors on one line, and negative coordinates as values (``--point -5,400``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse's negative numbers are single numbers: "-5,400" would be an unknown option without this.
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -121,13 +127,18 @@ def _example_argument(parser: argparse.ArgumentParser) -> None:
                         "instead of or beside IMAGE|DIR")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sam-mlx`` argument parser with its subcommands."""
+def _common_options(json_help: str) -> _Parser:
+    """Every command's --debug and --json (what --json prints differs: ``json_help``)."""
     common = _Parser(add_help=False)
     # SUPPRESS: a subcommand's absent --debug / --json must not reset one given before the subcommand.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print one JSON object per image on stdout (files written, scores, timings)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sam-mlx`` argument parser with its subcommands."""
+    common = _common_options("print one JSON object per image on stdout (files written, scores, timings)")
     model = _Parser(add_help=False)
     model.add_argument("--model", metavar="NAME|PATH", help=f"sam-vit-base|large|huge, mobile_sam, "
                        f"sam-hq-vit-base|large|huge|tiny, slimsam-50|77, medsam, a Hub repo id, "
@@ -186,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = commands.add_parser("segment", parents=[common, model, outputs, runs], help="masks for point and box prompts",
                               description="Segment images with point and box prompts (pixel coordinates; "
-                              "write negative numbers as --box=-5,0,90,80), or with a prompts file giving each "
+                              "negative ones too: --point -5,400), or with a prompts file giving each "
                               "image its own prompts. Writes per image an overlay PNG, a JSON of scores, areas, "
                               "bboxes and prompts, and the --export formats (default: one PNG per mask). A bbox "
                               "in that JSON is x, y, w, h with w = x2 - x1, h = y2 - y1 of the mask's first and "
@@ -209,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one mask per prompt (default unless the prompt is a single point)")
     seg.add_argument("--hq-token-only", action="store_true",
                      help="HQ-SAM: the HQ token's mask alone (default: SAM's mask plus it, as the original)")
+    seg.add_argument("--clip-boxes", action="store_true",
+                     help="clip boxes that cross the image's border to the image (default: used as given, as the "
+                     "original SAM takes them; clipping moves the corners SAM reads, and so the mask)")
     seg.add_argument("--tokens", metavar="FILE", help="image tokens from `sam-mlx encode` to skip the encoder")
     seg.set_defaults(func=cmd_segment)
 
@@ -256,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fill holes and drop islands smaller than A pixels (default: 0)")
     every.set_defaults(func=cmd_everything)
 
-    app = commands.add_parser("app", parents=[common, model], help="the local segmentation app in the browser",
+    app_common = _common_options("print the page's url, port and token on stdout as one JSON object once the app "
+                                 "serves")
+    app = commands.add_parser("app", parents=[app_common, model], help="the local segmentation app in the browser",
                               description="Serve the segmentation app on 127.0.0.1 and open it in the browser: "
                               "hover, click and drag for masks, several objects per image, export. Other local "
                               "programs can use the same HTTP API (docs/app.md). Needs the sam-mlx[app] extra.")
@@ -273,8 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: 2048, about 500 images; each image's tokens take ~4 MB)")
     app.add_argument("--prefetch", type=_count, default=2, metavar="N",
                      help="images ahead to encode in the background (default: 2)")
-    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run); "
-                     "with --json the address, port and token are printed on stdout as one JSON object")
+    app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run)")
     app.set_defaults(func=cmd_app)
 
     export = commands.add_parser("export", parents=[common], help="export an app project's objects (no model)",

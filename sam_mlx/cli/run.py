@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 from ..ops.blas import reference_blas_in_use
@@ -22,17 +23,25 @@ def _warn_if_slow_blas(command: str) -> None:
 
 
 class _ProgressBar:
-    """One self-overwriting status line on a terminal (the line of the outcome replaces it); nothing elsewhere."""
+    """An image's progress (segment everything's point prompts, over all its crops) on stderr: on a terminal one
+    self-overwriting status line (the line of the outcome replaces it); elsewhere (a log, a pipe) a line when it
+    starts and then at most one every ``every`` seconds."""
 
-    def __init__(self, label: str, width: int = 30):
-        self.label, self.width = label, width
+    def __init__(self, label: str, width: int = 30, every: float = 10.0):
+        self.label, self.width, self.every = label, width, every
         self.live = sys.stderr.isatty()
+        self.last: float | None = None  # when the last line was written (not live)
 
     def __call__(self, done: int, total: int) -> None:
         if self.live:
             filled = self.width * done // max(total, 1)
             bar = "#" * filled + "." * (self.width - filled)
             print(f"\r{self.label} [{bar}] {done}/{total} points", end="", file=sys.stderr, flush=True)
+            return
+        now = time.monotonic()
+        if done < total and (self.last is None or now - self.last >= self.every):
+            self.last = now
+            _log(f"{self.label}: {done}/{total} point prompts decoded")
 
 
 def _run_here(

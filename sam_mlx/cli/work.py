@@ -26,7 +26,7 @@ from ..io.images import load_image, pixel_fingerprint
 from ..io.overlay import draw_overlay
 from ..io.tokens import load_image_tokens, model_fingerprint, model_identity, read_image_tokens, save_image_tokens
 from .jobs import ImageDone, ImageJob, ImageWork
-from .messages import CliError
+from .messages import CliError, _plural
 from .outputs import _REPORT_KEYS, _replacing_outputs, _save_png, _write_json
 from .prompts import Prompt
 
@@ -160,7 +160,8 @@ class _SegmentWork(_MaskWork):
     def expected(self, job: ImageJob) -> dict:
         predictor = self.predictor
         settings = {"prompts": [p.describe() for p in job.prompts], "multimask": self.args.multimask,
-                    **({"hq_token_only": True} if self.args.hq_token_only else {}), **self._settings()}
+                    **({"hq_token_only": True} if self.args.hq_token_only else {}),
+                    **({"clip_boxes": True} if self.args.clip_boxes else {}), **self._settings()}
         return {"model": model_identity(predictor.model), "sizing": predictor.sizing, "size": predictor.size,
                 "settings": settings}
 
@@ -185,7 +186,7 @@ class _SegmentWork(_MaskWork):
             self.predictor.set_image(image)
         laps("encode")
         report, objects, overlay = _segment(self.predictor, image, job.prompts, self.args.multimask, job.stem,
-                                            self.exporter, self.args.hq_token_only)
+                                            self.exporter, self.args.hq_token_only, self.args.clip_boxes)
         laps("decode")
         out_dir = self.out_dir
         with _replacing_outputs(out_dir, job.stem):
@@ -199,7 +200,8 @@ class _SegmentWork(_MaskWork):
         written = [*files, out_dir / report["overlay"], out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(job.path), "files": [str(p) for p in written],
                           "scores": [m["score"] for m in report["masks"]], "seconds": seconds},
-                         f"{len(objects)} masks in {seconds['total']:.1f} s -> {out_dir / report['overlay']}", entry)
+                         f"{_plural(len(objects), 'mask')} in {seconds['total']:.1f} s -> "
+                         f"{out_dir / report['overlay']}", entry)
 
 
 class _EverythingWork(_MaskWork):
@@ -256,7 +258,7 @@ class _EverythingWork(_MaskWork):
         written = [*files, out_dir / overlay, out_dir / f"{job.stem}.json"]
         return ImageDone({"image": str(path), "files": [str(p) for p in written],
                           "scores": [r["predicted_iou"] for r in records], "seconds": seconds},
-                         f"{len(records)} masks in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
+                         f"{_plural(len(records), 'mask')} in {seconds['total']:.1f} s -> {out_dir / overlay}", entry)
 
 
 def _everything_object(mask: np.ndarray, record: dict) -> ExportObject:
@@ -274,14 +276,19 @@ def _mask_record(mask: np.ndarray) -> dict:
 
 
 def segment_prompts(
-    predictor: sam_mlx.SamPredictor, prompts: Sequence[Prompt], multimask: bool | None, hq_token_only: bool = False
+    predictor: sam_mlx.SamPredictor,
+    prompts: Sequence[Prompt],
+    multimask: bool | None,
+    hq_token_only: bool = False,
+    clip_boxes: bool = False,
 ) -> tuple[list[dict], list[ExportObject]]:
     """Decode the prompts on the predictor's image: a record per mask (prompt_index, mask_index, multimask,
     score, area, bbox, segmentation as COCO RLE, label, prompt) and the masks to export, in the same order.
 
     Every box of a prompt is one prompt (with all its points), all B decoded as one batch; no box is
     one prompt of points. ``multimask`` None: three candidates for a lone point, else one mask (HQ-SAM: always
-    one, its HQ mask alone with ``hq_token_only``).
+    one, its HQ mask alone with ``hq_token_only``). Boxes crossing the image's border are used as given, as the
+    original takes them, or with ``clip_boxes`` clipped to the image.
     """
     records, objects = [], []
     group = 0  # SAM's candidates for one prompt (one box) form a group: --best keeps its top one
@@ -297,6 +304,7 @@ def segment_prompts(
             multimask_output=several,
             return_low_res=False,
             hq_token_only=hq_token_only,
+            clip_boxes=clip_boxes,
         )  # masks: n_prompts x C x H x W
         for b in range(n_prompts):
             box = boxes[b].tolist() if len(boxes) else None
@@ -321,9 +329,10 @@ def _segment(
     stem: str,
     exporter: Exporter,
     hq_token_only: bool = False,
+    clip_boxes: bool = False,
 ) -> tuple[dict, list[ExportObject], Image.Image]:
     """Decode the prompts on the predictor's image; return the JSON report, the masks to export and the overlay."""
-    records, objects = segment_prompts(predictor, prompts, multimask, hq_token_only)
+    records, objects = segment_prompts(predictor, prompts, multimask, hq_token_only, clip_boxes)
     chosen = set(exporter.selected(objects))
     records = [{**({_REPORT_KEYS[kind]: name for kind, name in exporter.object_files(stem, i).items()}
                    if i in chosen else {}), **record}  # --best: no files for the others

@@ -12,6 +12,8 @@ const AREAS = [0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 500
 const POLL_MS = 500;
 const PROJECT_POLL_MS = 1500;  // how often the page looks for changes made by other tabs or programs
 const MAX_MASK_SIDE = 4096;  // masks of larger images are shown shrunk (exported at full size by the server)
+// What the candidates' and objects' scores are (their tooltip).
+const IOU_NOTE = "SAM's predicted IoU: the model's own estimate of the mask's overlap with the object (may exceed 1)";
 
 const token = readToken();
 const canvas = $("view");
@@ -34,6 +36,7 @@ const app = {
   project: null,         // the server's project summary (GET /api/project): states, object counts, revisions
   writes: Promise.resolve(),  // the project writes, one after another in the order the changes were made
   pending: 0,            // writes queued or running
+  refused: false,        // the server refused the page's token (a wrong or an earlier run's)
 };
 
 function readToken() {
@@ -45,6 +48,7 @@ function readToken() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
+// The server's reply as JSON; null for 204 No Content (an expected absence, e.g. no saved prompts).
 async function api(path, body, method) {
   const init = {headers: {"X-SAM-Token": token}, method};
   if (body !== undefined) {
@@ -53,6 +57,7 @@ async function api(path, body, method) {
     init.body = JSON.stringify(body);
   }
   const response = await fetch(path, init);
+  if (response.status === 204) return null;
   const data = await response.json().catch(() => ({error: response.statusText}));
   if (!response.ok) {
     const error = new Error(data.error || response.statusText);
@@ -195,6 +200,9 @@ function session(imageId = app.imageId) {
 const currentObject = () => { const s = session(); return s.objects[s.current]; };
 const stateOf = (object) => object.history[object.cursor];
 const isEmpty = (state) => !state.points.length && !state.box;
+// Background points alone are kept but not decoded: SAM's answer to them is mostly the object under them, the
+// opposite of what they ask. The first foreground point or box decodes them all.
+const decodable = (state) => !!state.box || state.points.some((p) => p[2] === 1);
 // SAM answers a lone point or box with 3 candidates (it cannot know which one is meant), more prompts with 1.
 const multimask = (state) => state.points.length + (state.box ? 1 : 0) === 1;
 
@@ -205,7 +213,7 @@ function pushState(object, points, box, startedAt) {
   object.history.push(state);
   object.cursor = object.history.length - 1;
   const imageId = app.imageId;
-  if (!isEmpty(state)) {
+  if (decodable(state)) {
     state.done = previous.done.then(async () => {
       // A step loaded from the project has its mask but not the server's logits its hint needs: decode again.
       if (previous.result && previous.result.stored) await replay(imageId, object, object.history.indexOf(previous));
@@ -282,7 +290,7 @@ function dropState(object, state) {
 async function replay(imageId, object, upto) {
   for (let i = 1; i <= upto; i++) {
     const state = object.history[i];
-    if (isEmpty(state)) continue;
+    if (!decodable(state)) continue;
     await decodeState(imageId, object, state, object.history[i - 1], undefined, state.selected);
   }
 }
@@ -314,14 +322,15 @@ async function cleanState(imageId, state) {
   if (cleanupKey() === key) layer.clean = clean;
 }
 
-// The polygons the export writes for the shown mask (at the chosen simplification), drawn over the current object.
+// The shown mask's outline at the export's simplification (its boundary rings, not the export's polygons, which cut
+// a part with a hole open), drawn over the current object.
 async function tracePolygons(imageId, state) {
   const layer = shownLayer(state);
   if (!layer || !app.info.export_formats.length) return;
   const key = `${layer.id}:${app.cleanup.simplify}`;
   if (layer.polygons && layer.polygons.key === key) return;
   const result = await api("/api/polygons", {image: imageId, mask: layer.encoded, simplify: app.cleanup.simplify});
-  layer.polygons = {key, points: result.polygons};
+  layer.polygons = {key, points: result.rings};
 }
 
 // The current object's shown mask cleaned up and traced as the export would, then drawn.
@@ -344,6 +353,7 @@ function addPoint(x, y, label, startedAt) {
   const object = currentObject();
   const state = stateOf(object);
   pushState(object, [...state.points, [x, y, label]], state.box, startedAt);
+  if (!decodable(stateOf(object))) toast("Background point kept: add a foreground point first (click on the object).");
 }
 
 function setBox(box, startedAt) {
@@ -452,7 +462,7 @@ function stepBody(state) {
   const layer = state.result && state.layers[state.selected];
   return {points: state.points, box: state.box, multimask: multimask(state), selected: state.selected,
           score: state.result ? state.result.scores[state.selected] : null,
-          mask: isEmpty(state) || !layer ? null : {png: layer.encoded.png}};
+          mask: !decodable(state) || !layer ? null : {png: layer.encoded.png}};
 }
 
 async function createObject(imageId, object, step, s) {
@@ -466,7 +476,7 @@ function saveStep(imageId, object, state) {
   if (!app.project) return;
   persist(imageId, async (s) => {
     await state.done;
-    if (!object.history.includes(state) || (!isEmpty(state) && !state.result)) return;  // its decode failed
+    if (!object.history.includes(state) || (decodable(state) && !state.result)) return;  // its decode failed
     if (object.id == null) return isEmpty(state) ? null : createObject(imageId, object, stepBody(state), s);
     return api(`/api/objects/${object.id}/steps`, {step: stepBody(state), revision: s.revision});
   });
@@ -643,9 +653,11 @@ async function restoreSession(id) {
   let saved;
   try {
     saved = await api(`/api/images/${id}/prompts?folder=${encodeURIComponent($("export-folder").value)}`);
-  } catch {
-    return;  // nothing saved
+  } catch (error) {
+    toast(error.message, true);
+    return;
   }
+  if (!saved) return;  // nothing saved
   await waitUntilReady(id);
   s.objects = saved.objects.map((o) => ({label: o.label, color: o.color, cursor: o.steps.length,
     history: [emptyState(), ...o.steps.map((step) => ({...emptyState(), points: step.points, box: step.box,
@@ -885,8 +897,11 @@ function showNotice() {
   const notice = $("notice");
   const record = app.images[app.imageId];
   let text = "";
-  if (!app.images.length) text = "No images: start sam-mlx app with images or folders.";
-  else if (!token) text = "Open the address sam-mlx app printed: it carries the access token.";
+  const address = "open the address sam-mlx app printed (it ends in #token=…)";
+  if (!token) text = `This page needs its access token: ${address}`;
+  else if (app.refused) text = `The access token is not this run's: ${address}`;
+  else if (!app.info) text = "Connecting…";
+  else if (!app.images.length) text = "No images: start sam-mlx app with images or folders.";
   else if (record && record.status === "error") text = `Cannot open ${record.name}: ${record.error}`;
   else if (record && record.status !== "ready") text = `Encoding ${record.name}…`;
   else if (!app.picture) text = "Loading…";
@@ -929,19 +944,21 @@ function showCandidates() {
   if (!state.result) {
     const p = document.createElement("p");
     p.className = "empty";
-    p.textContent = isEmpty(state) ? "Hover to preview, click to segment." : state.error || "Decoding…";
+    p.textContent = isEmpty(state) ? "Hover to preview, click to segment." :
+                    !decodable(state) ? "Background point kept: add a foreground point first (click on the object)." :
+                    state.error || "Decoding…";
     box.append(p);
     return;
   }
   state.layers.forEach((layer, i) => {
     const card = document.createElement("button");
     card.className = "candidate" + (i === state.selected ? " selected" : "");
-    card.title = `candidate ${i + 1} (key ${i + 1})`;
+    card.title = `candidate ${i + 1} (key ${i + 1}): ${IOU_NOTE}`;
     const thumb = document.createElement("canvas");
     drawThumbnail(thumb, layer, currentObject().color);
     const score = state.result.scores[i];
     const label = document.createElement("span");
-    label.innerHTML = `<kbd>${i + 1}</kbd> <b>${score.toFixed(3)}</b>`;
+    label.innerHTML = `<kbd>${i + 1}</kbd> <span class="iou">IoU</span> <b>${score.toFixed(3)}</b>`;
     const bar = document.createElement("i");
     bar.style.width = `${Math.max(0, Math.min(score, 1)) * 100}%`;
     card.append(thumb, label, bar);
@@ -1000,8 +1017,9 @@ function showObjects() {
     name.textContent = o.label;
     const detail = document.createElement("span");
     detail.className = "muted";
-    detail.textContent = state.result ? state.result.scores[state.selected].toFixed(2) :
+    detail.textContent = state.result ? `IoU ${state.result.scores[state.selected].toFixed(2)}` :
                          i === s.current ? "editing" : "";
+    if (state.result) detail.title = IOU_NOTE;
     const remove = document.createElement("button");
     remove.className = "icon small";
     remove.textContent = "×";
@@ -1257,7 +1275,8 @@ async function start() {
   try {
     app.info = await api("/api/info");
   } catch (error) {
-    toast(error.message, true);
+    if (error.status === 403) app.refused = true;  // the notice says what to do
+    else toast(error.message, true);
     return refresh();
   }
   const size = Array.isArray(app.info.size) ? app.info.size.join("×") : app.info.size;
