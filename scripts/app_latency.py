@@ -10,12 +10,13 @@ own time per decode, and `SamPredictor.predict` on the same prompts in this proc
 For each sizing (original, stretch 512) it starts `sam-mlx app` as a subprocess, opens the page in headless
 Chromium (Debian's /usr/bin/chromium, driven by Playwright) and alternates rounds of clicks in the browser with
 rounds of `SamPredictor.predict` calls here on the same points, so the machine's slow spells fall on both.
-Where a click's time goes: the page's request until its answer is parsed (``answer``: the server's time
-plus the HTTP round trip), the server's own time (``server``: its ``predict``, then the masks' PNG encoding
-``encode`` when the server reports it, then JSON), the PNG decoded by the browser and the mask drawn.
-A click is a lone foreground point on an empty object (3 candidates, no hint), the app's first click on an
-object. Click to drawn is timed by the page: from the pointerup event to the animation frame after the mask was
-drawn. The server reports its decode time (the predict call inside it) and its whole time per request.
+Where a click's time goes: the click until the page sends its request (``sent``), the page's request until its
+answer is parsed (``answer``: the server's time plus the HTTP round trip), the server's own time (``server``: its
+``predict``, then the masks' PNG encoding ``encode`` when the server reports it, then JSON), the PNG decoded by the
+browser and the mask drawn. A click is a lone foreground point on an empty object (3 candidates, no hint), the
+app's first click on an object. Click to drawn is timed by the page: from the pointerup event to the mask drawn
+into the canvas (which the browser shows at its next frame, as for any page; pages before 2026-12-07 timed to that
+frame). The server reports its decode time (the predict call inside it) and its whole time per request.
 Hover: the pointer sweeps the image for a few seconds, moving once per animation frame; masks/s counts the hover
 masks drawn (the server drops the positions it has not started when a newer one arrives).
 """
@@ -71,10 +72,12 @@ def measure(model: str, image: Path, sizing: list[str], rounds: int, hover_secon
             tree: Path | None = None) -> dict:
     """One app (of ``tree``'s sam_mlx if given, else this one) measured at one sizing."""
     folder = Path(tempfile.mkdtemp(prefix="sam_mlx_app_latency_"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])} if tree else None
+    # The app runs from the temporary folder with its tree first on the path (``python -m`` would import the
+    # current folder's sam_mlx before PYTHONPATH's): this tree's, or ``tree``'s.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree or ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         app = start_app(str(image), "--model", model, *sizing, "--tokens-dir", str(folder / "tokens"),
-                        "--out-dir", str(folder / "out"), env=env)
+                        "--out-dir", str(folder / "out"), env=env, cwd=folder)
         try:
             return {"app": str(tree) if tree else "this tree",
                     **_measure(app, model, image, sizing, rounds, hover_seconds, browser)}
@@ -130,8 +133,10 @@ def _measure(app, model, image, sizing, rounds, hover_seconds, browser) -> dict:
         "predict_median_ms": statistics.median(direct), "predict_p95_ms": percentile(direct, 95),
         "hover_masks_per_s": shown / ((hover_end - hover_start) / 1e3), "hover_pointer_moves": moves,
         "hover_positions_dropped": dropped,
-        # where a click's time goes in the page: until the answer is parsed, the PNG decoded, the mask drawn
-        **{f"page_{k}_median_ms": statistics.median(c[k] for c in clicks) for k in ("answer_ms", "png_ms", "draw_ms")},
+        # where a click's time goes in the page: until the request is sent (older pages do not say), until the
+        # answer is parsed, the PNG decoded, the mask drawn
+        **{f"page_{k}_median_ms": statistics.median(c[k] for c in clicks) if k in clicks[0] else None
+           for k in ("sent_ms", "answer_ms", "png_ms", "draw_ms")},
     }
 
 
@@ -158,13 +163,15 @@ def main() -> None:
     print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores: python scripts/app_latency.py "
           + " ".join(sys.argv[1:]))
     print("| app | sizing | click to mask drawn, median (p95) | `SamPredictor.predict` alone, median (p95) "
-          "| the page's request (server: its predict + masks' encoding) | PNG read + drawn | hover masks/s |")
-    print("|---|---|---|---|---|---|---|")
+          "| click to request sent | the page's request (server: its predict + masks' encoding) | PNG read + drawn "
+          "| hover masks/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         encode = "" if r["server_encode_median_ms"] is None else f" + {r['server_encode_median_ms']:.1f}"
         print(f"| {r['app']} | {r['sizing']} | {r['click_to_drawn_median_ms']:.0f} ms "
               f"({r['click_to_drawn_p95_ms']:.0f} ms) | "
               f"{r['predict_median_ms']:.1f} ms ({r['predict_p95_ms']:.1f} ms) | "
+              f"{'' if r['page_sent_ms_median_ms'] is None else format(r['page_sent_ms_median_ms'], '.1f') + ' ms'} | "
               f"{r['page_answer_ms_median_ms']:.1f} ms ({r['server_median_ms']:.1f} ms: "
               f"{r['server_decode_median_ms']:.1f}{encode} ms) | "
               f"{r['page_png_ms_median_ms']:.1f} + {r['page_draw_ms_median_ms']:.1f} ms | "

@@ -54,7 +54,8 @@ def _png(mask: np.ndarray) -> bytes:
     """A 1-bit grayscale PNG of an H x W bool mask, black (0) marked transparent.
 
     Written here rather than by Pillow, which takes ~4x longer for such images (~4.7 against ~1.3 ms for a
-    1800 x 1200 mask): rows of packed bits, each after filter byte 0 (none), deflated at level 1.
+    1800 x 1200 mask): rows of packed bits, each after filter byte 0 (none), deflated with run lengths only
+    (zlib's Z_RLE: as fast as level 1 and ~30% smaller for a mask's long runs of 0x00 and 0xFF bytes).
     """
     height, width = mask.shape
     rows = np.zeros((height, (width + 7) // 8 + 1), np.uint8)
@@ -65,7 +66,13 @@ def _png(mask: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale, deflate, no interlace
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", b"\x00\x00")
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", _deflate_runs(rows.tobytes())) + chunk(b"IEND", b""))
+
+
+def _deflate_runs(data: bytes) -> bytes:
+    """zlib stream of ``data`` compressed with run lengths only (Z_RLE)."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _read_png(data: bytes, check: Callable[[tuple[int, int]], None]) -> np.ndarray | None:

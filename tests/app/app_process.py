@@ -61,12 +61,15 @@ class RunningApp:
         return code, "".join(self.lines)
 
 
-def start_app(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> RunningApp:
-    """``sam-mlx app ARGS --model MobileSAM --no-browser --port 0``, once it serves."""
+def start_app(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
+              cwd: Path | None = None) -> RunningApp:
+    """``sam-mlx app ARGS --model MobileSAM --no-browser --port 0``, once it serves. (``python -m`` imports from
+    ``cwd`` first: run another tree's app from a folder without a ``sam_mlx`` in it.)"""
     command = [sys.executable, "-m", "sam_mlx.cli", "app", *args, "--no-browser", "--port", "0"]
     if "--model" not in args:
         command += ["--model", str(MOBILE_SAM)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=cwd)
     lines: list[str] = []
     served = threading.Event()
 

@@ -241,6 +241,7 @@ function decodeRequest(imageId, state, previous) {
 
 async function decodeState(imageId, object, state, previous, startedAt, selected) {
   const request = decodeRequest(imageId, state, previous);
+  const sent = performance.now();
   let result;
   try {
     result = await api("/api/decode", request);
@@ -263,14 +264,12 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
   await loadLayer(state.layers[state.selected]);
   if (startedAt !== undefined && app.imageId === imageId) {
     const decoded = performance.now();
-    render();
+    render();  // drawn now, not at the next animation frame: the canvas shows it at the frame that follows
     const drawn = performance.now();
-    requestAnimationFrame(() => {  // the frame that shows the mask
-      app.stats.clicks.push({latency_ms: performance.now() - startedAt, server_ms: result.server_ms,
-                             decode_ms: result.decode_ms, encode_ms: result.encode_ms, answer_ms: answered - startedAt,
-                             png_ms: decoded - answered, draw_ms: drawn - decoded});
-      showStats();
-    });
+    app.stats.clicks.push({latency_ms: drawn - startedAt, server_ms: result.server_ms, decode_ms: result.decode_ms,
+                           encode_ms: result.encode_ms, sent_ms: sent - startedAt, answer_ms: answered - startedAt,
+                           png_ms: decoded - answered, draw_ms: drawn - decoded});
+    showStats();
   }
   app.stats.lastDecode = {request, scores: result.scores, decode_ms: result.decode_ms, server_ms: result.server_ms};
   await Promise.all(state.layers.map(loadLayer));
