@@ -1,4 +1,4 @@
-"""The project's HTTP endpoints (README, "The app's HTTP API"): the objects of an image and every change to them.
+"""The project's HTTP endpoints (docs/app.md, "The app's HTTP API"): the objects of an image and every change to them.
 
 Image ids are the app's (``/api/images``); an image enters the project at its first change (its pixels are read
 once then, for the fingerprint that finds a moved file's work). Every write is one transaction and answers the

@@ -1,4 +1,4 @@
-"""The app's local HTTP server: the page, the JSON API (README, "The app's HTTP API") and the hover WebSocket.
+"""The app's local HTTP server: the page, the JSON API (docs/app.md, "The app's HTTP API") and the hover WebSocket.
 
 Starlette routes served by uvicorn on a thread of their own; the MLX work is the engine's: decoding on the
 thread that calls ``serve`` (the main thread of ``sam-mlx app``), encoding on one more. Security: the server

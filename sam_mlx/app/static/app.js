@@ -1,6 +1,6 @@
 "use strict";
 // The sam_mlx app's page: plain JavaScript over the local server's JSON API and hover WebSocket
-// (README, "The app's HTTP API"). An object is a history of prompts; each prompt's decode uses the mask the
+// (docs/app.md, "The app's HTTP API"). An object is a history of prompts; each prompt's decode uses the mask the
 // user had selected for the previous prompt as its hint, so undo/redo step through masks already decoded.
 // Every change is saved in the server's project as it is made (see "the project" below).
 
