@@ -8,6 +8,7 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -74,6 +75,34 @@ def _deflate_runs(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
+def _read_png(data: bytes, check: Callable[[tuple[int, int]], None]) -> np.ndarray | None:
+    """H x W bool of a 1-bit grayscale PNG whose rows are all unfiltered, as ``_png`` writes it (what the page sends
+    back: its masks as they came), ~5x faster than Pillow; None for any other PNG, left to Pillow. ``check`` sees
+    the size (width, height) before anything is decompressed."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    chunks, offset = {}, 8
+    while offset + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[offset:offset + 4]), data[offset + 4:offset + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    if set(chunks) - {b"IHDR", b"tRNS", b"IDAT", b"IEND"} or len(chunks.get(b"IHDR", b"")) != 13 \
+            or chunks.get(b"tRNS", b"\x00\x00") != b"\x00\x00":
+        return None
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    if (depth, color, interlace) != (1, 0, 0):
+        return None
+    check((width, height))
+    stride = (width + 7) // 8 + 1
+    rows = np.frombuffer(zlib.decompressobj().decompress(chunks[b"IDAT"], height * stride + 1), np.uint8)
+    if rows.size != height * stride:
+        return None
+    rows = rows.reshape(height, stride)
+    if rows[:, 0].any():  # a filtered row: Pillow knows the filters
+        return None
+    return np.unpackbits(rows[:, 1:], axis=1, count=width).astype(bool)
+
+
 def decode_mask(data: object, size: tuple[int, int] | None = None, within: tuple[int, int] | None = None,
                 max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
     """``encode_mask``'s output (either form) -> H x W bool.
@@ -86,10 +115,13 @@ def decode_mask(data: object, size: tuple[int, int] | None = None, within: tuple
         raise ValueError('a mask must be {"png": base64 PNG} or {"rle": {"size": [H, W], "counts": [...]}}')
     if "png" in data:
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data["png"], validate=True))) as im:
-                _check_size(im.size, size, within, max_pixels)
-                mask = np.array(im.convert("L")) > 127
-        except (binascii.Error, TypeError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            png = base64.b64decode(data["png"], validate=True)
+            mask = _read_png(png, lambda mask_size: _check_size(mask_size, size, within, max_pixels))
+            if mask is None:
+                with Image.open(io.BytesIO(png)) as im:
+                    _check_size(im.size, size, within, max_pixels)
+                    mask = np.array(im.convert("L")) > 127
+        except (binascii.Error, TypeError, OSError, ValueError, zlib.error, Image.DecompressionBombError) as exc:
             if isinstance(exc, (MaskSizeError, TooLarge)):
                 raise
             raise ValueError(f"mask: not a base64 PNG ({exc})") from None

@@ -1,4 +1,4 @@
-"""The app's local HTTP server: the page, the JSON API (README, "The app's HTTP API") and the hover WebSocket.
+"""The app's local HTTP server: the page, the JSON API (docs/app.md, "The app's HTTP API") and the hover WebSocket.
 
 Starlette routes served by uvicorn on a thread of their own; the MLX work is the engine's: decoding on the
 thread that calls ``serve`` (the main thread of ``sam-mlx app``), encoding on one more. Security: the server
@@ -71,6 +71,8 @@ from .limits import (
     timed_h11_protocol,
 )
 from .masks import MASK_FORMATS, clean_mask, clean_shown_mask, decode_mask, mask_outline
+from .project import Conflict, NotFound, Project
+from .project_api import project_routes
 
 STATIC = Path(__file__).parent / "static"
 HOST = "127.0.0.1"
@@ -122,8 +124,8 @@ def _own_origins(scope) -> set[str]:
     return {f"http://{host}:{port}" for host in ALLOWED_HOSTS}
 
 
-def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
-    """The Starlette application of one app run."""
+def create_app(engine: Engine, token: str, prefetch: int = 2, project: Project | None = None) -> Starlette:
+    """The Starlette application of one app run (with ``project``: its endpoints, ``project_api``)."""
     library = engine.library
 
     async def index(request: Request) -> Response:
@@ -296,12 +298,13 @@ def create_app(engine: Engine, token: str, prefetch: int = 2) -> Starlette:
         Route("/api/polygons", polygons, methods=["POST"]),
         Route("/api/export", export, methods=["POST"]),
         WebSocketRoute("/api/hover", hover),
-    ]
+    ] + (project_routes(project, library, export_set) if project else [])
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(ALLOWED_HOSTS)),
                   Middleware(TokenGuard, token=token), Middleware(BodyLimit)]
     handlers = {Forbidden: error(403), UnknownImage: error(404), HintExpired: error(409), ValueError: error(400),
                 TooLarge: error(413), UnsupportedMediaType: error(415), ExportUnavailable: error(501),
                 EngineStopped: error(503), RequestTimeout: error(408), ExportConflict: error(409),
+                Conflict: error(409), NotFound: error(404),
                 ExportFailed: export_failed, Exception: error(500)}  # the last: JSON even for a defect of ours
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
@@ -520,20 +523,28 @@ def _export_request(engine: Engine, body: dict) -> tuple[list[str], float, dict,
 
 def _export(engine: Engine, body: dict) -> dict:
     """Write the export formats of the given images' objects and, per image, the prompts that reopen them, as one
-    set that replaces the folder's previous one (``README``/docs: "What an export replaces").
+    set that replaces the folder's previous one (``export_set``).
 
     An object's mask is given (``mask``) or made again here from its prompt steps (``steps``), exactly as the
     page showed it, at the image's full size; the clean-up is applied to every object. The request is checked
-    whole first; then one image at a time is made and written to temporaries (so memory holds one image's
-    masks), and all are renamed into place at the end, under a lock of the folder: a failure (a full disk, a
-    stop) replaces nothing, and two exports into one folder take turns. Then the files of the previous set that
-    this one did not write are removed. A file this set would replace that no export of the app wrote (the
-    user's own) stops the export with 409, and nothing is replaced.
+    whole first; then one image at a time is made and written (so memory holds one image's masks).
     """
     library = engine.library
     folder = library.export_dir(_field(body, "folder", str, ""))
     formats, simplify, cleanup, work = _export_request(engine, body)
     export = _export_module()
+    return export_set(library, folder, lambda: _write_set(engine, folder, formats, simplify, cleanup, work, export))
+
+
+def export_set(library: Library, folder: Path, write: Callable[[], list[Path]]) -> dict:
+    """Call ``write()`` (it writes an export's files into ``folder`` and returns them) so that they are one set that
+    replaces the folder's previous one (docs/app.md: "What an export replaces").
+
+    The files are written to temporaries and all renamed into place at the end, under a lock of the folder: a
+    failure (a full disk, a stop) replaces nothing, and two exports into one folder take turns. Then the files of
+    the previous set that this one did not write are removed. A file this set would replace that no export of the
+    app wrote (the user's own) stops the export with 409, and nothing is replaced.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for sub in _EXPORT_SUBFOLDERS:  # a link there must not carry the files out of the export folder
@@ -544,7 +555,7 @@ def _export(engine: Engine, body: dict) -> dict:
                 if (folder / sub).is_dir():
                     remove_abandoned_temporaries(folder / sub, r"[^/]+\.(png|json|txt)")
             with one_set_of_files():
-                written = _write_set(engine, folder, formats, simplify, cleanup, work, export)
+                written = write()
                 names = {path.relative_to(folder).as_posix() for path in written}
                 theirs = sorted(name for name in names - previous if (folder / name).exists())
                 if theirs:
@@ -620,7 +631,7 @@ class ExportConflict(ValueError):
 # ---------------------------------------------------------------- running
 def serve(library: Library, model, sizing: str = "original", size: int | None = None, port: int = 8000,
           open_browser: bool = True, tokens_dir: Path | None = None, prefetch: int = 2, token: str | None = None,
-          tokens_cache_bytes: int = 2 << 30,
+          tokens_cache_bytes: int = 2 << 30, project: Project | None = None,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
           announce: Callable[[dict], None] | None = None) -> None:
     """Serve the app until Ctrl+C / SIGTERM; the model's decoding runs on this (the calling) thread.
@@ -632,7 +643,7 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
     token = token or secrets.token_urlsafe(24)
     engine = Engine(model, library, tokens_dir or default_cache_dir() / "app_tokens", sizing, size,
                     tokens_cache_bytes=tokens_cache_bytes, log=log)
-    app = create_app(engine, token, prefetch)
+    app = create_app(engine, token, prefetch, project)
     listener = _listen(port)
     port = listener.getsockname()[1]
     # A stop ends the requests still running after 2 s; a hover message is small; a request's head must come
@@ -648,7 +659,8 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
         raise RuntimeError("the HTTP server did not start (see the messages above)")
     url = f"http://{HOST}:{port}/#token={token}"
     count = len(library.all())
-    log(f"sam-mlx app: {count} image{'s' * (count != 1)}, exports to {library.export_root}")
+    kept = f", work kept in {project.path}" if project else ""
+    log(f"sam-mlx app: {count} image{'s' * (count != 1)}, exports to {library.export_root}{kept}")
     log(f"sam-mlx app: serving {url}  (Ctrl+C stops)")
     if announce:
         announce({"url": url, "port": port, "token": token})

@@ -1,5 +1,5 @@
 """The commands: ``segment``, ``encode`` and ``everything`` hand their images and work to ``run``;
-``convert``, ``info`` and ``app`` do theirs here."""
+``convert``, ``info``, ``app`` and ``export`` do theirs here."""
 
 from __future__ import annotations
 
@@ -171,11 +171,40 @@ def cmd_app(args: argparse.Namespace) -> None:
             raise
         raise CliError(f"the app needs {exc.name}: pip install 'sam-mlx[app]'") from None
     library = Library(args.images or ["."], args.out_dir)
+    project = _open_project(Path(args.project or Path(args.out_dir) / "sam-mlx.sqlite"), create=True)
     model = sam_mlx.load(_model_to_load(args), quantize=args.quantize)
+    project.set_meta("model", json.dumps({"model": model_identity(model), "sizing": args.sizing or "original",
+                                          "size": args.size}))
     serve(library, model, sizing=args.sizing or "original", size=args.size, port=args.port,
           open_browser=not args.no_browser, tokens_dir=args.tokens_dir, prefetch=args.prefetch, token=args.token,
-          tokens_cache_bytes=args.tokens_cache_mb << 20,
+          tokens_cache_bytes=args.tokens_cache_mb << 20, project=project,
           announce=(lambda info: print(json.dumps(info), flush=True)) if args.json else None)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a project's objects from its stored masks (no model): the files the app's export writes."""
+    from ..app.project_export import export_project
+
+    with _open_project(Path(args.project), create=False) as project:
+        written = export_project(project, args.out_dir, args.export, args.simplify,
+                                 log=_log)
+    _emit(args, {"project": str(project.path), "out_dir": str(Path(args.out_dir).resolve()),
+                 "files": [str(p) for p in written]})
+    _log(f"sam-mlx export: {len(written)} files -> {args.out_dir}")
+
+
+def _open_project(path: Path, create: bool):
+    """The app's project file (``app.project.Project``), made if ``create`` (and its folder); errors as CliError."""
+    from ..app.project import Project, ProjectError
+
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.is_file():
+        raise CliError(f"{path}: no such project file")
+    try:
+        return Project(path)
+    except ProjectError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_label_studio(args: argparse.Namespace) -> None:

@@ -14,7 +14,16 @@ import sam_mlx
 from ..examples import EXAMPLES
 from ..io.export import DEFAULT_SIMPLIFY, FORMATS, parse_formats
 from ..label_studio.command import add_arguments as add_label_studio_arguments
-from .commands import cmd_app, cmd_convert, cmd_encode, cmd_everything, cmd_info, cmd_label_studio, cmd_segment
+from .commands import (
+    cmd_app,
+    cmd_convert,
+    cmd_encode,
+    cmd_everything,
+    cmd_export,
+    cmd_info,
+    cmd_label_studio,
+    cmd_segment,
+)
 from .jobs import MODEL_ENV
 from .run import FAILURES_FILE
 from .work import TOKENS_SUFFIX
@@ -278,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--no-browser", action="store_true", help="do not open the browser")
     app.add_argument("--out-dir", default="sam-mlx-export", metavar="DIR",
                      help="export folder; the page exports into it or its sub-folders (default: sam-mlx-export)")
+    app.add_argument("--project", metavar="FILE", help="the project file that keeps every image's objects and "
+                     "prompts as they are made (SQLite; default: OUT_DIR/sam-mlx.sqlite)")
     app.add_argument("--tokens-dir", metavar="DIR", help="image tokens cache (default: the model cache's app_tokens)")
     app.add_argument("--tokens-cache-mb", type=_count, default=2048, metavar="MB",
                      help="the tokens folder's size limit: the tokens used longest ago are removed first "
@@ -286,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images ahead to encode in the background (default: 2)")
     app.add_argument("--token", metavar="TOKEN", help="the API token (default: a new random one per run)")
     app.set_defaults(func=cmd_app)
+
+    export = commands.add_parser("export", parents=[common], help="export an app project's objects (no model)",
+                                 description="Write the objects of a project of `sam-mlx app` (its SQLite file) from "
+                                 "their stored masks, with the project's clean-up: the files the app's export "
+                                 "writes, and a STEM.prompts.json per image.")
+    export.add_argument("project", metavar="PROJECT", help="the project file (sam-mlx app's OUT_DIR/sam-mlx.sqlite)")
+    export.add_argument("--export", type=_formats, default=("png",), metavar="FORMAT[,FORMAT...]",
+                        help=f"formats: {', '.join(FORMATS)} (default: png)")
+    export.add_argument("--out-dir", default=".", metavar="DIR", help="output folder (default: current folder)")
+    export.add_argument("--simplify", type=_pixels, metavar="PIXELS",
+                        help="polygon simplification tolerance (default: the project's setting)")
+    export.set_defaults(func=cmd_export)
 
     studio = commands.add_parser("label-studio", parents=[common, model], help="a Label Studio ML backend",
                                  description="Serve Label Studio's ML backend protocol: masks for smart keypoints "

@@ -414,7 +414,7 @@ def test_command_errors_are_one_line(tmp_path):
         taken.listen()
         port = str(taken.getsockname()[1])
         command = [sys.executable, "-m", "sam_mlx.cli", "app", "--model", str(MOBILE_SAM), "--no-browser",
-                   "--tokens-dir", str(tmp_path)]
+                   "--tokens-dir", str(tmp_path), "--out-dir", str(tmp_path / "export")]
         for args, code, words in (([str(IMAGES), "--port", port], 1, f"cannot listen on 127.0.0.1:{port}"),
                                   ([str(tmp_path / "none.jpg")], 1, "image not found"),
                                   ([str(IMAGES), "--prefetch", "-1"], 2, "--prefetch")):

@@ -223,10 +223,11 @@ def test_requests_without_the_token_are_refused(page):
     assert "token" not in page.url  # the page took the token out of its address
 
 
-def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browser, app):
+def test_export_writes_the_projects_objects_and_a_new_page_shows_them(page, browser, app):
     export_formats = page.evaluate("samApp.app.info.export_formats")
     assert export_formats, "sam_mlx.io.export is missing: the app cannot export"
     open_truck(page)
+    before = page.evaluate("samApp.session().objects.length") - 1  # the objects earlier tests kept, and a new one
     page.mouse.click(*client_point(page, *WINDOW))
     wait_for_step(page, 1)
     page.fill("#object-label", "window")
@@ -236,7 +237,7 @@ def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browse
     wait_for_step(page, 1)
     page.fill("#object-label", "truck")
     page.keyboard.press("Escape")
-    masks = [shown_mask(page, f"samApp.maskRuns({i})") for i in range(2)]
+    masks = [shown_mask(page, f"samApp.maskRuns({before + i})") for i in range(2)]
     for name in export_formats:  # every format
         page.check(f"#formats input[value='{name}']")
     page.fill("#export-folder", "run1")
@@ -247,24 +248,27 @@ def test_export_writes_the_files_and_the_prompts_reopen_the_session(page, browse
     assert Path(result["folder"]) == folder
     for name in result["files"]:
         assert (folder / name).is_file(), name
-    for i, mask in enumerate(masks):  # the exported masks are the ones the page showed
-        np.testing.assert_array_equal(np.array(Image.open(folder / f"truck_mask{i}.png")) > 127, mask)
-    coco = json.loads((folder / "coco.json").read_text())
-    assert sorted(c["name"] for c in coco["categories"]) == ["truck", "window"] and len(coco["annotations"]) == 2
     prompts = json.loads((folder / "truck.prompts.json").read_text())
-    assert [o["label"] for o in prompts["objects"]] == ["window", "truck"]
+    labels = [o["label"] for o in prompts["objects"]]
+    assert labels[-2:] == ["window", "truck"]  # the project's objects, in order: the export names them so
     assert prompts["image"].endswith("truck.jpg") and prompts["width"] == 1800
+    for i, mask in enumerate(masks):  # the exported masks are the ones the page showed
+        exported = np.array(Image.open(folder / f"truck_mask{len(labels) - 2 + i}.png")) > 127
+        np.testing.assert_array_equal(exported, mask)
+    coco = json.loads((folder / "coco.json").read_text())
+    assert {"truck", "window"} <= {c["name"] for c in coco["categories"]}
 
-    # A new page finds the prompts in the export folder and decodes them again: the same masks.
+    # A new page shows the project's objects as they were, from their stored masks (no decoding).
     again, close = open_page(browser, app)
     try:
-        again.fill("#export-folder", "run1")
-        again.keyboard.press("Escape")  # leave the text field
         open_truck(again)
-        again.wait_for_function("""() => samApp.session().objects.length === 3 && samApp.session().objects.slice(0, 2)
-            .every(o => { const s = samApp.stateOf(o); return s.result && s.layers[s.selected].bitmap; })""")
+        again.wait_for_function(f"""() => samApp.session().objects.length === {before + 3} && samApp.session()
+            .objects.slice({before}, {before + 2}).every(o => {{ const s = samApp.stateOf(o);
+                return s.result && s.layers[s.selected].bitmap; }})""")
+        assert again.evaluate(f"samApp.session().objects.slice({before}, {before + 2}).map(o => o.label)") == \
+            ["window", "truck"]
         for i, mask in enumerate(masks):
-            np.testing.assert_array_equal(shown_mask(again, f"samApp.maskRuns({i})"), mask)
+            np.testing.assert_array_equal(shown_mask(again, f"samApp.maskRuns({before + i})"), mask)
     finally:
         close()
 

@@ -1,7 +1,8 @@
 "use strict";
 // The sam_mlx app's page: plain JavaScript over the local server's JSON API and hover WebSocket
-// (README, "The app's HTTP API"). An object is a history of prompts; each prompt's decode uses the mask the
+// (docs/app.md, "The app's HTTP API"). An object is a history of prompts; each prompt's decode uses the mask the
 // user had selected for the previous prompt as its hint, so undo/redo step through masks already decoded.
+// Every change is saved in the server's project as it is made (see "the project" below).
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "sam-mlx-token";
@@ -9,6 +10,7 @@ const PALETTE = ["#4dabf7", "#ff5c7a", "#51cf66", "#fcc419", "#b197fc", "#ff922b
                  "#f783ac", "#748ffc"];
 const AREAS = [0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000];  // clean-up slider steps
 const POLL_MS = 500;
+const PROJECT_POLL_MS = 1500;  // how often the page looks for changes made by other tabs or programs
 const MAX_MASK_SIDE = 4096;  // masks of larger images are shown shrunk (exported at full size by the server)
 // What the candidates' and objects' scores are (their tooltip).
 const IOU_NOTE = "SAM's predicted IoU: the model's own estimate of the mask's overlap with the object (may exceed 1)";
@@ -31,6 +33,9 @@ const app = {
   cleanup: {holes: 0, islands: 0, simplify: 0},
   stats: {clicks: [], hoverTimes: [], lastDecode: null},
   pollTimer: null,
+  project: null,         // the server's project summary (GET /api/project): states, object counts, revisions
+  writes: Promise.resolve(),  // the project writes, one after another in the order the changes were made
+  pending: 0,            // writes queued or running
   refused: false,        // the server refused the page's token (a wrong or an earlier run's)
 };
 
@@ -44,10 +49,10 @@ function readToken() {
 }
 
 // The server's reply as JSON; null for 204 No Content (an expected absence, e.g. no saved prompts).
-async function api(path, body) {
-  const init = {headers: {"X-SAM-Token": token}};
+async function api(path, body, method) {
+  const init = {headers: {"X-SAM-Token": token}, method};
   if (body !== undefined) {
-    init.method = "POST";
+    init.method = method || "POST";
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
@@ -178,14 +183,16 @@ function emptyState() {
 
 function newObject(objects) {
   const n = objects.length;
-  return {label: `object ${n + 1}`, color: PALETTE[n % PALETTE.length], history: [emptyState()], cursor: 0};
+  return {id: null, label: `object ${n + 1}`, color: PALETTE[n % PALETTE.length], history: [emptyState()], cursor: 0};
 }
 
+// An image's objects; `revision`: the project's revision of the image as this page last saw it; `generation`
+// changes when the objects are loaded again, so that writes queued for the old ones are dropped.
 function session(imageId = app.imageId) {
   if (!app.sessions.has(imageId)) {
     const objects = [];
     objects.push(newObject(objects));
-    app.sessions.set(imageId, {objects, current: 0, restored: false});
+    app.sessions.set(imageId, {objects, current: 0, restored: false, loaded: false, revision: 0, generation: 0});
   }
   return app.sessions.get(imageId);
 }
@@ -205,10 +212,15 @@ function pushState(object, points, box, startedAt) {
   object.history.splice(object.cursor + 1);
   object.history.push(state);
   object.cursor = object.history.length - 1;
+  const imageId = app.imageId;
   if (decodable(state)) {
-    const imageId = app.imageId;
-    state.done = previous.done.then(() => decodeState(imageId, object, state, previous, startedAt));
+    state.done = previous.done.then(async () => {
+      // A step loaded from the project has its mask but not the server's logits its hint needs: decode again.
+      if (previous.result && previous.result.stored) await replay(imageId, object, object.history.indexOf(previous));
+      return decodeState(imageId, object, state, previous, startedAt);
+    });
   }
+  saveStep(imageId, object, state);
   app.hover.layer = null;
   refresh();
   return state.done;
@@ -240,6 +252,7 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
     }
     state.error = error.message;
     toast(error.message, true);
+    if (startedAt !== undefined) dropState(object, state);  // a failed click is not kept
     refresh();
     return;
   }
@@ -263,6 +276,13 @@ async function decodeState(imageId, object, state, previous, startedAt, selected
   if (stateOf(object) === state && app.imageId === imageId) await preview(imageId);
   else await cleanState(imageId, state);
   refresh();
+}
+
+function dropState(object, state) {
+  const index = object.history.indexOf(state);
+  if (index < 1) return;
+  object.history.splice(index, 1);
+  if (object.cursor >= index) object.cursor--;
 }
 
 // Decode an object's history from its first prompt to index `upto` again (restored sessions, evicted hints).
@@ -347,20 +367,33 @@ function clearObject() {
 
 function undo() {
   const object = currentObject();
-  if (object.cursor > 0) object.cursor--;
+  if (object.cursor === 0) return;
+  object.cursor--;
+  saveCursor(app.imageId, object);
   preview();
 }
 
 function redo() {
   const object = currentObject();
-  if (object.cursor < object.history.length - 1) object.cursor++;
+  if (object.cursor >= object.history.length - 1) return;
+  object.cursor++;
+  saveCursor(app.imageId, object);
   preview();
 }
 
 function selectCandidate(index) {
-  const state = stateOf(currentObject());
-  if (!state.result || index >= state.layers.length) return;
+  const object = currentObject();
+  const state = stateOf(object);
+  if (!state.result || index >= 3 || index === state.selected) return;
+  if (state.result.stored) {  // loaded from the project with its chosen mask only: decode the others
+    if (!multimask(state)) return;  // there are no others
+    const imageId = app.imageId;
+    replay(imageId, object, object.cursor).then(() => { if (app.imageId === imageId) selectCandidate(index); });
+    return;
+  }
+  if (index >= state.layers.length) return;
   state.selected = index;
+  saveChoice(app.imageId, object, state);
   loadLayer(state.layers[index]).then(() => preview());
   refresh();
 }
@@ -384,10 +417,204 @@ function selectObject(index) {
 
 function deleteObject(index) {
   const s = session();
+  saveDelete(app.imageId, s.objects[index]);
   s.objects.splice(index, 1);
   if (!s.objects.length) s.objects.push(newObject(s.objects));
   s.current = Math.min(s.current >= index ? Math.max(s.current - 1, 0) : s.current, s.objects.length - 1);
   refresh();
+}
+
+// ------------------------------------------------------------------ the project
+// The server keeps every image's objects in its project file as they are made. Each change is sent as it happens,
+// one request after another in the order made (a step once its mask is decoded); until its request is answered
+// the object is marked "saving…". Each write carries the image's revision as this page last saw it: a write made
+// after another tab's (or program's) change is refused (409), and the image's objects are loaded again.
+function persist(imageId, work) {
+  const s = session(imageId);
+  const generation = s.generation;
+  app.pending++;
+  showSaving();
+  app.writes = app.writes.then(async () => {
+    try {
+      if (s.generation !== generation) return;  // the objects were loaded again meanwhile: this change is void
+      const reply = await work(s);
+      if (reply && reply.revision !== undefined && s.generation === generation) s.revision = reply.revision;
+    } catch (error) {
+      if (error.status === 409 || error.status === 404) {  // a stale revision, an object deleted elsewhere
+        toast("This image was changed in another tab or program: its objects were loaded again.", true);
+        await reloadSession(imageId);
+      } else {
+        toast(`Not saved: ${error.message}`, true);
+      }
+    } finally {
+      app.pending--;
+      showSaving();
+      scheduleProjectPoll(200);
+    }
+  });
+  return app.writes;
+}
+
+const saved = () => app.writes;  // resolves once every change made so far is saved (or refused)
+
+function stepBody(state) {
+  const layer = state.result && state.layers[state.selected];
+  return {points: state.points, box: state.box, multimask: multimask(state), selected: state.selected,
+          score: state.result ? state.result.scores[state.selected] : null,
+          mask: !decodable(state) || !layer ? null : {png: layer.encoded.png}};
+}
+
+async function createObject(imageId, object, step, s) {
+  const reply = await api(`/api/images/${imageId}/objects`, {label: object.label, color: object.color, step,
+                                                             revision: s.revision});
+  object.id = reply.object;
+  return reply;
+}
+
+function saveStep(imageId, object, state) {
+  if (!app.project) return;
+  persist(imageId, async (s) => {
+    await state.done;
+    if (!object.history.includes(state) || (decodable(state) && !state.result)) return;  // its decode failed
+    if (object.id == null) return isEmpty(state) ? null : createObject(imageId, object, stepBody(state), s);
+    return api(`/api/objects/${object.id}/steps`, {step: stepBody(state), revision: s.revision});
+  });
+}
+
+function saveCursor(imageId, object) {
+  const cursor = object.cursor;  // as of now: later changes are queued after this one
+  if (app.project) {
+    persist(imageId, (s) => object.id == null ? null :
+      api(`/api/objects/${object.id}/cursor`, {cursor, revision: s.revision}));
+  }
+}
+
+function saveChoice(imageId, object, state) {
+  const selected = state.selected;
+  if (app.project) {
+    persist(imageId, (s) => object.id == null ? null : api(`/api/objects/${object.id}/choose`, {
+      selected, score: state.result.scores[selected], mask: {png: state.layers[selected].encoded.png},
+      revision: s.revision}));
+  }
+}
+
+function saveLook(imageId, object) {
+  const look = {label: object.label, color: object.color};
+  if (app.project) {
+    persist(imageId, (s) => object.id == null ? null :
+      api(`/api/objects/${object.id}`, {...look, revision: s.revision}));
+  }
+}
+
+function saveDelete(imageId, object) {
+  if (app.project) {
+    persist(imageId, (s) => object.id == null ? null :
+      api(`/api/objects/${object.id}?revision=${s.revision}`, undefined, "DELETE"));
+  }
+}
+
+// An object decoded from an export's prompts: its steps saved one by one, then its cursor.
+function saveImported(imageId, object) {
+  if (!app.project) return;
+  object.history.slice(1).forEach((state, i) => persist(imageId, async (s) => {
+    if (object.id == null) return createObject(imageId, object, stepBody(state), s);
+    return api(`/api/objects/${object.id}/steps`, {step: stepBody(state), revision: s.revision});
+  }));
+  saveCursor(imageId, object);
+}
+
+function saveState(imageId, state) {
+  return persist(imageId, (s) => api(`/api/images/${imageId}/state`, {state, revision: s.revision}));
+}
+
+// A step as the project keeps it: its points, box and chosen candidate's mask, drawn without decoding again.
+function storedState(step) {
+  const state = {...emptyState(), points: step.points, box: step.box, selected: step.selected};
+  if (step.mask) {
+    state.result = {stored: true, scores: []};
+    state.result.scores[step.selected] = step.score ?? 0;
+    state.layers = [];
+    state.layers[step.selected] = {id: ++layerCount, encoded: step.mask, box: step.mask.box, bitmap: null};
+  }
+  return state;
+}
+
+// The image's objects as the project has them, with a new object to draw next.
+async function loadSession(imageId) {
+  const data = await api(`/api/images/${imageId}/objects?max_side=${MAX_MASK_SIDE}`);
+  const objects = data.objects.map((o) => ({id: o.id, label: o.label, color: o.color, cursor: o.cursor,
+                                            history: [emptyState(), ...o.steps.map(storedState)]}));
+  await Promise.all(objects.flatMap((o) => o.history.flatMap((state) => state.layers.filter(Boolean).map(loadLayer))));
+  objects.push(newObject(objects));
+  const s = session(imageId);
+  const editing = s.objects[s.current] && s.objects[s.current].id;  // loaded again: still the one being edited
+  const current = objects.findIndex((o) => o.id != null && o.id === editing);
+  Object.assign(s, {objects, current: current < 0 ? objects.length - 1 : current, loaded: true,
+                    revision: data.revision, generation: s.generation + 1});
+  if (app.project && app.project.images[imageId]) Object.assign(app.project.images[imageId], {state: data.state});
+}
+
+async function reloadSession(imageId) {
+  try {
+    await loadSession(imageId);
+  } catch (error) {
+    toast(error.message, true);
+  }
+  if (imageId === app.imageId) {
+    app.hover.layer = null;
+    refresh();
+  }
+}
+
+let projectTimer = null;
+function scheduleProjectPoll(delay = PROJECT_POLL_MS) {
+  clearTimeout(projectTimer);
+  projectTimer = setTimeout(pollProject, delay);
+}
+
+// The project's progress and states; the objects of an image another tab changed are loaded again.
+async function pollProject() {
+  try {
+    app.project = await api("/api/project");
+  } catch (error) {
+    if (error.status === 404) return;  // a server without a project: nothing is kept
+    toast(error.message, true);
+  }
+  if (app.project && app.pending === 0) {
+    for (const [imageId, s] of app.sessions) {
+      const record = app.project.images[imageId];
+      if (!s.loaded || !record || record.revision <= s.revision) continue;  // (an answer sent before a save)
+      if (imageId === app.imageId) await reloadSession(imageId);
+      else app.sessions.delete(imageId);  // loaded again when opened
+    }
+  }
+  refresh();
+  scheduleProjectPoll();
+}
+
+// Mark the image done (or skipped) and open the next image that is neither.
+async function finishImage(state = "done") {
+  const id = app.imageId;
+  if (!app.project || id < 0) return;
+  await saveState(id, state);
+  await pollProject();
+  const images = app.project.images;
+  const open = (i) => !["done", "skipped"].includes(images[i].state);
+  const next = [...images.keys()].filter((i) => i > id).concat([...images.keys()].filter((i) => i < id)).find(open);
+  if (next === undefined) toast(`every image is done or skipped (${app.project.done} of ${app.project.total})`);
+  else openImage(next);
+}
+
+function showSaving() {
+  $("saving").textContent = app.pending ? "saving…" : app.project ? "saved" : "not kept: no project";
+  $("saving").className = app.pending ? "saving busy" : "saving";
+}
+
+function showProgress() {
+  const project = app.project;
+  $("progress").textContent = project ? `${project.done} / ${project.total} done` : "";
+  $("progress").title = project ? `work kept in ${project.path}` : "";
+  $("mark-done").disabled = $("skip-image").disabled = !project || app.imageId < 0;
 }
 
 // ------------------------------------------------------------------ images
@@ -400,12 +627,13 @@ async function openImage(id) {
   refresh();
   app.images[id] = await api(`/api/images/${id}/encode`, {prefetch: app.info.prefetch});
   poll();
+  const loading = session(id).loaded || !app.project ? null : loadSession(id);
   const picture = new Image();
   picture.src = `/api/images/${id}/file?token=${encodeURIComponent(token)}`;
   try {
-    await picture.decode();
-  } catch {
-    toast(`cannot show ${app.images[id].name}`, true);
+    await Promise.all([picture.decode(), loading]);
+  } catch (error) {
+    toast(error.message || `cannot show ${app.images[id].name}`, true);
     return;
   }
   if (app.imageId !== id) return;
@@ -415,7 +643,8 @@ async function openImage(id) {
   restoreSession(id);
 }
 
-// An image opened for the first time picks up the prompts an earlier export saved for it, decoded again.
+// An image opened for the first time, without objects in the project, picks up the prompts an earlier export
+// saved for it, decoded again, and saves them in the project.
 async function restoreSession(id) {
   const s = session(id);
   if (s.restored || s.objects.some((o) => o.history.length > 1)) return;
@@ -434,7 +663,10 @@ async function restoreSession(id) {
                                                        selected: step.selected}))]}));
   s.objects.push(newObject(s.objects));
   s.current = s.objects.length - 1;
-  for (const object of s.objects.slice(0, -1)) await replay(id, object, object.cursor);
+  for (const object of s.objects.slice(0, -1)) {
+    await replay(id, object, object.cursor);
+    saveImported(id, object);
+  }
   toast(`restored ${saved.objects.length} object(s) from ${app.images[id].stem}.prompts.json`);
   refresh();
 }
@@ -686,6 +918,7 @@ function showPanels() {
   showCandidates();
   showObjects();
   showImages();
+  showProgress();
   showStats();
 }
 
@@ -815,10 +1048,17 @@ function showImages() {
     item.className = `${record.status}${i === app.imageId ? " current" : ""}`;
     item.title = record.error || `${record.path} (${record.status})`;
     const s = app.sessions.get(i);
-    const count = s ? s.objects.filter((o) => stateOf(o).result).length : 0;
-    item.querySelector(".count").textContent = count ? `${count} obj` : "";
+    const kept = app.project && app.project.images[i];
+    const count = s && s.loaded ? s.objects.filter((o) => o.id != null).length :
+                  kept ? kept.objects : s ? s.objects.filter((o) => stateOf(o).result).length : 0;
+    const state = kept ? kept.state : "new";
+    item.dataset.state = state;
+    item.querySelector(".count").textContent = `${count ? `${count} obj` : ""}${count && state !== "new" ? " · " : ""}` +
+                                               (state === "new" ? "" : STATE_NAMES[state]);
   });
 }
+
+const STATE_NAMES = {new: "new", in_progress: "in progress", done: "done ✓", skipped: "skipped"};
 
 function showStats() {
   const clicks = app.stats.clicks;
@@ -850,21 +1090,29 @@ function setupCleanup() {
     $("simplify-value").textContent = app.cleanup.simplify ? `${app.cleanup.simplify.toFixed(1)} px` : "off";
   };
   let timer = null;
-  const changed = () => {
+  const changed = (save = true) => {
     app.cleanup.holes = AREAS[+$("holes").value];
     app.cleanup.islands = AREAS[+$("islands").value];
     app.cleanup.simplify = +$("simplify").value / 10;
     show();
     clearTimeout(timer);
     timer = setTimeout(async () => {
+      if (save && app.project) {  // the export (the app's and the command's) applies the project's clean-up
+        api("/api/project/cleanup", {fill_holes: app.cleanup.holes, remove_islands: app.cleanup.islands,
+                                     simplify: app.cleanup.simplify}).catch((error) => toast(error.message, true));
+      }
       for (const object of session().objects) await cleanState(app.imageId, stateOf(object));
       preview();
     }, 120);
   };
-  for (const id of ["holes", "islands", "simplify"]) $(id).addEventListener("input", changed);
-  const simplify = app.info.default_simplify ?? 0.5;
-  $("simplify").value = Math.round(simplify * 10);
-  changed();
+  for (const id of ["holes", "islands", "simplify"]) $(id).addEventListener("input", () => changed());
+  const kept = app.project ? app.project.cleanup : {};
+  const nearest = (value) => AREAS.reduce((best, area, i) => Math.abs(area - value) < Math.abs(AREAS[best] - value) ?
+    i : best, 0);
+  $("holes").value = nearest(kept.fill_holes || 0);
+  $("islands").value = nearest(kept.remove_islands || 0);
+  $("simplify").value = Math.round((kept.simplify ?? app.info.default_simplify ?? 0.5) * 10);
+  changed(false);
 }
 
 function setupExport() {
@@ -885,35 +1133,20 @@ function setupExport() {
   }
 }
 
-// The steps of an object's current mask: its prompts since the last time it was cleared, in order.
-function chainSteps(object) {
-  const chain = [];
-  for (let i = object.cursor; i > 0 && !isEmpty(object.history[i]); i--) chain.unshift(object.history[i]);
-  return chain.filter(decodable).map((state) => ({points: state.points, box: state.box, multimask: multimask(state),
-                                                  selected: state.selected}));
-}
-
+// The export reads the project (every image's saved objects, its clean-up): once every change is saved.
 async function exportAll() {
   const formats = [...document.querySelectorAll("#formats input:checked")].map((i) => i.value);
   localStorage.setItem("sam-mlx-formats", JSON.stringify(formats));
   if (!formats.length) return toast("choose at least one format", true);
-  const images = [];
-  for (const [imageId, s] of app.sessions) {
-    const objects = s.objects.filter((o) => stateOf(o).result);
-    if (objects.length) {
-      images.push({image: imageId, objects: objects.map((o) => ({label: o.label, color: o.color, steps: chainSteps(o)}))});
-    }
-  }
-  if (!images.length) return toast("nothing to export yet: segment an object first", true);
+  if (!app.project) return toast("this server keeps no project: nothing to export", true);
   $("export").disabled = true;
   try {
-    const result = await api("/api/export", {folder: $("export-folder").value, formats, images,
-                                            simplify: app.cleanup.simplify, fill_holes: app.cleanup.holes,
-                                            remove_islands: app.cleanup.islands});
+    await saved();
+    const result = await api("/api/project/export", {folder: $("export-folder").value, formats});
     app.stats.lastExport = result;
     $("export-result").textContent = `${result.files.length} files → ${result.folder}`;
-    const count = images.reduce((n, i) => n + i.objects.length, 0);
-    toast(`exported ${count} object(s) of ${images.length} image(s): ${result.files.length} files`);
+    toast(result.files.length ? `exported: ${result.files.length} files` :
+          "nothing to export yet: segment an object first", !result.files.length);
   } catch (error) {
     toast(error.message, true);
   } finally {
@@ -1004,6 +1237,7 @@ function setupInput() {
       else if (app.drag) app.drag = null;
       else clearObject();
     } else if (key === "enter" || key === "n") finishObject();
+    else if (key === "d") finishImage("done");
     else if (key === "h") {
       app.hover.enabled = !app.hover.enabled;
       app.hover.layer = null;
@@ -1026,6 +1260,11 @@ function setupInput() {
   $("export").addEventListener("click", exportAll);
   $("object-label").addEventListener("input", (event) => { currentObject().label = event.target.value; refresh(); });
   $("object-color").addEventListener("input", (event) => { currentObject().color = event.target.value; refresh(); });
+  for (const id of ["object-label", "object-color"]) {  // saved once the edit is done (Enter, leaving the field)
+    $(id).addEventListener("change", () => saveLook(app.imageId, currentObject()));
+  }
+  $("mark-done").addEventListener("click", () => finishImage("done"));
+  $("skip-image").addEventListener("click", () => finishImage("skipped"));
 }
 
 // ------------------------------------------------------------------ start
@@ -1042,6 +1281,8 @@ async function start() {
   const size = Array.isArray(app.info.size) ? app.info.size.join("×") : app.info.size;
   $("model").textContent = `${app.info.model.split(" [")[0]} · ${app.info.sizing} ${size}`;
   $("model").title = app.info.model;
+  await pollProject();
+  showSaving();
   setupCleanup();
   setupExport();
   connectHover();
@@ -1077,7 +1318,7 @@ function runsOf(bitmap) {
 
 // For scripts that drive the page (the browser tests, the latency benchmark).
 window.samApp = {
-  app, toClient, session, currentObject, stateOf, render,
+  app, toClient, session, currentObject, stateOf, render, saved, pollProject,
   maskRuns(index) {  // the mask shown for an object (default: the current one)
     const s = session();
     const layer = shownLayer(stateOf(s.objects[index ?? s.current]));
