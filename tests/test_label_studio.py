@@ -27,8 +27,9 @@ from starlette.testclient import TestClient
 
 import sam_mlx
 from helpers import IMAGES, MOBILE_SAM
-from sam_mlx.app.engine import _TOKENS_NAME
+from label_studio_process import SAM_CONFIG as CONFIG
 from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.cache import TOKENS_NAME
 from sam_mlx.io.images import load_image
 from sam_mlx.label_studio.backend import SamBackend
 from sam_mlx.label_studio.config import parse_label_config
@@ -37,12 +38,6 @@ from sam_mlx.label_studio.prompts import parse_click
 from sam_mlx.label_studio.rle import LENGTH_BITS, decode_brush, encode_brush
 from sam_mlx.label_studio.server import create_app
 
-CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="brush" toName="image"><Label value="Car"/><Label value="Sky"/></BrushLabels>
-  <KeyPointLabels name="point" toName="image" smart="true"><Label value="Car"/><Label value="Sky"/></KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true"><Label value="Car"/></RectangleLabels>
-</View>"""
 WIDTH, HEIGHT = 1800, 1200  # truck.jpg
 WINDOW, TYRE = (500.0, 375.0), (1380.0, 700.0)
 TRUCK_BOX = (75.0, 275.0, 1725.0, 850.0)
@@ -267,7 +262,7 @@ def test_a_task_without_context_encodes_its_image_ahead_and_keeps_its_tokens(mod
             backend._warmups.submit(lambda: None).result(timeout=300)  # the warm-up queued before this one is done
         files = list((tmp_path / "tokens").iterdir())
         digest = hashlib.sha256((IMAGES / "dog.jpg").read_bytes()).hexdigest()[:32]
-        assert len(files) == 1 and _TOKENS_NAME.fullmatch(files[0].name) and files[0].name.startswith(digest)
+        assert len(files) == 1 and TOKENS_NAME.fullmatch(files[0].name) and files[0].name.startswith(digest)
     finally:
         backend.close()
     # another run reads the image (its digest names the file) and opens it from its tokens file, not the encoder
@@ -411,6 +406,10 @@ def test_posts_must_be_json_and_bounded(backend):
         assert response.status_code == 415 and "application/json" in response.json()["error"]
         response = client.post("/predict", json={"tasks": [], "pad": "x" * 5000})
         assert response.status_code == 413 and "4096 bytes" in response.json()["error"]
+        for raw, message in ((b'{"tasks": [', "not JSON"), (b"[]", "JSON object"), (b'{"tasks": NaN}', "NaN"),
+                             (b"[" * 2000 + b"]" * 2000, "nested too deep")):
+            response = client.post("/predict", content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_basic_auth_is_checked_on_every_request(backend):

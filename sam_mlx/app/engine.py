@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -39,6 +38,7 @@ import numpy as np
 
 from .. import SamPredictor
 from ..fast import FastSam
+from ..io.cache import trim_tokens_cache
 from ..io.images import load_image
 from ..io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 from ..transforms import MASK_THRESHOLD
@@ -95,10 +95,6 @@ class HintStore:
         if not 0 <= candidate < low_res.shape[0]:
             raise ValueError(f"mask hint {result_id!r} has candidates 0..{low_res.shape[0] - 1}, not {candidate}")
         return low_res[candidate : candidate + 1]
-
-
-# The app's tokens files: image digest - model fingerprint - sizing - size (see Engine._open).
-_TOKENS_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]+-[a-z]+-[0-9x]+\.safetensors")
 
 
 class Engine:
@@ -304,7 +300,7 @@ class Engine:
                 self._encode_times.append(entry.encode_seconds)
                 if on_disk:
                     save_image_tokens(predictor, tokens_path, image_name=str(entry.path))
-                    self._trim_tokens_cache(keep=tokens_path)
+                    trim_tokens_cache(self.tokens_dir, tokens_path, self.tokens_cache_bytes)
                 self.log(f"sam-mlx app: encoded {entry.path.name} in {entry.encode_seconds:.1f} s"
                          + (f" -> {tokens_path}" if on_disk else ""))
             entry.cached = on_disk
@@ -317,23 +313,6 @@ class Engine:
         height, width = predictor.original_size
         entry.size, entry.status = (width, height), "ready"
         return predictor
-
-    def _trim_tokens_cache(self, keep: Path) -> None:
-        """Remove the tokens files used longest ago until the folder's tokens files fit ``tokens_cache_bytes``."""
-        files = []
-        for path in self.tokens_dir.iterdir():
-            if _TOKENS_NAME.fullmatch(path.name) and path != keep:
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # removed meanwhile (another app on the same folder)
-                    continue
-                files.append((stat.st_mtime, stat.st_size, path))
-        total = keep.stat().st_size + sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.tokens_cache_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
 
     @staticmethod
     def _load_tokens(predictor: SamPredictor, path: Path) -> bool:

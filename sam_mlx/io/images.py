@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -15,14 +16,25 @@ def load_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    return _read_rgb(path, str(path), " Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.")
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """An image file's bytes (e.g. fetched over HTTP) -> H x W x 3 uint8 RGB, EXIF-rotated; errors name ``name``."""
+    return _read_rgb(io.BytesIO(data), name)
+
+
+def _read_rgb(source: Path | BinaryIO, name: str, bomb_advice: str = "") -> np.ndarray:
+    """Open, decode and convert an image file; one ValueError naming ``name`` if it is not a readable image or is
+    over Pillow's pixel limit (``bomb_advice`` appended to that message)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return pil_to_rgb(im)
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"{path}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.") from exc
+        raise ValueError(f"{name}: {exc}{bomb_advice}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from exc
+        raise ValueError(f"{name}: not a readable image ({exc})") from exc
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:

@@ -14,7 +14,6 @@ hint, as the app does.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import threading
 import time
@@ -27,11 +26,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from .. import SamAutomaticMaskGenerator, SamPredictor, __version__
-from ..app.engine import _TOKENS_NAME
-from ..io.images import pil_to_rgb
+from ..io.cache import trim_tokens_cache
+from ..io.images import decode_image_bytes
 from ..io.tokens import ImageTokensError, load_image_tokens, model_fingerprint, save_image_tokens
 from .config import LabelConfig, parse_label_config
 from .images import ImageSource
@@ -134,7 +132,7 @@ class SamBackend:
         name = _brushed_image(config)
         brush = config.brush_for(name)
         reference, task_id = self._image_reference(task, config, name)
-        image = _decode_image(self.images.fetch(reference, task_id), reference)
+        image = decode_image_bytes(self.images.fetch(reference, task_id), reference)
         generator = SamAutomaticMaskGenerator(self.model, points_per_side=self.everything_points, sizing=self.sizing,
                                               size=self.size)
         records = self._submit(lambda: generator.generate(image)).result()
@@ -231,30 +229,13 @@ class SamBackend:
         if data is None:
             data = self.images.fetch(reference, task_id)
         start = time.perf_counter()
-        predictor.set_image(_decode_image(data, reference))
+        predictor.set_image(decode_image_bytes(data, reference))
         self.log(f"sam-mlx label-studio: encoded {reference} in {time.perf_counter() - start:.1f} s")
         if on_disk:
             self.tokens_dir.mkdir(parents=True, exist_ok=True)
             save_image_tokens(predictor, path, image_name=reference)
-            self._trim_tokens_cache(keep=path)
+            trim_tokens_cache(self.tokens_dir, path, self.tokens_cache_bytes)
         return predictor
-
-    def _trim_tokens_cache(self, keep: Path) -> None:
-        """Remove the tokens files used longest ago until the folder's tokens files fit ``tokens_cache_bytes``."""
-        files = []
-        for path in self.tokens_dir.iterdir():
-            if _TOKENS_NAME.fullmatch(path.name) and path != keep:
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # removed meanwhile (an app on the same folder)
-                    continue
-                files.append((stat.st_mtime, stat.st_size, path))
-        total = keep.stat().st_size + sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.tokens_cache_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
 
     # ---------------------------------------------------------------- decoding
     def _decode(self, predictor: SamPredictor, digest: str, points: np.ndarray | None, labels: np.ndarray | None,
@@ -296,15 +277,3 @@ def _project_id(project) -> str:
 def _brushed_image(config: LabelConfig) -> str:
     """The first image of the config that a BrushLabels tag labels (``parse_label_config`` checks there is one)."""
     return next(n for n in config.images if any(c.kind == "brushlabels" and c.to_name == n for c in config.controls))
-
-
-def _decode_image(data: bytes, reference: str) -> np.ndarray:
-    """Image file bytes -> H x W x 3 uint8 RGB, EXIF-rotated (as Label Studio shows it)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return pil_to_rgb(image)
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"{reference}: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{reference}: not a readable image ({exc})") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import signal
 import socket
 import sys
@@ -34,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..app.limits import MAX_MESSAGE_CHARS
+from ..app.limits import one_line, parse_json
 from ..io.tokens import model_identity
 from . import anylabeling
 from .backend import SamBackend
@@ -100,13 +99,7 @@ def create_app(backend: SamBackend, allowed_hosts: tuple[str, ...] | None = LOOP
             data += chunk
             if len(data) > max_body_bytes:
                 raise RequestTooLarge(f"request body is over the limit of {max_body_bytes} bytes")
-        try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"the request body is not JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ValueError("the request body must be a JSON object")
-        return body
+        return parse_json(bytes(data), request.headers.get("content-type"))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "UP", "model_class": "sam_mlx", "version": __version__,
@@ -162,8 +155,7 @@ def create_app(backend: SamBackend, allowed_hosts: tuple[str, ...] | None = LOOP
 def _message(exc: BaseException) -> str:
     """One line, at most MAX_MESSAGE_CHARS: a message never echoes a request back at length."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    line = " ".join(str(text).split()) or type(exc).__name__
-    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
+    return one_line(text) or type(exc).__name__
 
 
 def _error(message: str, status: int) -> JSONResponse:

@@ -91,6 +91,17 @@ def start_app(*args: str, env: dict[str, str] | None = None, timeout: float = 18
     return RunningApp(process, url, base, token, lines, reader)
 
 
+def start_dog_and_truck_app(tmp_path: Path) -> RunningApp:
+    """The app on a photos folder of dog.jpg and truck.jpg (images 0 and 1), nothing prefetched, its tokens and
+    exports in ``tmp_path``: the images encode only when asked."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("dog.jpg", "truck.jpg"):
+        shutil.copy(IMAGES / name, photos / name)
+    return start_app(str(photos), "--prefetch", "0", "--tokens-dir", str(tmp_path / "tokens"),
+                     "--out-dir", str(tmp_path / "out"))
+
+
 @contextlib.contextmanager
 def served(root: Path, ready: tuple[int, ...] = ()):
     """The app on copies of dog.jpg and truck.jpg (ids 0 and 1) in ``root/photos``, exporting to ``root/export``;

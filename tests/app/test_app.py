@@ -15,7 +15,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from app_process import served, start_app, truck_predictor
+from app_process import served, start_app, start_dog_and_truck_app, truck_predictor
 from PIL import Image
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -27,6 +27,7 @@ from sam_mlx.app.engine import Engine
 from sam_mlx.app.library import Library
 from sam_mlx.app.masks import clean_mask, decode_mask, encode_mask
 from sam_mlx.checkpoints.load import load_checkpoint
+from sam_mlx.io.cache import trim_tokens_cache
 from sam_mlx.io.tokens import read_image_tokens
 
 DOG, TRUCK = 0, 1  # the photos folder's images, in name order
@@ -306,12 +307,7 @@ def test_image_tokens_are_cached_on_disk(app, folders, tmp_path):
 
 def test_a_click_is_answered_while_another_image_is_encoded(tmp_path):
     """Encodes run on their own thread: a decode of an encoded image does not wait for one in progress."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("dog.jpg", "truck.jpg"):
-        shutil.copy(IMAGES / name, photos / name)
-    running = start_app(str(photos), "--prefetch", "0", "--tokens-dir", str(tmp_path / "tokens"),
-                        "--out-dir", str(tmp_path / "out"))
+    running = start_dog_and_truck_app(tmp_path)
     try:
         running.wait_ready(DOG)
         with running.client() as client:
@@ -375,7 +371,7 @@ def test_tokens_cache_keeps_the_latest_used_within_its_limit(tmp_path):
         os.utime(tmp_path / name, (1000 + age, 1000 + age))
     (tmp_path / "notes.safetensors").write_bytes(bytes(5000))  # not a tokens file of the app: never removed
     os.utime(tmp_path / names[1], (2000, 2000))  # used again since
-    engine._trim_tokens_cache(keep=tmp_path / names[3])
+    trim_tokens_cache(tmp_path, tmp_path / names[3], engine.tokens_cache_bytes)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], names[3], "notes.safetensors"])
 
 

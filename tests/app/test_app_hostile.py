@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import pytest
-from app_process import served, start_app
+from app_process import served, start_app, start_dog_and_truck_app
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -124,12 +124,7 @@ def test_a_stop_during_an_export_ends_the_process(tmp_path):
 
 def test_a_decode_waiting_for_an_encode_does_not_hold_up_ready_images(tmp_path):
     """A click on an image still encoding waits for it; a click on a ready image is answered meanwhile."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("dog.jpg", "truck.jpg"):
-        shutil.copy(IMAGES / name, photos / name)
-    running = start_app(str(photos), "--prefetch", "0", "--tokens-dir", str(tmp_path / "tokens"),
-                        "--out-dir", str(tmp_path / "out"))
+    running = start_dog_and_truck_app(tmp_path)
     try:
         running.wait_ready(DOG)
         waiting = {}
