@@ -273,7 +273,7 @@ def test_bad_prompts_files(tmp_path, name, text, message):
 def test_prompts_file_excludes_command_line_prompts(tmp_path, capsys):
     (tmp_path / "p.json").write_text('[{"image": "x.jpg", "points": [[1, 2]]}]')
     assert cli.main(["segment", "--prompts", str(tmp_path / "p.json"), "--point", "1,1"]) == 1
-    assert "no IMAGE, --point, --bg-point, --box or --label beside it" in capsys.readouterr().err
+    assert "no IMAGE, --example, --point, --bg-point, --box or --label beside it" in capsys.readouterr().err
     assert cli.main(["segment", "--point", "1,1"]) == 1
     assert "no image: give IMAGE|DIR ... or --prompts FILE" in capsys.readouterr().err
 
