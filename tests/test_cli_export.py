@@ -275,7 +275,7 @@ def test_prompts_file_excludes_command_line_prompts(tmp_path, capsys):
     assert cli.main(["segment", "--prompts", str(tmp_path / "p.json"), "--point", "1,1"]) == 1
     assert "no IMAGE, --example, --point, --bg-point, --box or --label beside it" in capsys.readouterr().err
     assert cli.main(["segment", "--point", "1,1"]) == 1
-    assert "no image: give IMAGE|DIR ... or --prompts FILE" in capsys.readouterr().err
+    assert "no image: give IMAGE|DIR ..., --example truck or --prompts FILE" in capsys.readouterr().err
 
 
 class _Work(cli.ImageWork):
