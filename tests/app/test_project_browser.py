@@ -9,13 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
-from app_process import CHROMIUM, CHROMIUM_ARGS, start_app
+import test_app_browser
+from app_process import start_app
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from helpers import IMAGES
 from sam_mlx.app.masks import decode_mask
@@ -26,14 +24,7 @@ DOG_POINTS = [(250, 250), (620, 120)]  # the dog, the background's upper right
 WINDOW = (500, 375)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium), as .ci/run does")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+browser = test_app_browser.browser  # the fixture, shared
 
 
 def open_page(browser, url: str):
