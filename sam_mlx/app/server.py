@@ -644,19 +644,14 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
     engine = Engine(model, library, tokens_dir or default_cache_dir() / "app_tokens", sizing, size,
                     tokens_cache_bytes=tokens_cache_bytes, log=log)
     app = create_app(engine, token, prefetch, project)
-    listener = _listen(port)
+    listener = listen(port)
     port = listener.getsockname()[1]
     # A stop ends the requests still running after 2 s; a hover message is small; a request's head must come
     # whole within the keep-alive time (limits.timed_h11_protocol).
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2,
                             ws_max_size=MAX_WEBSOCKET_BYTES, http=timed_h11_protocol())
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="sam-mlx-app-http")
-    thread.start()
-    while not server.started and thread.is_alive():
-        time.sleep(0.02)
-    if not thread.is_alive():
-        raise RuntimeError("the HTTP server did not start (see the messages above)")
+    thread = start_in_thread(server, listener, "sam-mlx-app-http")
     url = f"http://{HOST}:{port}/#token={token}"
     count = len(library.all())
     kept = f", work kept in {project.path}" if project else ""
@@ -682,21 +677,33 @@ def serve(library: Library, model, sizing: str = "original", size: int | None = 
     log("sam-mlx app: stopped")
 
 
-def _listen(port: int) -> socket.socket:
-    """A socket bound to 127.0.0.1:port (0: any free port), whose connections send without Nagle's delay.
+def listen(port: int, host: str = HOST) -> socket.socket:
+    """A socket bound to host:port (0: any free port), whose connections send without Nagle's delay.
 
     Made with protocol IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets of
     that protocol, and a response written in two parts (head, body) would otherwise wait ~40 ms for the
     client's delayed ACK on every request after the first on a kept-open connection. The option is set on the
-    listener too, whose accepted connections inherit it.
+    listener too, whose accepted connections inherit it. The app and the Label Studio backend both listen so.
     """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        listener.bind((HOST, port))
+        listener.bind((host, port))
     except OSError as exc:
         listener.close()
-        message = f"cannot listen on {HOST}:{port} ({exc.strerror}): choose another --port (0: any free one)"
+        message = f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port (0: any free one)"
         raise ValueError(message) from None
     return listener
+
+
+def start_in_thread(server: uvicorn.Server, listener: socket.socket, name: str) -> threading.Thread:
+    """Run a uvicorn server on `listener` in a thread of its own; returns once it serves, raises if it died."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name=name)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    if not thread.is_alive():
+        raise RuntimeError("the HTTP server did not start (see the messages above)")
+    return thread

@@ -17,10 +17,7 @@ from __future__ import annotations
 import base64
 import hmac
 import signal
-import socket
 import sys
-import threading
-import time
 from collections.abc import Callable
 
 import uvicorn
@@ -34,6 +31,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..app.limits import one_line, parse_json
+from ..app.server import listen, start_in_thread
 from ..io.tokens import model_identity
 from . import anylabeling
 from .backend import SamBackend
@@ -172,20 +170,16 @@ def serve(backend: SamBackend, host: str = "127.0.0.1", port: int = 9090, basic_
                          "and password (BASIC_AUTH_USER and BASIC_AUTH_PASS) and the same in Label Studio's model "
                          "settings")
     app = create_app(backend, LOOPBACK_HOSTS + ("::1",) if loopback else None, basic_auth, max_body_bytes, log)
-    listener = _listen(host, port)
+    listener = listen(port, host)
     port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
     # uvicorn on a thread: Ctrl+C / SIGTERM are this thread's, and end the command with exit code 0.
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="sam-mlx-label-studio-http")
     stop = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     for number in stop:
         signal.signal(number, lambda *_: setattr(server, "should_exit", True))
+    thread = None
     try:
-        thread.start()
-        while not server.started and thread.is_alive():
-            time.sleep(0.02)
-        if not thread.is_alive():
-            raise RuntimeError("the HTTP server did not start (see the messages above)")
+        thread = start_in_thread(server, listener, "sam-mlx-label-studio-http")
         url = f"http://{'127.0.0.1' if host == 'localhost' else host}:{port}"
         log(f"sam-mlx label-studio: {model_identity(backend.model)} serving {url}  (Ctrl+C stops)")
         if announce:
@@ -194,22 +188,10 @@ def serve(backend: SamBackend, host: str = "127.0.0.1", port: int = 9090, basic_
             thread.join(0.2)
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        if thread is not None:
+            thread.join(timeout=10)
         for number, handler in stop.items():
             signal.signal(number, handler)
         listener.close()
         backend.close()
     log("sam-mlx label-studio: stopped")
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as exc:
-        listener.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port (0: any free "
-                         "one)") from None
-    return listener
